@@ -1,0 +1,77 @@
+//! The guest command line: space-separated `key=value` words. The first workload word wins.
+
+/// Most addresses a `touch=` list may name.
+pub const MAX_TOUCH: usize = 64;
+
+/// A workload and its parameters.
+pub struct Work {
+    pub kind: Kind,
+    /// Pause between steps of `count` and `touch`, in milliseconds.
+    pub interval_ms: u64,
+    /// Number of rounds of `touch` (0 = forever).
+    pub rounds: u64,
+    /// Seconds `dirty` runs for (0 = forever).
+    pub secs: u64,
+}
+
+pub enum Kind {
+    /// Print a counter `n` times (0 = forever).
+    Count(u64),
+    /// Run `n` iterations of the compute kernel and report the time taken.
+    Compute(u64),
+    /// Write `mib_per_s` MiB/s over a working set of `mib` MiB (split between the vCPUs).
+    Dirty { mib_per_s: u64, mib: u64 },
+    /// Write one word into each listed page, once per round (vCPU 0 only).
+    Touch { addrs: [u64; MAX_TOUCH], len: usize },
+}
+
+fn number(s: &str) -> Result<u64, &'static str> {
+    let r = match s.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    r.map_err(|_| "a number is malformed")
+}
+
+pub fn parse(cmdline: &str) -> Result<Work, &'static str> {
+    let mut work = Work { kind: Kind::Count(5), interval_ms: 100, rounds: 0, secs: 0 };
+    let mut have_kind = false;
+    for word in cmdline.split_ascii_whitespace() {
+        let (key, value) = word.split_once('=').unwrap_or((word, ""));
+        let kind = match key {
+            "count" => Kind::Count(if value.is_empty() { 5 } else { number(value)? }),
+            "compute" => Kind::Compute(number(value)?),
+            "dirty" => {
+                let (rate, mib) = value.split_once(',').ok_or("dirty= wants RATE,MIB")?;
+                Kind::Dirty { mib_per_s: number(rate)?, mib: number(mib)?.max(1) }
+            }
+            "touch" => {
+                let mut addrs = [0u64; MAX_TOUCH];
+                let mut len = 0;
+                for a in value.split(',').filter(|a| !a.is_empty()) {
+                    *addrs.get_mut(len).ok_or("touch= lists too many pages")? = number(a)?;
+                    len += 1;
+                }
+                Kind::Touch { addrs, len }
+            }
+            "interval-ms" => {
+                work.interval_ms = number(value)?;
+                continue;
+            }
+            "rounds" => {
+                work.rounds = number(value)?;
+                continue;
+            }
+            "secs" => {
+                work.secs = number(value)?;
+                continue;
+            }
+            _ => return Err("unknown word on the command line"),
+        };
+        if !have_kind {
+            work.kind = kind;
+            have_kind = true;
+        }
+    }
+    Ok(work)
+}

@@ -1,0 +1,91 @@
+//! The workloads, run by every vCPU. Each returns Err(status) to power off with that status.
+
+use ftvm_guest_abi::{BootInfo, compute};
+
+use crate::cmdline::{Kind, Work};
+use crate::{Clock, println};
+
+const PAGE: u64 = 4096;
+
+pub fn run(work: &Work, boot: &BootInfo, vcpu: u64, clock: Clock) -> Result<(), u32> {
+    let (stack_lo, stack_hi) = boot.stack(vcpu);
+    match &work.kind {
+        Kind::Count(n) => {
+            println!("vcpu{} workload count stack=0x{:x}-0x{:x}", vcpu, stack_lo, stack_hi);
+            let mut k = 1;
+            while *n == 0 || k <= *n {
+                println!("vcpu{} count {}", vcpu, k);
+                clock.sleep_ms(work.interval_ms);
+                k += 1;
+            }
+        }
+        Kind::Compute(iterations) => {
+            let start = clock.now_ns();
+            let result = compute(*iterations, vcpu + 1);
+            let ns = clock.now_ns() - start;
+            println!(
+                "vcpu{} compute iterations={} ns={} result={}",
+                vcpu, iterations, ns, result
+            );
+        }
+        Kind::Dirty { mib_per_s, mib } => dirty(work, boot, vcpu, clock, *mib_per_s, *mib)?,
+        Kind::Touch { addrs, len } => {
+            if vcpu != 0 {
+                return Ok(());
+            }
+            let addrs = &addrs[..*len];
+            if let Some(bad) = addrs.iter().find(|&&a| a % 8 != 0 || !boot.is_free(a, 8)) {
+                println!("ftvm-guest: error: touch address 0x{:x} is not free RAM", bad);
+                return Err(2);
+            }
+            println!("vcpu0 workload touch pages={} stack=0x{:x}-0x{:x}", addrs.len(), stack_lo, stack_hi);
+            let mut round = 1;
+            while work.rounds == 0 || round <= work.rounds {
+                for &a in addrs {
+                    // SAFETY: a is 8-aligned and inside free RAM (checked above), which is
+                    // identity-mapped and used by nothing else.
+                    unsafe { (a as *mut u64).write_volatile(round) };
+                }
+                println!("vcpu0 touch round {}", round);
+                clock.sleep_ms(work.interval_ms);
+                round += 1;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes one word into each page of this vCPU's share of the working set, at the given rate.
+fn dirty(work: &Work, boot: &BootInfo, vcpu: u64, clock: Clock, mib_per_s: u64, mib: u64) -> Result<(), u32> {
+    let share = (mib << 20) / boot.vcpus;
+    let base = boot.free_start.next_multiple_of(PAGE) + vcpu * share;
+    if share < PAGE || !boot.is_free(base, share) {
+        println!("ftvm-guest: error: the dirty working set does not fit in free RAM");
+        return Err(2);
+    }
+    let pages = share / PAGE;
+    // Pages per millisecond for this vCPU, as a fraction: rate * 256 pages per MiB / 1000 / vcpus.
+    let per_ms_x1000 = mib_per_s * 256 / boot.vcpus;
+    println!("vcpu{} workload dirty base=0x{:x} pages={} rate-mib-s={}", vcpu, base, pages, mib_per_s);
+    let start = clock.now_ns();
+    let end = if work.secs == 0 { u64::MAX } else { start + work.secs * 1_000_000_000 };
+    let mut written = 0u64;
+    let mut next = 0u64;
+    loop {
+        let now = clock.now_ns();
+        if now >= end {
+            break;
+        }
+        let due = (now - start) / 1_000_000 * per_ms_x1000 / 1000 + 1;
+        while written < due {
+            let addr = base + (next % pages) * PAGE;
+            // SAFETY: addr is a page inside this vCPU's share of free RAM (checked above).
+            unsafe { (addr as *mut u64).write_volatile(written) };
+            written += 1;
+            next += 1;
+        }
+        crate::wait_us(1000);
+    }
+    println!("vcpu{} dirty written={}", vcpu, written);
+    Ok(())
+}

@@ -1,0 +1,137 @@
+//! `ftvm`: the command line. Parses arguments and calls the libraries; no logic lives here.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use vmm::{Kernel, Vm, VmConfig, VmEvent};
+
+/// The test guest, built from guest/ by build.rs.
+static TEST_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ftvm-guest.elf"));
+
+/// A KVM virtual machine monitor whose guests survive the loss of their host.
+#[derive(Parser)]
+#[command(name = "ftvm", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a guest. Its serial console goes to stdout; ftvm exits when the guest powers off,
+    /// with the guest's exit status.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Guest image to boot: an ftvm test-guest ELF. Without it, the test guest embedded in
+    /// this binary runs.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Guest command line. The test guest reads its workload from it: `count=N` (print a
+    /// counter N times, 0 = forever), `compute=N` (N iterations of a compute loop, timed),
+    /// `dirty=MIB_PER_S,MIB` (write pages at that rate), `touch=ADDR,...` (write those
+    /// pages each round); modifiers `interval-ms=MS`, `rounds=N`, `secs=S`.
+    #[arg(long, value_name = "STRING", default_value = "count=5 interval-ms=200")]
+    cmdline: String,
+    /// Guest memory: MiB, or a size with a K, M or G suffix (16M to 64G, a multiple of 2M).
+    #[arg(long, value_name = "SIZE", default_value = "512M")]
+    mem: String,
+    /// Number of vCPUs (1 to 254, and no more than KVM allows).
+    #[arg(long, value_name = "N", default_value = "2")]
+    vcpus: String,
+}
+
+/// Parses `512`, `512M`, `2G`, `65536K` into bytes (a bare number is MiB).
+fn parse_size(s: &str) -> anyhow::Result<u64> {
+    let s = s.trim();
+    let (digits, shift) = match s.as_bytes().last().map(u8::to_ascii_uppercase) {
+        Some(b'K') => (&s[..s.len() - 1], 10),
+        Some(b'M') => (&s[..s.len() - 1], 20),
+        Some(b'G') => (&s[..s.len() - 1], 30),
+        _ => (s, 20),
+    };
+    let n: u64 = digits
+        .parse()
+        .with_context(|| format!("Invalid memory size '{s}': expected e.g. 512M or 2G"))?;
+    n.checked_mul(1 << shift)
+        .with_context(|| format!("Memory size '{s}' is too large"))
+}
+
+/// The console: stdout, flushed at line ends rather than after every byte.
+struct Console(std::io::Stdout);
+
+impl Write for Console {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        // Stdout is line-buffered already; a flush per byte would cost a syscall per byte.
+        Ok(())
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let mem_size = parse_size(&args.mem)?;
+    let vcpus: u64 = args
+        .vcpus
+        .parse()
+        .with_context(|| format!("Invalid vCPU count '{}'", args.vcpus))?;
+    let kernel = match args.kernel {
+        Some(path) => Kernel::File(path),
+        None => Kernel::Bytes {
+            name: "the embedded test guest".into(),
+            image: Arc::from(TEST_GUEST),
+        },
+    };
+    let mut vm = Vm::new(VmConfig {
+        mem_size,
+        vcpus,
+        kernel,
+        cmdline: args.cmdline,
+        console: Box::new(Console(std::io::stdout())),
+    })?;
+    vm.start()?;
+    tracing::info!(vcpus, mem_mib = mem_size >> 20, "guest started");
+    let event = vm.wait_event(None);
+    vm.stop();
+    std::io::stdout().flush().ok();
+    match event {
+        Some(VmEvent::PowerOff(status)) => {
+            tracing::info!(status, "guest powered off");
+            Ok(ExitCode::from(u8::try_from(status).unwrap_or(1)))
+        }
+        Some(VmEvent::SystemEvent(kind)) => {
+            tracing::info!(kind, "guest stopped (KVM system event)");
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(VmEvent::Crashed { vcpu, reason }) => bail!("vCPU {vcpu} crashed: {reason}"),
+        None => bail!("The VM stopped without saying why"),
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ftvm: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,4 @@
+//! Devices of the machine.
+
+pub mod pvctl;
+pub mod serial;

@@ -1,0 +1,17 @@
+//! ftvm's machine: a KVM VM with its vCPUs, guest memory with dirty tracking, the port-I/O and
+//! MMIO buses, devices, and the loader of the ring-3 test guest.
+//!
+//! This crate knows nothing of replication. It offers what checkpointing needs: pause and
+//! resume of every vCPU, the pages dirtied since the last look (KVM's log OR-ed with the VMM's
+//! own writes), and counters.
+#![warn(missing_docs)]
+
+pub mod bus;
+pub mod devices;
+pub mod loader;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
+pub mod x86;
+
+pub use vm::{Kernel, Vm, VmConfig, VmError, VmEvent};

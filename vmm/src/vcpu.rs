@@ -1,0 +1,523 @@
+//! vCPU threads as explicit state machines.
+//!
+//! Each vCPU runs on its own thread in `Running`, `Paused` or `Exited`. Another thread asks for a
+//! change through [`VcpuHandle`]: a pause sets `immediate_exit` in the shared `kvm_run` page and
+//! sends the thread a signal, so the vCPU leaves KVM_RUN whether it is inside the guest or about
+//! to enter it. A vCPU that stops after an I/O exit re-enters KVM_RUN once with
+//! `immediate_exit` set, so the access is complete before anyone looks at its state.
+//! While paused, a vCPU runs jobs (closures over its `VcpuFd`) for the controller: this is how
+//! state is read from a thread that does not own the fd.
+
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::mpsc::{Sender, sync_channel};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
+
+use crate::bus::{Bus, MmioAddress, PioAddress, VcpuAction};
+use crate::vm::VmEvent;
+
+/// Why a vCPU left KVM_RUN; the label of `ftvm_vcpu_exits_total{reason}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitReason {
+    /// `in` from a port.
+    IoIn,
+    /// `out` to a port.
+    IoOut,
+    /// Read from an MMIO address.
+    MmioRead,
+    /// Write to an MMIO address.
+    MmioWrite,
+    /// Kicked out by the VMM (signal or `immediate_exit`).
+    Interrupted,
+    /// `hlt` with no in-kernel irqchip to handle it.
+    Hlt,
+    /// Triple fault.
+    Shutdown,
+    /// A system event (reset, shutdown) from KVM.
+    SystemEvent,
+    /// Anything else.
+    Other,
+}
+
+impl ExitReason {
+    /// Every reason, in counter order.
+    pub const ALL: [ExitReason; 9] = [
+        Self::IoIn,
+        Self::IoOut,
+        Self::MmioRead,
+        Self::MmioWrite,
+        Self::Interrupted,
+        Self::Hlt,
+        Self::Shutdown,
+        Self::SystemEvent,
+        Self::Other,
+    ];
+
+    /// The metric label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::IoIn => "io_in",
+            Self::IoOut => "io_out",
+            Self::MmioRead => "mmio_read",
+            Self::MmioWrite => "mmio_write",
+            Self::Interrupted => "interrupted",
+            Self::Hlt => "hlt",
+            Self::Shutdown => "shutdown",
+            Self::SystemEvent => "system_event",
+            Self::Other => "other",
+        }
+    }
+
+    fn of(exit: &VcpuExit) -> Self {
+        match exit {
+            VcpuExit::IoIn(..) => Self::IoIn,
+            VcpuExit::IoOut(..) => Self::IoOut,
+            VcpuExit::MmioRead(..) => Self::MmioRead,
+            VcpuExit::MmioWrite(..) => Self::MmioWrite,
+            VcpuExit::Intr => Self::Interrupted,
+            VcpuExit::Hlt => Self::Hlt,
+            VcpuExit::Shutdown => Self::Shutdown,
+            VcpuExit::SystemEvent(..) => Self::SystemEvent,
+            _ => Self::Other,
+        }
+    }
+}
+
+/// Per-vCPU counters: monotonic, never reset on read.
+#[derive(Debug, Default)]
+pub struct VcpuCounters {
+    /// Nanoseconds spent inside KVM_RUN.
+    pub run_ns: AtomicU64,
+    exits: [AtomicU64; ExitReason::ALL.len()],
+    /// Port or MMIO accesses that no device decodes.
+    pub unhandled_io: AtomicU64,
+}
+
+impl VcpuCounters {
+    /// Exits for `reason` so far.
+    pub fn exits(&self, reason: ExitReason) -> u64 {
+        self.exits[reason as usize].load(Ordering::Relaxed)
+    }
+
+    fn count(&self, reason: ExitReason) {
+        self.exits[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Where a vCPU thread is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuState {
+    /// Running guest code (or waiting on the guest's behalf).
+    Running,
+    /// Stopped at an instruction boundary with no I/O pending; state may be read.
+    Paused,
+    /// The thread has finished.
+    Exited,
+}
+
+const WANT_RUN: u8 = 0;
+const WANT_PAUSE: u8 = 1;
+const WANT_EXIT: u8 = 2;
+
+type Job = Box<dyn FnOnce(&mut VcpuFd) + Send>;
+
+struct Ctl {
+    state: VcpuState,
+    job: Option<Job>,
+    /// The vCPU's `kvm_run` page while the thread owns a live fd; null otherwise.
+    kvm_run: *mut kvm_run,
+    /// A device has something for the guest: end a wait early.
+    wake: bool,
+}
+
+// SAFETY: the raw kvm_run pointer is only dereferenced under the mutex, while the vCPU thread
+// keeps the fd (and so the mapping) alive; the thread clears it before dropping the fd.
+unsafe impl Send for Ctl {}
+
+struct Shared {
+    ctl: Mutex<Ctl>,
+    cv: Condvar,
+    /// What the controller wants; read lock-free by the run loop after every exit.
+    want: AtomicU8,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Ctl> {
+        self.ctl.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Errors of controlling a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// The vCPU did not stop in time.
+    #[error("vCPU {0} did not pause within {1:?}")]
+    PauseTimeout(u8, Duration),
+    /// The operation needs a paused vCPU.
+    #[error("vCPU {0} is not paused")]
+    NotPaused(u8),
+    /// The vCPU thread is gone.
+    #[error("vCPU {0} has exited")]
+    Exited(u8),
+    /// The thread could not be started.
+    #[error("Cannot start the thread of vCPU {0}")]
+    Spawn(u8, #[source] std::io::Error),
+    /// The kick signal could not be installed.
+    #[error("Cannot install the vCPU kick signal handler")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+}
+
+/// The signal that kicks a vCPU thread out of KVM_RUN.
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Nothing to do: delivery alone makes KVM_RUN return EINTR.
+}
+
+fn install_kick_handler() -> Result<(), VcpuError> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| result = register_signal_handler(kick_signal(), on_kick));
+    result.map_err(VcpuError::Signal)
+}
+
+/// The controller's side of a vCPU.
+pub struct VcpuHandle {
+    index: u8,
+    shared: Arc<Shared>,
+    counters: Arc<VcpuCounters>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// What the vCPU thread needs besides its fd.
+pub struct VcpuContext {
+    /// Port I/O bus.
+    pub pio: Arc<Bus<PioAddress>>,
+    /// MMIO bus.
+    pub mmio: Arc<Bus<MmioAddress>>,
+    /// Where VM-level events go.
+    pub events: Sender<VmEvent>,
+}
+
+impl VcpuHandle {
+    /// Starts vCPU `index` on its own thread, running.
+    pub fn spawn(index: u8, fd: VcpuFd, ctx: VcpuContext) -> Result<Self, VcpuError> {
+        install_kick_handler()?;
+        let shared = Arc::new(Shared {
+            ctl: Mutex::new(Ctl {
+                state: VcpuState::Running,
+                job: None,
+                kvm_run: std::ptr::null_mut(),
+                wake: false,
+            }),
+            cv: Condvar::new(),
+            want: AtomicU8::new(WANT_RUN),
+        });
+        let counters = Arc::new(VcpuCounters::default());
+        let runner = Runner {
+            index,
+            fd,
+            ctx,
+            shared: shared.clone(),
+            counters: counters.clone(),
+            pending_io: false,
+            halted: false,
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || runner.run())
+            .map_err(|e| VcpuError::Spawn(index, e))?;
+        Ok(Self {
+            index,
+            shared,
+            counters,
+            thread: Some(thread),
+        })
+    }
+
+    /// The vCPU's counters.
+    pub fn counters(&self) -> &Arc<VcpuCounters> {
+        &self.counters
+    }
+
+    /// Where the vCPU is now.
+    pub fn state(&self) -> VcpuState {
+        self.shared.lock().state
+    }
+
+    fn set_want(&self, want: u8) {
+        let mut ctl = self.shared.lock();
+        self.shared.want.store(want, Ordering::SeqCst);
+        let running = ctl.state == VcpuState::Running;
+        if running && !ctl.kvm_run.is_null() {
+            // SAFETY: the pointer is live while set (see Ctl); immediate_exit is a plain byte
+            // the kernel reads on entry to KVM_RUN.
+            unsafe { std::ptr::addr_of_mut!((*ctl.kvm_run).immediate_exit).write_volatile(1) };
+        }
+        drop(ctl);
+        self.shared.cv.notify_all();
+        if running && let Some(thread) = &self.thread {
+            use std::os::unix::thread::JoinHandleExt;
+            // SAFETY: the handle is not joined (join takes &mut self), so the pthread_t is valid;
+            // the signal's handler does nothing.
+            unsafe { libc::pthread_kill(thread.as_pthread_t(), kick_signal()) };
+        }
+    }
+
+    /// Asks the vCPU to pause; returns at once. See [`VcpuHandle::wait_paused`].
+    pub fn request_pause(&self) {
+        self.set_want(WANT_PAUSE);
+    }
+
+    /// Waits until the vCPU has paused (or exited), for at most `timeout`.
+    pub fn wait_paused(&self, timeout: Duration) -> Result<(), VcpuError> {
+        let ctl = self.shared.lock();
+        let (ctl, _) = self
+            .shared
+            .cv
+            .wait_timeout_while(ctl, timeout, |c| c.state == VcpuState::Running)
+            .unwrap_or_else(|p| p.into_inner());
+        match ctl.state {
+            VcpuState::Running => Err(VcpuError::PauseTimeout(self.index, timeout)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Lets a paused vCPU run again.
+    pub fn resume(&self) {
+        self.set_want(WANT_RUN);
+    }
+
+    /// Ends a waiting guest's wait early (a device has work for it).
+    pub fn wake(&self) {
+        self.shared.lock().wake = true;
+        self.shared.cv.notify_all();
+    }
+
+    /// Runs `job` on the paused vCPU's thread with its fd and returns the result.
+    pub fn with_fd<R: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut VcpuFd) -> R + Send + 'static,
+    ) -> Result<R, VcpuError> {
+        let (tx, rx) = sync_channel(1);
+        {
+            let mut ctl = self.shared.lock();
+            match ctl.state {
+                VcpuState::Paused => {}
+                VcpuState::Exited => return Err(VcpuError::Exited(self.index)),
+                VcpuState::Running => return Err(VcpuError::NotPaused(self.index)),
+            }
+            ctl.job = Some(Box::new(move |fd| {
+                let _ = tx.send(job(fd));
+            }));
+        }
+        self.shared.cv.notify_all();
+        rx.recv().map_err(|_| VcpuError::Exited(self.index))
+    }
+
+    /// Stops the thread and waits for it.
+    pub fn exit(&mut self) {
+        self.set_want(WANT_EXIT);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for VcpuHandle {
+    fn drop(&mut self) {
+        self.exit();
+    }
+}
+
+/// What the run loop does next.
+enum Step {
+    Continue,
+    Wait(Option<Duration>),
+    Stop(VmEvent),
+}
+
+/// The vCPU thread's side.
+struct Runner {
+    index: u8,
+    fd: VcpuFd,
+    ctx: VcpuContext,
+    shared: Arc<Shared>,
+    counters: Arc<VcpuCounters>,
+    /// The last exit was an access whose completion KVM applies on the next KVM_RUN.
+    pending_io: bool,
+    /// The vCPU stopped for good (power-off, crash): never enter the guest again.
+    halted: bool,
+}
+
+impl Runner {
+    fn run(mut self) {
+        self.shared.lock().kvm_run = self.fd.get_kvm_run();
+        loop {
+            if self.shared.want.load(Ordering::SeqCst) != WANT_RUN {
+                if !self.serve() {
+                    break;
+                }
+                continue;
+            }
+            if self.halted {
+                self.park(None);
+                continue;
+            }
+            match self.run_once() {
+                Step::Continue => {}
+                Step::Wait(limit) => self.park(limit),
+                Step::Stop(event) => {
+                    self.halted = true;
+                    let _ = self.ctx.events.send(event);
+                }
+            }
+        }
+        let mut ctl = self.shared.lock();
+        ctl.kvm_run = std::ptr::null_mut();
+        ctl.state = VcpuState::Exited;
+        drop(ctl);
+        self.shared.cv.notify_all();
+    }
+
+    /// Blocks while the controller wants the vCPU paused, running its jobs. Returns false when
+    /// the thread should exit.
+    fn serve(&mut self) -> bool {
+        if self.pending_io {
+            // Complete the access (e.g. the data of an `in`) without running guest code.
+            self.fd.set_kvm_immediate_exit(1);
+            let _ = self.fd.run();
+            self.pending_io = false;
+        }
+        let mut ctl = self.shared.lock();
+        // Under the lock: the controller writes immediate_exit only while holding it.
+        self.fd.set_kvm_immediate_exit(0);
+        loop {
+            match self.shared.want.load(Ordering::SeqCst) {
+                WANT_EXIT => return false,
+                WANT_RUN => {
+                    ctl.state = VcpuState::Running;
+                    return true;
+                }
+                _ => {}
+            }
+            if ctl.state != VcpuState::Paused {
+                ctl.state = VcpuState::Paused;
+                self.shared.cv.notify_all();
+            }
+            if let Some(job) = ctl.job.take() {
+                drop(ctl);
+                job(&mut self.fd);
+                ctl = self.shared.lock();
+                continue;
+            }
+            ctl = self.shared.cv.wait(ctl).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Gives up the host CPU until `limit` passes, a device wakes the vCPU, or the controller
+    /// wants something.
+    fn park(&self, limit: Option<Duration>) {
+        let ctl = self.shared.lock();
+        let waiting = |c: &mut Ctl| !c.wake && self.shared.want.load(Ordering::SeqCst) == WANT_RUN;
+        let mut ctl = match limit {
+            Some(d) => {
+                self.shared
+                    .cv
+                    .wait_timeout_while(ctl, d, waiting)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0
+            }
+            None => self
+                .shared
+                .cv
+                .wait_while(ctl, waiting)
+                .unwrap_or_else(|p| p.into_inner()),
+        };
+        ctl.wake = false;
+    }
+
+    fn run_once(&mut self) -> Step {
+        let Runner {
+            fd, ctx, counters, ..
+        } = self;
+        let start = Instant::now();
+        let result = fd.run();
+        counters
+            .run_ns
+            .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let exit = match result {
+            Ok(exit) => exit,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                counters.count(ExitReason::Interrupted);
+                self.pending_io = false;
+                return Step::Continue;
+            }
+            Err(e) => return self.crash(format!("KVM_RUN failed: {e}")),
+        };
+        let reason = ExitReason::of(&exit);
+        counters.count(reason);
+        let mut pending = true;
+        let action = match exit {
+            VcpuExit::IoOut(port, data) => ctx.pio.write(PioAddress(port), data),
+            VcpuExit::IoIn(port, data) => ctx
+                .pio
+                .read(PioAddress(port), data)
+                .map(|()| VcpuAction::Continue)
+                .inspect_err(|_| data.fill(0xff)),
+            VcpuExit::MmioWrite(addr, data) => ctx.mmio.write(MmioAddress(addr), data),
+            VcpuExit::MmioRead(addr, data) => ctx
+                .mmio
+                .read(MmioAddress(addr), data)
+                .map(|()| VcpuAction::Continue)
+                .inspect_err(|_| data.fill(0xff)),
+            VcpuExit::Intr => {
+                pending = false;
+                Ok(VcpuAction::Continue)
+            }
+            VcpuExit::Shutdown => return self.crash("triple fault (KVM_EXIT_SHUTDOWN)".into()),
+            VcpuExit::Hlt => return self.crash("halted with interrupts unavailable".into()),
+            VcpuExit::SystemEvent(kind, _) => {
+                return Step::Stop(VmEvent::SystemEvent(kind));
+            }
+            VcpuExit::FailEntry(reason, cpu) => {
+                return self.crash(format!(
+                    "KVM could not enter the guest (hardware reason {reason:#x} on host CPU {cpu})"
+                ));
+            }
+            VcpuExit::InternalError => return self.crash("KVM internal error".into()),
+            other => {
+                let what = format!("unexpected exit {other:?}");
+                return self.crash(what);
+            }
+        };
+        self.pending_io = pending;
+        match action {
+            Ok(VcpuAction::Continue) => Step::Continue,
+            Ok(VcpuAction::Wait(d)) => Step::Wait(Some(d)),
+            Ok(VcpuAction::Halt) => Step::Wait(None),
+            Err(e) => {
+                self.counters.unhandled_io.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(vcpu = self.index, "{e}");
+                Step::Continue
+            }
+        }
+    }
+
+    fn crash(&mut self, what: String) -> Step {
+        let regs = self.fd.get_regs().unwrap_or_default();
+        let rip = regs.rip;
+        tracing::debug!(vcpu = self.index, rflags = regs.rflags, rsp = regs.rsp, "crash registers");
+        Step::Stop(VmEvent::Crashed {
+            vcpu: self.index,
+            reason: format!("{what} at rip {rip:#x}"),
+        })
+    }
+}

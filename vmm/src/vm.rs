@@ -1,0 +1,366 @@
+//! The machine: KVM VM, memory, buses, devices and vCPUs, with pause/resume and dirty pages.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ftvm_guest_abi::{PV_MMIO, PV_MMIO_LEN, SERIAL_MMIO, SERIAL_PORT};
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, kvm_mp_state, kvm_sregs};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::bus::{Bus, MmioAddress, PioAddress, SharedDevice};
+use crate::devices::pvctl::PvControl;
+use crate::devices::serial::{SERIAL_IRQ, SERIAL_PORT_LEN, SerialConsole, SerialCounters};
+use crate::loader::{self, Layout, LoadError};
+use crate::memory::{self, DirtyPages, GuestMemoryMmap, MemoryError};
+use crate::vcpu::{VcpuContext, VcpuCounters, VcpuError, VcpuHandle, VcpuState};
+use crate::x86::{cpuid, regs};
+
+/// Most vCPUs a VM may have (APIC ids must stay below the broadcast id 255).
+pub const MAX_VCPUS: u8 = 254;
+/// How long a pause may take before the VMM gives up on a vCPU.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The image to boot.
+pub enum Kernel {
+    /// An image held in memory (the embedded test guest), with a name for messages.
+    Bytes {
+        /// Name used in messages.
+        name: String,
+        /// The ELF image.
+        image: Arc<[u8]>,
+    },
+    /// An image file.
+    File(PathBuf),
+}
+
+/// Everything needed to build a VM.
+pub struct VmConfig {
+    /// Guest RAM in bytes.
+    pub mem_size: u64,
+    /// Number of vCPUs (1 to [`MAX_VCPUS`]).
+    pub vcpus: u64,
+    /// The image to boot.
+    pub kernel: Kernel,
+    /// The guest command line.
+    pub cmdline: String,
+    /// Where the serial console's output goes.
+    pub console: Box<dyn Write + Send>,
+}
+
+/// Something that happened to the VM as a whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmEvent {
+    /// The guest powered off with this status (0 = success).
+    PowerOff(u32),
+    /// KVM reported a system event (shutdown or reset) of this type.
+    SystemEvent(u32),
+    /// A vCPU hit something it cannot continue from.
+    Crashed {
+        /// The vCPU.
+        vcpu: u8,
+        /// What happened, with the guest's instruction pointer.
+        reason: String,
+    },
+}
+
+/// Errors of building and running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// A vCPU count outside 1..=max.
+    #[error("Cannot run {count} vCPUs: between 1 and {max} are supported here")]
+    VcpuCount {
+        /// Requested count.
+        count: u64,
+        /// Maximum.
+        max: u64,
+    },
+    /// Bad memory size or allocation failure.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The kernel file could not be read.
+    #[error("Cannot read kernel image {path}")]
+    ReadKernel {
+        /// The path given.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel image could not be loaded.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// /dev/kvm could not be opened.
+    #[error("Cannot open /dev/kvm (is KVM available, and may this user open it?)")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// A KVM call failed.
+    #[error("KVM refused to {what}")]
+    Kvm {
+        /// What was being done.
+        what: &'static str,
+        /// What KVM said.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Setting up a device failed.
+    #[error("Cannot set up the {what}")]
+    Device {
+        /// Which device.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A bus refused a device range.
+    #[error("Cannot place a device")]
+    Bus(#[from] crate::bus::BusError),
+    /// A vCPU operation failed.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// A virtual machine.
+pub struct Vm {
+    // Field order is drop order: vCPU threads stop first, the VM fd closes before its memory
+    // is unmapped.
+    vcpus: Vec<VcpuHandle>,
+    pending_vcpus: Vec<VcpuFd>,
+    events_tx: Sender<VmEvent>,
+    events: Receiver<VmEvent>,
+    pio: Arc<Bus<PioAddress>>,
+    mmio: Arc<Bus<MmioAddress>>,
+    serial: Arc<SerialCounters>,
+    layout: Layout,
+    fd: VmFd,
+    memory: GuestMemoryMmap,
+    _kvm: Kvm,
+}
+
+fn read_kernel(kernel: Kernel) -> Result<(String, Arc<[u8]>), VmError> {
+    match kernel {
+        Kernel::Bytes { name, image } => Ok((name, image)),
+        Kernel::File(path) => {
+            let image = std::fs::read(&path).map_err(|source| VmError::ReadKernel {
+                path: path.clone(),
+                source,
+            })?;
+            Ok((path.display().to_string(), image.into()))
+        }
+    }
+}
+
+impl Vm {
+    /// Builds a VM from `config`: memory, image, devices and vCPUs, ready to [`Vm::start`].
+    ///
+    /// Arguments are checked before /dev/kvm is opened, so bad input is reported as such on
+    /// any host.
+    pub fn new(config: VmConfig) -> Result<Self, VmError> {
+        let vcpus = match u8::try_from(config.vcpus) {
+            Ok(n) if (1..=MAX_VCPUS).contains(&n) => n,
+            _ => {
+                return Err(VmError::VcpuCount {
+                    count: config.vcpus,
+                    max: u64::from(MAX_VCPUS),
+                });
+            }
+        };
+        let ram = memory::ram_ranges(config.mem_size)?;
+        let (name, image) = read_kernel(config.kernel)?;
+        loader::inspect(&name, &image)?;
+
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let max = kvm.get_max_vcpus();
+        if usize::from(vcpus) > max {
+            return Err(VmError::VcpuCount {
+                count: config.vcpus,
+                max: max as u64,
+            });
+        }
+        let fd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+        fd.create_irq_chip().map_err(kvm_err("create the interrupt controller"))?;
+        let memory = memory::create(&fd, &ram)?;
+
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("report its supported CPUID"))?;
+        let mut vcpu_fds = Vec::new();
+        for i in 0..vcpus {
+            let vcpu = fd.create_vcpu(u64::from(i)).map_err(kvm_err("create a vCPU"))?;
+            vcpu.set_cpuid2(&cpuid::for_vcpu(&supported, i, vcpus))
+                .map_err(kvm_err("set CPUID"))?;
+            vcpu_fds.push(vcpu);
+        }
+        let tsc_khz = vcpu_fds[0].get_tsc_khz().map_err(kvm_err("report the TSC frequency"))?;
+        let layout = loader::load_test_guest(
+            &memory,
+            &ram,
+            &name,
+            &image,
+            &config.cmdline,
+            vcpus,
+            u64::from(tsc_khz),
+        )?;
+        for (i, vcpu) in vcpu_fds.iter().enumerate() {
+            setup_vcpu(vcpu, &layout, i as u8)?;
+        }
+
+        let (events_tx, events) = channel();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Device {
+            what: "serial console interrupt",
+            source,
+        })?;
+        fd.register_irqfd(&irq, SERIAL_IRQ)
+            .map_err(kvm_err("connect the serial interrupt"))?;
+        let console = SerialConsole::new(irq, config.console);
+        let serial = console.counters();
+        // One UART, reachable both as COM1 (ring-0 guests) and through MMIO (the test guest).
+        let console: SharedDevice = Arc::new(Mutex::new(console));
+        let mut pio = Bus::new();
+        pio.insert(PioAddress(SERIAL_PORT), SERIAL_PORT_LEN, console.clone())?;
+        let mut mmio = Bus::new();
+        mmio.insert(MmioAddress(SERIAL_MMIO), SERIAL_PORT_LEN, console)?;
+        mmio.insert(
+            MmioAddress(PV_MMIO),
+            PV_MMIO_LEN,
+            Arc::new(Mutex::new(PvControl::new(events_tx.clone()))),
+        )?;
+
+        Ok(Self {
+            vcpus: Vec::new(),
+            pending_vcpus: vcpu_fds,
+            events_tx,
+            events,
+            pio: Arc::new(pio),
+            mmio: Arc::new(mmio),
+            serial,
+            layout,
+            fd,
+            memory,
+            _kvm: kvm,
+        })
+    }
+
+    /// Starts every vCPU.
+    pub fn start(&mut self) -> Result<(), VmError> {
+        for (i, fd) in std::mem::take(&mut self.pending_vcpus).into_iter().enumerate() {
+            let ctx = VcpuContext {
+                pio: self.pio.clone(),
+                mmio: self.mmio.clone(),
+                events: self.events_tx.clone(),
+            };
+            self.vcpus.push(VcpuHandle::spawn(i as u8, fd, ctx)?);
+        }
+        Ok(())
+    }
+
+    /// Pauses every vCPU and returns once all are stopped with no I/O in flight.
+    pub fn pause(&self) -> Result<(), VmError> {
+        for v in &self.vcpus {
+            v.request_pause();
+        }
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        for v in &self.vcpus {
+            v.wait_paused(deadline.saturating_duration_since(Instant::now()))?;
+        }
+        Ok(())
+    }
+
+    /// Lets every vCPU run again.
+    pub fn resume(&self) {
+        for v in &self.vcpus {
+            v.resume();
+        }
+    }
+
+    /// The state of each vCPU.
+    pub fn vcpu_states(&self) -> Vec<VcpuState> {
+        self.vcpus.iter().map(|v| v.state()).collect()
+    }
+
+    /// Waits up to `timeout` (forever if `None`) for the next VM event.
+    pub fn wait_event(&self, timeout: Option<Duration>) -> Option<VmEvent> {
+        match timeout {
+            None => self.events.recv().ok(),
+            Some(t) => match self.events.recv_timeout(t) {
+                Ok(e) => Some(e),
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
+            },
+        }
+    }
+
+    /// Stops every vCPU thread.
+    pub fn stop(&mut self) {
+        for v in &self.vcpus {
+            v.request_pause();
+        }
+        for v in &mut self.vcpus {
+            v.exit();
+        }
+    }
+
+    /// Pages written since the previous call (KVM's log OR the VMM's own writes), clearing both.
+    pub fn take_dirty_pages(&self) -> Result<DirtyPages, VmError> {
+        Ok(memory::take_dirty(&self.fd, &self.memory)?)
+    }
+
+    /// Special registers of a paused vCPU.
+    pub fn vcpu_sregs(&self, index: u8) -> Result<kvm_sregs, VmError> {
+        let vcpu = self.vcpu(index)?;
+        vcpu.with_fd(|fd| fd.get_sregs())?
+            .map_err(kvm_err("read special registers"))
+    }
+
+    fn vcpu(&self, index: u8) -> Result<&VcpuHandle, VmError> {
+        self.vcpus
+            .get(usize::from(index))
+            .ok_or(VmError::Vcpu(VcpuError::Exited(index)))
+    }
+
+    /// Counters of each vCPU.
+    pub fn vcpu_counters(&self) -> Vec<Arc<VcpuCounters>> {
+        self.vcpus.iter().map(|v| v.counters().clone()).collect()
+    }
+
+    /// Counters of the serial console.
+    pub fn serial_counters(&self) -> &Arc<SerialCounters> {
+        &self.serial
+    }
+
+    /// Where the image, stacks and boot information went.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+}
+
+fn setup_vcpu(vcpu: &VcpuFd, layout: &Layout, index: u8) -> Result<(), VmError> {
+    let sregs = vcpu.get_sregs().map_err(kvm_err("read special registers"))?;
+    vcpu.set_sregs(&regs::sregs(sregs))
+        .map_err(kvm_err("set special registers"))?;
+    vcpu.set_fpu(&regs::fpu()).map_err(kvm_err("set FPU state"))?;
+    let r = regs::regs(
+        layout.image.entry,
+        layout.stack_top(index),
+        ftvm_guest_abi::BOOT_INFO_ADDR,
+        u64::from(index),
+    );
+    vcpu.set_regs(&r).map_err(kvm_err("set registers"))?;
+    // With an in-kernel irqchip, application processors wait for a startup IPI; the test guest
+    // starts all vCPUs directly.
+    vcpu.set_mp_state(kvm_mp_state {
+        mp_state: KVM_MP_STATE_RUNNABLE,
+    })
+    .map_err(kvm_err("make the vCPU runnable"))?;
+    Ok(())
+}
