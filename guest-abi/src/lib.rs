@@ -146,7 +146,10 @@ mod tests {
 
     #[test]
     fn boot_info_has_no_padding() {
-        assert_eq!(core::mem::size_of::<BootInfo>(), 8 * 8 + 16 * MAX_MEM_RANGES);
+        assert_eq!(
+            core::mem::size_of::<BootInfo>(),
+            8 * 8 + 16 * MAX_MEM_RANGES
+        );
         let info = BootInfo {
             magic: BOOT_MAGIC,
             ..Default::default()
@@ -161,8 +164,14 @@ mod tests {
             mem_count: 2,
             ..Default::default()
         };
-        info.mem[0] = MemRange { start: 0, len: 0xC000_0000 };
-        info.mem[1] = MemRange { start: 0x1_0000_0000, len: 0x1000_0000 };
+        info.mem[0] = MemRange {
+            start: 0,
+            len: 0xC000_0000,
+        };
+        info.mem[1] = MemRange {
+            start: 0x1_0000_0000,
+            len: 0x1000_0000,
+        };
         assert!(info.is_free(0x40_0000, 0x1000));
         assert!(!info.is_free(0x3f_f000, 0x1000), "below free_start");
         assert!(!info.is_free(0xBFFF_F000, 0x2000), "crosses into the hole");

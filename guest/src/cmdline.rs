@@ -34,7 +34,12 @@ fn number(s: &str) -> Result<u64, &'static str> {
 }
 
 pub fn parse(cmdline: &str) -> Result<Work, &'static str> {
-    let mut work = Work { kind: Kind::Count(5), interval_ms: 100, rounds: 0, secs: 0 };
+    let mut work = Work {
+        kind: Kind::Count(5),
+        interval_ms: 100,
+        rounds: 0,
+        secs: 0,
+    };
     let mut have_kind = false;
     for word in cmdline.split_ascii_whitespace() {
         let (key, value) = word.split_once('=').unwrap_or((word, ""));
@@ -43,7 +48,10 @@ pub fn parse(cmdline: &str) -> Result<Work, &'static str> {
             "compute" => Kind::Compute(number(value)?),
             "dirty" => {
                 let (rate, mib) = value.split_once(',').ok_or("dirty= wants RATE,MIB")?;
-                Kind::Dirty { mib_per_s: number(rate)?, mib: number(mib)?.max(1) }
+                Kind::Dirty {
+                    mib_per_s: number(rate)?,
+                    mib: number(mib)?.max(1),
+                }
             }
             "touch" => {
                 let mut addrs = [0u64; MAX_TOUCH];

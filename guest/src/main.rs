@@ -94,7 +94,10 @@ pub extern "C" fn _start(boot: &'static BootInfo, vcpu: u64) -> ! {
     };
     let cmdline = core::str::from_utf8(cmdline).unwrap_or("");
     if vcpu == 0 {
-        let mem: u64 = boot.mem[..boot.mem_count as usize].iter().map(|r| r.len).sum();
+        let mem: u64 = boot.mem[..boot.mem_count as usize]
+            .iter()
+            .map(|r| r.len)
+            .sum();
         println!(
             "ftvm-guest: boot abi={} vcpus={} tsc-khz={} mem-mib={} free=0x{:x} console-lock=0x{:x} cmdline=\"{}\"",
             boot.version,
@@ -107,7 +110,9 @@ pub extern "C" fn _start(boot: &'static BootInfo, vcpu: u64) -> ! {
         );
         STARTED.store(true, Ordering::Release);
     }
-    let clock = Clock { tsc_khz: boot.tsc_khz };
+    let clock = Clock {
+        tsc_khz: boot.tsc_khz,
+    };
     let status = match cmdline::parse(cmdline) {
         Ok(work) => workloads::run(&work, boot, vcpu, clock),
         Err(e) => {

@@ -11,7 +11,10 @@ pub fn run(work: &Work, boot: &BootInfo, vcpu: u64, clock: Clock) -> Result<(), 
     let (stack_lo, stack_hi) = boot.stack(vcpu);
     match &work.kind {
         Kind::Count(n) => {
-            println!("vcpu{} workload count stack=0x{:x}-0x{:x}", vcpu, stack_lo, stack_hi);
+            println!(
+                "vcpu{} workload count stack=0x{:x}-0x{:x}",
+                vcpu, stack_lo, stack_hi
+            );
             let mut k = 1;
             while *n == 0 || k <= *n {
                 println!("vcpu{} count {}", vcpu, k);
@@ -35,10 +38,18 @@ pub fn run(work: &Work, boot: &BootInfo, vcpu: u64, clock: Clock) -> Result<(), 
             }
             let addrs = &addrs[..*len];
             if let Some(bad) = addrs.iter().find(|&&a| a % 8 != 0 || !boot.is_free(a, 8)) {
-                println!("ftvm-guest: error: touch address 0x{:x} is not free RAM", bad);
+                println!(
+                    "ftvm-guest: error: touch address 0x{:x} is not free RAM",
+                    bad
+                );
                 return Err(2);
             }
-            println!("vcpu0 workload touch pages={} stack=0x{:x}-0x{:x}", addrs.len(), stack_lo, stack_hi);
+            println!(
+                "vcpu0 workload touch pages={} stack=0x{:x}-0x{:x}",
+                addrs.len(),
+                stack_lo,
+                stack_hi
+            );
             let mut round = 1;
             while work.rounds == 0 || round <= work.rounds {
                 for &a in addrs {
@@ -56,7 +67,14 @@ pub fn run(work: &Work, boot: &BootInfo, vcpu: u64, clock: Clock) -> Result<(), 
 }
 
 /// Writes one word into each page of this vCPU's share of the working set, at the given rate.
-fn dirty(work: &Work, boot: &BootInfo, vcpu: u64, clock: Clock, mib_per_s: u64, mib: u64) -> Result<(), u32> {
+fn dirty(
+    work: &Work,
+    boot: &BootInfo,
+    vcpu: u64,
+    clock: Clock,
+    mib_per_s: u64,
+    mib: u64,
+) -> Result<(), u32> {
     let share = (mib << 20) / boot.vcpus;
     let base = boot.free_start.next_multiple_of(PAGE) + vcpu * share;
     if share < PAGE || !boot.is_free(base, share) {
@@ -66,9 +84,16 @@ fn dirty(work: &Work, boot: &BootInfo, vcpu: u64, clock: Clock, mib_per_s: u64, 
     let pages = share / PAGE;
     // Pages per millisecond for this vCPU, as a fraction: rate * 256 pages per MiB / 1000 / vcpus.
     let per_ms_x1000 = mib_per_s * 256 / boot.vcpus;
-    println!("vcpu{} workload dirty base=0x{:x} pages={} rate-mib-s={}", vcpu, base, pages, mib_per_s);
+    println!(
+        "vcpu{} workload dirty base=0x{:x} pages={} rate-mib-s={}",
+        vcpu, base, pages, mib_per_s
+    );
     let start = clock.now_ns();
-    let end = if work.secs == 0 { u64::MAX } else { start + work.secs * 1_000_000_000 };
+    let end = if work.secs == 0 {
+        u64::MAX
+    } else {
+        start + work.secs * 1_000_000_000
+    };
     let mut written = 0u64;
     let mut next = 0u64;
     loop {

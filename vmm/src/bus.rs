@@ -131,11 +131,7 @@ impl<A: BusAddress> Bus<A> {
             return Err(bad);
         }
         // The nearest range at or below `end - 1` is the only one that can overlap.
-        let below_end = self
-            .ranges
-            .iter()
-            .take_while(|(s, _)| s.raw() < end)
-            .last();
+        let below_end = self.ranges.iter().take_while(|(s, _)| s.raw() < end).last();
         if let Some((s, e)) = below_end
             && s.raw() + e.len > start.raw()
         {
@@ -180,7 +176,9 @@ impl<A: BusAddress> Bus<A> {
 /// Locks a device, carrying on if a previous holder panicked: device state is plain data and a
 /// panicked access must not take the whole VM down with it.
 pub fn lock(device: &SharedDevice) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
-    device.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    device
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]
@@ -214,10 +212,25 @@ mod tests {
     fn overlapping_ranges_are_refused() {
         let mut bus = Bus::new();
         bus.insert(PioAddress(0x3f8), 8, recorder().1).unwrap();
-        for (start, len) in [(0x3f8, 8), (0x3f0, 9), (0x3ff, 1), (0x3fa, 2), (0x3f0, 0x20)] {
-            let err = bus.insert(PioAddress(start), len, recorder().1).unwrap_err();
+        for (start, len) in [
+            (0x3f8, 8),
+            (0x3f0, 9),
+            (0x3ff, 1),
+            (0x3fa, 2),
+            (0x3f0, 0x20),
+        ] {
+            let err = bus
+                .insert(PioAddress(start), len, recorder().1)
+                .unwrap_err();
             assert!(
-                matches!(err, BusError::Overlap { other_start: 0x3f8, other_len: 8, .. }),
+                matches!(
+                    err,
+                    BusError::Overlap {
+                        other_start: 0x3f8,
+                        other_len: 8,
+                        ..
+                    }
+                ),
                 "{start:#x}+{len} gave {err:?}"
             );
         }
@@ -237,7 +250,8 @@ mod tests {
             bus.insert(MmioAddress(u64::MAX - 1), 4, recorder().1),
             Err(BusError::BadRange { .. })
         ));
-        bus.insert(MmioAddress(u64::MAX - 3), 4, recorder().1).unwrap();
+        bus.insert(MmioAddress(u64::MAX - 3), 4, recorder().1)
+            .unwrap();
     }
 
     #[test]

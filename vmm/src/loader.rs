@@ -135,7 +135,11 @@ pub fn inspect(name: &str, elf: &[u8]) -> Result<GuestImage, LoadError> {
             .and_then(|o| usize::try_from(o).ok())
             .ok_or(bad("program header offset overflows"))?;
         let ph = elf
-            .get(off..off.checked_add(56).ok_or(bad("program header offset overflows"))?)
+            .get(
+                off..off
+                    .checked_add(56)
+                    .ok_or(bad("program header offset overflows"))?,
+            )
             .ok_or(bad("program headers lie past the end of the file"))?;
         let p_type = u32_at(ph, 0).unwrap_or(0);
         let p_offset = u64_at(ph, 8).unwrap_or(0);
@@ -174,7 +178,9 @@ pub fn inspect(name: &str, elf: &[u8]) -> Result<GuestImage, LoadError> {
     }
     let mut image_end = 0u64;
     for &(start, len) in &segments {
-        let end = start.checked_add(len).ok_or(bad("a segment wraps around"))?;
+        let end = start
+            .checked_add(len)
+            .ok_or(bad("a segment wraps around"))?;
         image_end = image_end.max(end);
     }
     if !segments
@@ -357,20 +363,32 @@ mod tests {
     #[test]
     fn other_files_are_refused_clearly() {
         let ok = note(ELF_NOTE_NAME, ELF_NOTE_TYPE, ABI_VERSION as u32);
-        assert!(matches!(inspect("k", b"MZ\x90\0 not an elf"), Err(LoadError::NotElf(_))));
+        assert!(matches!(
+            inspect("k", b"MZ\x90\0 not an elf"),
+            Err(LoadError::NotElf(_))
+        ));
         assert!(matches!(inspect("k", b""), Err(LoadError::NotElf(_))));
-        assert!(matches!(inspect("k", &elf(183, &ok)), Err(LoadError::WrongArch(_))));
+        assert!(matches!(
+            inspect("k", &elf(183, &ok)),
+            Err(LoadError::WrongArch(_))
+        ));
         assert!(matches!(
             inspect("k", &elf(EM_X86_64, &note(b"Xen\0", 18, 1))),
             Err(LoadError::NotTestGuest(_))
         ));
         assert!(matches!(
-            inspect("k", &elf(EM_X86_64, &note(ELF_NOTE_NAME, ELF_NOTE_TYPE, 99))),
+            inspect(
+                "k",
+                &elf(EM_X86_64, &note(ELF_NOTE_NAME, ELF_NOTE_TYPE, 99))
+            ),
             Err(LoadError::AbiVersion { found: 99, .. })
         ));
         let mut truncated = elf(EM_X86_64, &ok);
         truncated.truncate(100);
-        assert!(matches!(inspect("k", &truncated), Err(LoadError::Malformed { .. })));
+        assert!(matches!(
+            inspect("k", &truncated),
+            Err(LoadError::Malformed { .. })
+        ));
     }
 
     #[test]
@@ -380,7 +398,11 @@ mod tests {
         assert_eq!(find_abi_note(&n), None);
         n[0..4].copy_from_slice(&5u32.to_le_bytes());
         n[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert_eq!(find_abi_note(&n), Some(1), "desc is read before its size matters");
+        assert_eq!(
+            find_abi_note(&n),
+            Some(1),
+            "desc is read before its size matters"
+        );
         assert_eq!(find_abi_note(&[0xff; 11]), None);
     }
 }

@@ -167,23 +167,39 @@ mod tests {
 
     #[test]
     fn ranges_split_around_the_mmio_hole() {
-        assert_eq!(ram_ranges(512 << 20).unwrap(), vec![(GuestAddress(0), 512 << 20)]);
+        assert_eq!(
+            ram_ranges(512 << 20).unwrap(),
+            vec![(GuestAddress(0), 512 << 20)]
+        );
         assert_eq!(
             ram_ranges(4 << 30).unwrap(),
-            vec![(GuestAddress(0), MMIO_HOLE_START), (GuestAddress(1 << 32), 1 << 30)]
+            vec![
+                (GuestAddress(0), MMIO_HOLE_START),
+                (GuestAddress(1 << 32), 1 << 30)
+            ]
         );
         assert!(matches!(ram_ranges(0), Err(MemoryError::Size(0))));
-        assert!(matches!(ram_ranges(MAX_MEM + (2 << 20)), Err(MemoryError::Size(_))));
-        assert!(matches!(ram_ranges((16 << 20) + 4096), Err(MemoryError::Alignment(_))));
+        assert!(matches!(
+            ram_ranges(MAX_MEM + (2 << 20)),
+            Err(MemoryError::Size(_))
+        ));
+        assert!(matches!(
+            ram_ranges((16 << 20) + 4096),
+            Err(MemoryError::Alignment(_))
+        ));
     }
 
     #[test]
     fn vmm_writes_mark_the_bitmap() {
-        let memory =
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20), (GuestAddress(1 << 32), 1 << 20)])
-                .unwrap();
+        let memory = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 1 << 20),
+            (GuestAddress(1 << 32), 1 << 20),
+        ])
+        .unwrap();
         memory.write_obj(0xabu8, GuestAddress(0x3000)).unwrap();
-        memory.write_slice(&[1; 0x1001], GuestAddress((1 << 32) + 0x1fff)).unwrap();
+        memory
+            .write_slice(&[1; 0x1001], GuestAddress((1 << 32) + 0x1fff))
+            .unwrap();
         let regions: Vec<_> = memory.iter().collect();
         let low = regions[0].bitmap_ref().get_and_reset();
         let high = regions[1].bitmap_ref().get_and_reset();
@@ -194,6 +210,13 @@ mod tests {
         assert_eq!(addrs, vec![0x3000, (1 << 32) + 0x1000, (1 << 32) + 0x2000]);
         assert_eq!(pages.count(), 3);
         assert!(pages.contains(0x3fff) && !pages.contains(0x4000));
-        assert!(regions[0].bitmap_ref().get_and_reset().iter().all(|&w| w == 0), "reset");
+        assert!(
+            regions[0]
+                .bitmap_ref()
+                .get_and_reset()
+                .iter()
+                .all(|&w| w == 0),
+            "reset"
+        );
     }
 }

@@ -514,7 +514,12 @@ impl Runner {
     fn crash(&mut self, what: String) -> Step {
         let regs = self.fd.get_regs().unwrap_or_default();
         let rip = regs.rip;
-        tracing::debug!(vcpu = self.index, rflags = regs.rflags, rsp = regs.rsp, "crash registers");
+        tracing::debug!(
+            vcpu = self.index,
+            rflags = regs.rflags,
+            rsp = regs.rsp,
+            "crash registers"
+        );
         Step::Stop(VmEvent::Crashed {
             vcpu: self.index,
             reason: format!("{what} at rip {rip:#x}"),

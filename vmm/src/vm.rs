@@ -184,7 +184,8 @@ impl Vm {
             });
         }
         let fd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
-        fd.create_irq_chip().map_err(kvm_err("create the interrupt controller"))?;
+        fd.create_irq_chip()
+            .map_err(kvm_err("create the interrupt controller"))?;
         let memory = memory::create(&fd, &ram)?;
 
         let supported = kvm
@@ -192,12 +193,16 @@ impl Vm {
             .map_err(kvm_err("report its supported CPUID"))?;
         let mut vcpu_fds = Vec::new();
         for i in 0..vcpus {
-            let vcpu = fd.create_vcpu(u64::from(i)).map_err(kvm_err("create a vCPU"))?;
+            let vcpu = fd
+                .create_vcpu(u64::from(i))
+                .map_err(kvm_err("create a vCPU"))?;
             vcpu.set_cpuid2(&cpuid::for_vcpu(&supported, i, vcpus))
                 .map_err(kvm_err("set CPUID"))?;
             vcpu_fds.push(vcpu);
         }
-        let tsc_khz = vcpu_fds[0].get_tsc_khz().map_err(kvm_err("report the TSC frequency"))?;
+        let tsc_khz = vcpu_fds[0]
+            .get_tsc_khz()
+            .map_err(kvm_err("report the TSC frequency"))?;
         let layout = loader::load_test_guest(
             &memory,
             &ram,
@@ -249,7 +254,10 @@ impl Vm {
 
     /// Starts every vCPU.
     pub fn start(&mut self) -> Result<(), VmError> {
-        for (i, fd) in std::mem::take(&mut self.pending_vcpus).into_iter().enumerate() {
+        for (i, fd) in std::mem::take(&mut self.pending_vcpus)
+            .into_iter()
+            .enumerate()
+        {
             let ctx = VcpuContext {
                 pio: self.pio.clone(),
                 mmio: self.mmio.clone(),
@@ -345,10 +353,13 @@ impl Vm {
 }
 
 fn setup_vcpu(vcpu: &VcpuFd, layout: &Layout, index: u8) -> Result<(), VmError> {
-    let sregs = vcpu.get_sregs().map_err(kvm_err("read special registers"))?;
+    let sregs = vcpu
+        .get_sregs()
+        .map_err(kvm_err("read special registers"))?;
     vcpu.set_sregs(&regs::sregs(sregs))
         .map_err(kvm_err("set special registers"))?;
-    vcpu.set_fpu(&regs::fpu()).map_err(kvm_err("set FPU state"))?;
+    vcpu.set_fpu(&regs::fpu())
+        .map_err(kvm_err("set FPU state"))?;
     let r = regs::regs(
         layout.image.entry,
         layout.stack_top(index),

@@ -67,7 +67,10 @@ mod tests {
             dev.write(4, &1500u32.to_le_bytes()),
             VcpuAction::Wait(Duration::from_micros(1500))
         );
-        assert_eq!(dev.write(4, &[2]), VcpuAction::Wait(Duration::from_micros(2)));
+        assert_eq!(
+            dev.write(4, &[2]),
+            VcpuAction::Wait(Duration::from_micros(2))
+        );
         assert_eq!(dev.write(8, &[1]), VcpuAction::Continue, "unused register");
     }
 }

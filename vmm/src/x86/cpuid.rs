@@ -15,9 +15,8 @@ pub fn for_vcpu(supported: &CpuId, index: u8, count: u8) -> CpuId {
     for entry in cpuid.as_mut_slice() {
         match entry.function {
             LEAF_FEATURES => {
-                entry.ebx = (entry.ebx & 0x0000_ffff)
-                    | (u32::from(count) << 16)
-                    | (u32::from(index) << 24);
+                entry.ebx =
+                    (entry.ebx & 0x0000_ffff) | (u32::from(count) << 16) | (u32::from(index) << 24);
                 entry.ecx |= ECX_HYPERVISOR;
                 // HTT: several logical processors in the package.
                 if count > 1 {
@@ -39,9 +38,22 @@ mod tests {
     #[test]
     fn apic_ids_and_counts_are_per_vcpu() {
         let supported = CpuId::from_entries(&[
-            kvm_cpuid_entry2 { function: 1, ebx: 0xff00_0800, ..Default::default() },
-            kvm_cpuid_entry2 { function: 0xb, index: 0, edx: 7, ..Default::default() },
-            kvm_cpuid_entry2 { function: 0xd, eax: 0x1234, ..Default::default() },
+            kvm_cpuid_entry2 {
+                function: 1,
+                ebx: 0xff00_0800,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0xb,
+                index: 0,
+                edx: 7,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0xd,
+                eax: 0x1234,
+                ..Default::default()
+            },
         ])
         .unwrap();
         let c = for_vcpu(&supported, 3, 4);

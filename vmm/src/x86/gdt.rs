@@ -76,7 +76,8 @@ pub fn encode(seg: &kvm_segment) -> u64 {
         | u64::from(seg.s) << 4
         | u64::from(seg.dpl & 3) << 5
         | u64::from(seg.present) << 7;
-    let flags = u64::from(seg.avl) | u64::from(seg.l) << 1 | u64::from(seg.db) << 2 | u64::from(seg.g) << 3;
+    let flags =
+        u64::from(seg.avl) | u64::from(seg.l) << 1 | u64::from(seg.db) << 2 | u64::from(seg.g) << 3;
     (limit & 0xffff)
         | (seg.base & 0xff_ffff) << 16
         | access << 40
@@ -87,7 +88,10 @@ pub fn encode(seg: &kvm_segment) -> u64 {
 
 /// Encodes a 64-bit system segment (the TSS) as two descriptor words.
 pub fn encode_system(seg: &kvm_segment) -> [u64; 2] {
-    let low = encode(&kvm_segment { base: seg.base & 0xffff_ffff, ..*seg });
+    let low = encode(&kvm_segment {
+        base: seg.base & 0xffff_ffff,
+        ..*seg
+    });
     [low, seg.base >> 32]
 }
 
@@ -97,7 +101,15 @@ pub fn table() -> [u64; 7] {
     let kcs = flat(KERNEL_CS, TYPE_CODE_XR_ACCESSED, 0, true);
     let kds = flat(KERNEL_DS, TYPE_DATA_RW_ACCESSED, 0, false);
     let [tss_lo, tss_hi] = encode_system(&tr);
-    [0, encode(&kcs), encode(&kds), encode(&ds), encode(&cs), tss_lo, tss_hi]
+    [
+        0,
+        encode(&kcs),
+        encode(&kds),
+        encode(&ds),
+        encode(&cs),
+        tss_lo,
+        tss_hi,
+    ]
 }
 
 #[cfg(test)]

@@ -39,7 +39,9 @@ pub fn identity_tables(top: u64) -> Vec<(u64, Vec<u64>)> {
     for d in 0..dirs {
         let pd_addr = pdpt_addr + 0x1000 * (d + 1);
         pdpt[d as usize] = pd_addr | TABLE_FLAGS;
-        let pd = (0..512u64).map(|i| (d * GIB + (i << 21)) | LEAF_FLAGS).collect();
+        let pd = (0..512u64)
+            .map(|i| (d * GIB + (i << 21)) | LEAF_FLAGS)
+            .collect();
         out.push((pd_addr, pd));
     }
     out.insert(0, (pdpt_addr, pdpt));
@@ -73,7 +75,15 @@ mod tests {
     fn maps_identity_with_user_pages() {
         let tables = identity_tables(5 * GIB);
         assert_eq!(tables.len(), 2 + 5);
-        for addr in [0, 0x1234, 0x20_0000, GIB - 1, 0xC000_0000, 4 * GIB + 0x1_2345, 5 * GIB - 8] {
+        for addr in [
+            0,
+            0x1234,
+            0x20_0000,
+            GIB - 1,
+            0xC000_0000,
+            4 * GIB + 0x1_2345,
+            5 * GIB - 8,
+        ] {
             assert_eq!(translate(&tables, addr), Some(addr), "{addr:#x}");
         }
         assert_eq!(translate(&tables, 5 * GIB), None);
@@ -89,7 +99,10 @@ mod tests {
             assert!(t.iter().all(|e| e & LEAF_FLAGS == LEAF_FLAGS));
         }
         assert_eq!(tables[0].1[0] & TABLE_FLAGS, TABLE_FLAGS);
-        assert!(tables[0].1[1..].iter().all(|&e| e == 0), "only one PML4 entry");
+        assert!(
+            tables[0].1[1..].iter().all(|&e| e == 0),
+            "only one PML4 entry"
+        );
     }
 
     #[test]

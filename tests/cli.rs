@@ -1,0 +1,177 @@
+//! The `ftvm` binary end to end: booting the embedded guest, workloads, exit status, and clear
+//! one-line errors for bad input.
+
+mod common;
+
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::{ftvm, ftvm_with, require_kvm};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts a failed run with exactly one line on stderr that contains every `needle`.
+fn assert_clear_error(o: &Output, needles: &[&str]) {
+    let err = stderr(o);
+    assert!(!o.status.success(), "expected failure; stderr: {err}");
+    assert_eq!(o.status.code(), Some(1), "stderr: {err}");
+    assert!(!err.contains("panicked"), "ftvm panicked: {err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "expected a one-line error, got: {err}");
+    assert!(lines[0].starts_with("ftvm: error: "), "{err}");
+    for n in needles {
+        assert!(
+            lines[0].contains(n),
+            "error {:?} does not mention {n:?}",
+            lines[0]
+        );
+    }
+}
+
+#[test]
+fn the_embedded_guest_runs_on_one_and_two_vcpus_and_exits_zero() {
+    require_kvm();
+    for vcpus in [1u8, 2] {
+        let n = vcpus.to_string();
+        let o = ftvm(
+            &["run", "--vcpus", &n, "--cmdline", "count=3 interval-ms=10"],
+            LIMIT,
+        );
+        let out = stdout(&o);
+        assert!(o.status.success(), "vcpus={vcpus}: {}\n{out}", stderr(&o));
+        assert!(
+            out.contains(&format!("ftvm-guest: boot abi=1 vcpus={vcpus} ")),
+            "{out}"
+        );
+        for v in 0..vcpus {
+            for k in 1..=3 {
+                assert!(
+                    out.contains(&format!("vcpu{v} count {k}\n")),
+                    "vcpu{v} count {k}: {out}"
+                );
+            }
+            assert!(out.contains(&format!("vcpu{v} done\n")), "{out}");
+        }
+        assert!(
+            !out.contains(&format!("vcpu{vcpus} ")),
+            "no extra vCPU: {out}"
+        );
+        assert!(
+            out.contains(&format!("ftvm-guest: all {vcpus} vcpus done")),
+            "{out}"
+        );
+    }
+}
+
+#[test]
+fn the_workload_comes_from_the_command_line() {
+    require_kvm();
+    let o = ftvm(
+        &["run", "--vcpus", "2", "--cmdline", "compute=12345"],
+        LIMIT,
+    );
+    let out = stdout(&o);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for v in 0..2u64 {
+        let expected = ftvm_guest_abi::compute(12345, v + 1);
+        let line = format!("vcpu{v} compute iterations=12345 ");
+        let found = out
+            .lines()
+            .find(|l| l.starts_with(&line))
+            .unwrap_or_else(|| panic!("{out}"));
+        assert!(found.ends_with(&format!("result={expected}")), "{found}");
+    }
+}
+
+#[test]
+fn the_guest_exit_status_becomes_ftvm_s() {
+    require_kvm();
+    // An unknown workload makes the guest power off with status 2.
+    let o = ftvm(
+        &["run", "--vcpus", "1", "--cmdline", "no-such-workload"],
+        LIMIT,
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("ftvm-guest: error: unknown word"),
+        "{}",
+        stdout(&o)
+    );
+}
+
+#[test]
+fn help_explains_every_flag() {
+    let o = ftvm(&["run", "--help"], LIMIT);
+    let out = stdout(&o);
+    assert!(o.status.success());
+    for flag in ["--kernel", "--cmdline", "--mem", "--vcpus"] {
+        assert!(out.contains(flag), "{flag} missing from --help:\n{out}");
+    }
+    assert!(out.contains("embedded"), "{out}");
+}
+
+#[test]
+fn a_missing_kernel_is_a_clear_error() {
+    let o = ftvm(&["run", "--kernel", "/nonexistent/vmlinux"], LIMIT);
+    assert_clear_error(&o, &["/nonexistent/vmlinux", "No such file"]);
+}
+
+#[test]
+fn an_unreadable_kernel_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    // A directory cannot be read as a file, even by root.
+    let o = ftvm(&["run", "--kernel", dir.path().to_str().unwrap()], LIMIT);
+    assert_clear_error(&o, &[dir.path().to_str().unwrap(), "directory"]);
+}
+
+#[test]
+fn a_non_elf_kernel_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kernel.txt");
+    std::fs::write(&path, b"this is not a kernel").unwrap();
+    let o = ftvm(&["run", "--kernel", path.to_str().unwrap()], LIMIT);
+    assert_clear_error(&o, &["kernel.txt", "not an ELF file"]);
+}
+
+#[test]
+fn bad_memory_sizes_are_clear_errors() {
+    let o = ftvm(&["run", "--mem", "0"], LIMIT);
+    assert_clear_error(&o, &["Guest memory size 0 MiB is out of range"]);
+    let o = ftvm(&["run", "--mem", "lots"], LIMIT);
+    assert_clear_error(&o, &["Invalid memory size 'lots'"]);
+    let o = ftvm(&["run", "--mem", "99999999999G"], LIMIT);
+    assert_clear_error(&o, &["too large"]);
+}
+
+#[test]
+fn absurd_vcpu_counts_are_clear_errors() {
+    for n in ["0", "100000", "255"] {
+        let o = ftvm(&["run", "--vcpus", n], LIMIT);
+        assert_clear_error(&o, &[&format!("Cannot run {n} vCPUs")]);
+    }
+    let o = ftvm(&["run", "--vcpus=-3"], LIMIT);
+    assert_clear_error(&o, &["Invalid vCPU count '-3'"]);
+}
+
+#[test]
+fn no_access_to_dev_kvm_is_a_clear_error() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test drops to an unprivileged user and so must start as root"
+    );
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ftvm"));
+    cmd.args(["run", "--vcpus", "1"]).uid(65534).gid(65534);
+    let o = ftvm_with(&mut cmd, LIMIT);
+    assert_clear_error(&o, &["Cannot open /dev/kvm", "Permission denied"]);
+}

@@ -1,0 +1,137 @@
+//! Helpers shared by the integration tests: the embedded test guest, a console that tests can
+//! wait on, a KVM check with a clear message, and a child-process guard.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use vmm::{Kernel, Vm, VmConfig};
+
+/// The test guest, as embedded in the ftvm binary.
+pub static TEST_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ftvm-guest.elf"));
+
+/// Fails the test with a clear message when KVM cannot be used: these tests need it, and
+/// they are never skipped.
+pub fn require_kvm() {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        panic!("this test needs /dev/kvm, which cannot be opened: {e}");
+    }
+}
+
+/// A console sink that tests can read and wait on.
+#[derive(Clone, Default)]
+pub struct Console(Arc<(Mutex<Vec<u8>>, Condvar)>);
+
+impl Write for Console {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.0.lock().unwrap().extend_from_slice(buf);
+        self.0.1.notify_all();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Console {
+    /// Everything printed so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.0.lock().unwrap()).into_owned()
+    }
+
+    /// Waits until `done(text)` holds; panics with the console's contents after `timeout`.
+    pub fn wait_until(&self, what: &str, timeout: Duration, done: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + timeout;
+        let mut buf = self.0.0.lock().unwrap();
+        loop {
+            let text = String::from_utf8_lossy(&buf).into_owned();
+            if done(&text) {
+                return text;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "timed out waiting for {what}; console:\n{text}"
+            );
+            buf = self.0.1.wait_timeout(buf, left).unwrap().0;
+        }
+    }
+
+    /// Waits for a line containing `needle`.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> String {
+        self.wait_until(needle, timeout, |t| t.contains(needle))
+    }
+}
+
+/// Builds (not starts) a VM running the embedded test guest.
+pub fn test_vm(vcpus: u64, mem_mib: u64, cmdline: &str) -> (Vm, Console) {
+    require_kvm();
+    let console = Console::default();
+    let vm = Vm::new(VmConfig {
+        mem_size: mem_mib << 20,
+        vcpus,
+        kernel: Kernel::Bytes {
+            name: "test guest".into(),
+            image: Arc::from(TEST_GUEST),
+        },
+        cmdline: cmdline.into(),
+        console: Box::new(console.clone()),
+    })
+    .expect("VM builds");
+    (vm, console)
+}
+
+/// The last `vcpuN count K` value printed by vCPU `vcpu`, if any.
+pub fn last_count(text: &str, vcpu: u8) -> Option<u64> {
+    let prefix = format!("vcpu{vcpu} count ");
+    text.lines()
+        .filter_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+        .last()
+}
+
+/// A child process that is killed if the test ends before it does.
+pub struct Guarded(pub Option<Child>);
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs `ftvm` with `args`, waiting at most `timeout` for it to finish.
+pub fn ftvm(args: &[&str], timeout: Duration) -> Output {
+    ftvm_with(Command::new(env!("CARGO_BIN_EXE_ftvm")).args(args), timeout)
+}
+
+/// Runs a prepared `ftvm` command, waiting at most `timeout` for it to finish.
+pub fn ftvm_with(cmd: &mut Command, timeout: Duration) -> Output {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ftvm starts");
+    let pid = child.id() as i32;
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Collect output on another thread so that a full pipe can never stall the child.
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(output) => output.expect("ftvm's output can be read"),
+        Err(_) => {
+            // SAFETY: plain kill(2) of the child we started and have not reaped.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("ftvm did not finish within {timeout:?}");
+        }
+    }
+}
