@@ -165,9 +165,9 @@ fn absurd_vcpu_counts_are_clear_errors() {
 #[test]
 fn no_access_to_dev_kvm_is_a_clear_error() {
     // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
     assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
+        euid, 0,
         "this test drops to an unprivileged user and so must start as root"
     );
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ftvm"));

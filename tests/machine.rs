@@ -93,8 +93,8 @@ fn dirty_pages_are_exactly_the_pages_written() {
     vm.take_dirty_pages().unwrap();
     let rounds = |t: &str| {
         t.lines()
-            .filter_map(|l| l.strip_prefix("vcpu0 touch round ")?.parse::<u64>().ok())
-            .last()
+            .rev()
+            .find_map(|l| l.strip_prefix("vcpu0 touch round ")?.parse::<u64>().ok())
             .unwrap_or(0)
     };
     let at_pause = rounds(&console.text());

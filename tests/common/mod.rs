@@ -91,8 +91,8 @@ pub fn test_vm(vcpus: u64, mem_mib: u64, cmdline: &str) -> (Vm, Console) {
 pub fn last_count(text: &str, vcpu: u8) -> Option<u64> {
     let prefix = format!("vcpu{vcpu} count ");
     text.lines()
-        .filter_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
-        .last()
+        .rev()
+        .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
 }
 
 /// A child process that is killed if the test ends before it does.

@@ -250,7 +250,7 @@ mod tests {
             bus.insert(MmioAddress(u64::MAX - 1), 4, recorder().1),
             Err(BusError::BadRange { .. })
         ));
-        bus.insert(MmioAddress(u64::MAX - 3), 4, recorder().1)
+        bus.insert(MmioAddress(u64::MAX - 4), 4, recorder().1)
             .unwrap();
     }
 

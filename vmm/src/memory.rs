@@ -57,7 +57,7 @@ pub fn ram_ranges(size: u64) -> Result<Vec<(GuestAddress, u64)>, MemoryError> {
     if !(MIN_MEM..=MAX_MEM).contains(&size) {
         return Err(MemoryError::Size(size >> 20));
     }
-    if size % (2 << 20) != 0 {
+    if !size.is_multiple_of(2 << 20) {
         return Err(MemoryError::Alignment(size));
     }
     let low = size.min(MMIO_HOLE_START);

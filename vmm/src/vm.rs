@@ -2,7 +2,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -296,10 +296,7 @@ impl Vm {
     pub fn wait_event(&self, timeout: Option<Duration>) -> Option<VmEvent> {
         match timeout {
             None => self.events.recv().ok(),
-            Some(t) => match self.events.recv_timeout(t) {
-                Ok(e) => Some(e),
-                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
-            },
+            Some(t) => self.events.recv_timeout(t).ok(),
         }
     }
 
