@@ -30,7 +30,7 @@ impl Trigger for IrqTrigger {
 pub struct SerialCounters {
     /// Bytes the guest wrote to the console.
     pub tx_bytes: AtomicU64,
-    /// Bytes that could not be written to the host side.
+    /// Bytes that could not be written to the host side (or were lost by the UART).
     pub tx_errors: AtomicU64,
 }
 
@@ -79,7 +79,10 @@ impl BusDevice for SerialConsole {
         if let (Some(&value), Ok(off)) = (data.first(), u8::try_from(offset))
             && let Err(e) = self.uart.write(off, value)
         {
-            tracing::warn!("console output failed: {e}");
+            // Say it once: a closed console would otherwise log once per guest byte.
+            if self.counters.tx_errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::warn!("console output failed, further failures are only counted: {e}");
+            }
         }
         VcpuAction::Continue
     }

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Prepares a fresh machine for building and testing ftvm: Debian packages, the Rust toolchain
+# check, KVM check, and every crate the build needs. Safe to run again; it then does nothing new.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages the build and the tests use (gcc links the binaries and the test guest).
+packages=(gcc libc6-dev)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "setup: cargo not found: ftvm needs a Rust toolchain (1.88 or newer) on PATH" >&2
+  exit 1
+fi
+
+if [ ! -e /dev/kvm ]; then
+  echo "setup: warning: /dev/kvm does not exist; ftvm cannot run guests and its KVM tests will fail" >&2
+fi
+
+cargo fetch --locked
+(cd guest && cargo fetch --locked)
+echo "setup: ready ($(cargo --version))"
