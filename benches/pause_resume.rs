@@ -59,7 +59,10 @@ fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(2000);
-    println!("pause/resume over {cycles} cycles ({} host CPUs)", std::thread::available_parallelism().map_or(0, |n| n.get()));
+    println!(
+        "pause/resume over {cycles} cycles ({} host CPUs)",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
     run("2 vCPUs busy", 2, "compute=1000000000000", cycles);
     run("1 vCPU busy", 1, "compute=1000000000000", cycles);
     run("2 vCPUs idle", 2, "count=0 interval-ms=1000", cycles);

@@ -15,7 +15,15 @@ fn main() {
     for _ in 0..runs {
         let start = Instant::now();
         let mut child = Command::new(env!("CARGO_BIN_EXE_ftvm"))
-            .args(["run", "--vcpus", "2", "--mem", "512M", "--cmdline", "count=1 interval-ms=0"])
+            .args([
+                "run",
+                "--vcpus",
+                "2",
+                "--mem",
+                "512M",
+                "--cmdline",
+                "count=1 interval-ms=0",
+            ])
             .stdout(Stdio::piped())
             .spawn()
             .expect("ftvm starts");
@@ -25,7 +33,10 @@ fn main() {
         samples.push(start.elapsed());
         // Drain the rest so that the guest's console never sees a closed pipe.
         std::io::copy(&mut console, &mut std::io::sink()).expect("console drains");
-        assert!(first.starts_with("ftvm-guest: boot"), "unexpected first line {first:?}");
+        assert!(
+            first.starts_with("ftvm-guest: boot"),
+            "unexpected first line {first:?}"
+        );
         assert!(child.wait().expect("ftvm exits").success());
     }
     samples.sort();
