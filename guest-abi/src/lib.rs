@@ -14,6 +14,8 @@
 #![no_std]
 #![warn(missing_docs)]
 
+pub mod virtio;
+
 /// Guest-physical address of the [`BootInfo`] page.
 pub const BOOT_INFO_ADDR: u64 = 0x8000;
 /// Guest-physical address of the NUL-free command line (length in [`BootInfo::cmdline_len`]).
@@ -28,7 +30,7 @@ pub const STACK_SIZE: u64 = 0x4_0000;
 /// `BootInfo::magic`: "FTVMBOOT" in little endian.
 pub const BOOT_MAGIC: u64 = u64::from_le_bytes(*b"FTVMBOOT");
 /// Version of this ABI; the guest refuses to run on another one.
-pub const ABI_VERSION: u64 = 1;
+pub const ABI_VERSION: u64 = 2;
 
 /// ELF note that marks a test guest: name `"FTVM"`, type [`ELF_NOTE_TYPE`], a 4-byte descriptor
 /// holding [`ABI_VERSION`].
@@ -57,6 +59,20 @@ pub const PV_WAIT_US: u64 = 4;
 
 /// Maximum number of RAM ranges described in [`BootInfo`].
 pub const MAX_MEM_RANGES: usize = 4;
+/// Maximum number of virtio devices described in [`BootInfo`].
+pub const MAX_VIRTIO: usize = 8;
+
+/// A virtio-mmio device the guest may drive.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VirtioSlot {
+    /// Base of its register window.
+    pub base: u64,
+    /// Device type ([`virtio::ID_BLOCK`], [`virtio::ID_NET`]).
+    pub device_type: u64,
+    /// Its interrupt line (unused by the polling test guest, given for completeness).
+    pub irq: u64,
+}
 
 /// A range of guest RAM.
 #[repr(C)]
@@ -90,9 +106,18 @@ pub struct BootInfo {
     pub mem_count: u64,
     /// RAM ranges, ascending.
     pub mem: [MemRange; MAX_MEM_RANGES],
+    /// Number of valid entries in `virtio`.
+    pub virtio_count: u64,
+    /// The virtio devices, in the order they were configured.
+    pub virtio: [VirtioSlot; MAX_VIRTIO],
 }
 
 impl BootInfo {
+    /// The configured virtio devices.
+    pub fn virtio_devices(&self) -> &[VirtioSlot] {
+        &self.virtio[..(self.virtio_count as usize).min(MAX_VIRTIO)]
+    }
+
     /// The structure as bytes, to be written into guest memory.
     pub fn as_bytes(&self) -> &[u8] {
         // SAFETY: BootInfo is repr(C) and made only of u64 fields, so it has no padding and every
@@ -148,7 +173,7 @@ mod tests {
     fn boot_info_has_no_padding() {
         assert_eq!(
             core::mem::size_of::<BootInfo>(),
-            8 * 8 + 16 * MAX_MEM_RANGES
+            8 * 8 + 16 * MAX_MEM_RANGES + 8 + 24 * MAX_VIRTIO
         );
         let info = BootInfo {
             magic: BOOT_MAGIC,

@@ -6,8 +6,10 @@
 //! own writes), and counters.
 #![warn(missing_docs)]
 
+pub mod acpi;
 pub mod bus;
 pub mod devices;
+pub mod event_loop;
 pub mod loader;
 pub mod memory;
 pub mod vcpu;

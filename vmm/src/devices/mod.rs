@@ -2,3 +2,4 @@
 
 pub mod pvctl;
 pub mod serial;
+pub mod virtio;

@@ -1,0 +1,201 @@
+//! The device event loop: one thread, one epoll, every device's file descriptors.
+//!
+//! Devices do their work here (queue notifications arrive as ioeventfds, TAP frames as readable
+//! fds), so pausing this thread between two handler calls — always at a request boundary —
+//! together with pausing the vCPUs quiesces the whole machine.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+/// A file descriptor a handler wants to hear about.
+#[derive(Clone, Copy, Debug)]
+pub struct Interest {
+    /// The descriptor.
+    pub fd: RawFd,
+    /// Handed back to [`EventHandler::handle`].
+    pub tag: u32,
+    /// Edge-triggered (for fds the handler may leave unread, like a TAP with no rx buffers).
+    pub edge: bool,
+}
+
+/// A device's glue to the event loop.
+pub trait EventHandler: Send {
+    /// The descriptors to watch.
+    fn interests(&self) -> Vec<Interest>;
+    /// One of them is ready.
+    fn handle(&mut self, tag: u32);
+}
+
+/// Errors of the event loop.
+#[derive(Debug, thiserror::Error)]
+pub enum EventLoopError {
+    /// Setting up epoll or an eventfd failed.
+    #[error("Cannot set up the device event loop")]
+    Setup(#[source] std::io::Error),
+    /// The thread did not stop in time.
+    #[error("The device event loop did not pause within {0:?}")]
+    PauseTimeout(Duration),
+}
+
+const WANT_RUN: u8 = 0;
+const WANT_PAUSE: u8 = 1;
+const WANT_EXIT: u8 = 2;
+const CONTROL_TOKEN: u64 = u64::MAX;
+
+struct Shared {
+    want: AtomicU8,
+    paused: Mutex<bool>,
+    cv: Condvar,
+    control: EventFd,
+}
+
+/// The running event loop.
+pub struct EventLoop {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EventLoop {
+    /// Starts the loop over `handlers`.
+    pub fn start(handlers: Vec<Box<dyn EventHandler>>) -> Result<Self, EventLoopError> {
+        let epoll = Epoll::new().map_err(EventLoopError::Setup)?;
+        let control = EventFd::new(libc::EFD_NONBLOCK).map_err(EventLoopError::Setup)?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                control.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, CONTROL_TOKEN),
+            )
+            .map_err(EventLoopError::Setup)?;
+        for (i, h) in handlers.iter().enumerate() {
+            for interest in h.interests() {
+                let mut set = EventSet::IN;
+                if interest.edge {
+                    set |= EventSet::EDGE_TRIGGERED;
+                }
+                let token = ((i as u64) << 32) | u64::from(interest.tag);
+                epoll
+                    .ctl(
+                        ControlOperation::Add,
+                        interest.fd,
+                        EpollEvent::new(set, token),
+                    )
+                    .map_err(EventLoopError::Setup)?;
+            }
+        }
+        let shared = Arc::new(Shared {
+            want: AtomicU8::new(WANT_RUN),
+            paused: Mutex::new(false),
+            cv: Condvar::new(),
+            control,
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("devices".into())
+            .spawn(move || run(epoll, handlers, s))
+            .map_err(EventLoopError::Setup)?;
+        Ok(Self {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    fn set_want(&self, want: u8) {
+        let _guard = self.shared.paused.lock().unwrap_or_else(|p| p.into_inner());
+        self.shared.want.store(want, Ordering::SeqCst);
+        let _ = self.shared.control.write(1);
+        self.shared.cv.notify_all();
+    }
+
+    /// Stops dispatching after the handler now running, and waits until it has.
+    pub fn pause(&self, timeout: Duration) -> Result<(), EventLoopError> {
+        self.set_want(WANT_PAUSE);
+        let paused = self.shared.paused.lock().unwrap_or_else(|p| p.into_inner());
+        let (paused, _) = self
+            .shared
+            .cv
+            .wait_timeout_while(paused, timeout, |p| !*p)
+            .unwrap_or_else(|p| p.into_inner());
+        if *paused || self.thread.as_ref().is_none_or(|t| t.is_finished()) {
+            Ok(())
+        } else {
+            Err(EventLoopError::PauseTimeout(timeout))
+        }
+    }
+
+    /// Dispatches events again.
+    pub fn resume(&self) {
+        self.set_want(WANT_RUN);
+    }
+
+    /// Ends the thread.
+    pub fn stop(&mut self) {
+        self.set_want(WANT_EXIT);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for EventLoop {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn run(epoll: Epoll, mut handlers: Vec<Box<dyn EventHandler>>, shared: Arc<Shared>) {
+    let mut events = vec![EpollEvent::default(); 64];
+    // Events that arrived but were not dispatched because of a pause: dispatched first after
+    // it (an edge-triggered event would otherwise be lost).
+    let mut deferred: Vec<u64> = Vec::new();
+    loop {
+        match shared.want.load(Ordering::SeqCst) {
+            WANT_EXIT => return,
+            WANT_PAUSE => {
+                let mut paused = shared.paused.lock().unwrap_or_else(|p| p.into_inner());
+                *paused = true;
+                shared.cv.notify_all();
+                while shared.want.load(Ordering::SeqCst) == WANT_PAUSE {
+                    paused = shared.cv.wait(paused).unwrap_or_else(|p| p.into_inner());
+                }
+                *paused = false;
+                continue;
+            }
+            _ => {}
+        }
+        for token in std::mem::take(&mut deferred) {
+            dispatch(&mut handlers, token);
+        }
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::error!("device event loop failed: {e}");
+                return;
+            }
+        };
+        for ev in &events[..n] {
+            if ev.data() == CONTROL_TOKEN {
+                let _ = shared.control.read();
+            } else if shared.want.load(Ordering::SeqCst) != WANT_RUN {
+                // A pause stops dispatching between two handler calls.
+                deferred.push(ev.data());
+            } else {
+                dispatch(&mut handlers, ev.data());
+            }
+        }
+    }
+}
+
+fn dispatch(handlers: &mut [Box<dyn EventHandler>], token: u64) {
+    let (index, tag) = ((token >> 32) as usize, token as u32);
+    if let Some(h) = handlers.get_mut(index) {
+        h.handle(tag);
+    }
+}
