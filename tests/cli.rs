@@ -49,7 +49,10 @@ fn the_embedded_guest_runs_on_one_and_two_vcpus_and_exits_zero() {
         let out = stdout(&o);
         assert!(o.status.success(), "vcpus={vcpus}: {}\n{out}", stderr(&o));
         assert!(
-            out.contains(&format!("ftvm-guest: boot abi=1 vcpus={vcpus} ")),
+            out.contains(&format!(
+                "ftvm-guest: boot abi={} vcpus={vcpus} ",
+                ftvm_guest_abi::ABI_VERSION
+            )),
             "{out}"
         );
         for v in 0..vcpus {
