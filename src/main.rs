@@ -45,6 +45,10 @@ struct RunArgs {
     /// Number of vCPUs (1 to 254, and no more than KVM allows).
     #[arg(long, value_name = "N", default_value = "2")]
     vcpus: String,
+    /// A raw disk image as a virtio-blk device; `,readonly` refuses writes. Repeat for more
+    /// disks (the guest sees them in this order).
+    #[arg(long = "disk", value_name = "PATH[,readonly]")]
+    disks: Vec<String>,
 }
 
 /// Parses `512`, `512M`, `2G`, `65536K` into bytes (a bare number is MiB).
@@ -82,6 +86,11 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .vcpus
         .parse()
         .with_context(|| format!("Invalid vCPU count '{}'", args.vcpus))?;
+    let disks = args
+        .disks
+        .iter()
+        .map(|d| d.parse().map_err(|e: String| anyhow::anyhow!("{e}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let kernel = match args.kernel {
         Some(path) => Kernel::File(path),
         None => Kernel::Bytes {
@@ -95,6 +104,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         kernel,
         cmdline: args.cmdline,
         console: Box::new(Console(std::io::stdout())),
+        disks,
     })?;
     vm.start()?;
     tracing::info!(vcpus, mem_mib = mem_size >> 20, "guest started");

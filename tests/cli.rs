@@ -178,3 +178,56 @@ fn no_access_to_dev_kvm_is_a_clear_error() {
     let o = ftvm_with(&mut cmd, LIMIT);
     assert_clear_error(&o, &["Cannot open /dev/kvm", "Permission denied"]);
 }
+
+#[test]
+fn bad_disks_are_clear_errors() {
+    let o = ftvm(&["run", "--disk", "/nonexistent/disk.img"], LIMIT);
+    assert_clear_error(
+        &o,
+        &[
+            "Cannot open disk image /nonexistent/disk.img",
+            "No such file",
+        ],
+    );
+    let o = ftvm(&["run", "--disk", "/tmp/x.img,fast"], LIMIT);
+    assert_clear_error(&o, &["Unknown disk option 'fast'"]);
+}
+
+#[test]
+fn a_disk_given_on_the_command_line_reaches_the_guest() {
+    require_kvm();
+    let img = tempfile::NamedTempFile::new().unwrap();
+    img.as_file().set_len(4 << 20).unwrap();
+    let path = img.path().to_str().unwrap();
+    let o = ftvm(
+        &[
+            "run",
+            "--vcpus",
+            "1",
+            "--disk",
+            path,
+            "--cmdline",
+            "disk-write=1,9",
+        ],
+        LIMIT,
+    );
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let o = ftvm(
+        &[
+            "run",
+            "--vcpus",
+            "1",
+            "--disk",
+            &format!("{path},readonly"),
+            "--cmdline",
+            "disk-verify=1,9",
+        ],
+        LIMIT,
+    );
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stdout(&o).contains("disk-verify ok bytes=1048576"),
+        "{}",
+        stdout(&o)
+    );
+}

@@ -12,6 +12,10 @@ pub struct Work {
     pub rounds: u64,
     /// Seconds `dirty` runs for (0 = forever).
     pub secs: u64,
+    /// Which disk the disk workloads use (0 = the first).
+    pub disk: u64,
+    /// Bytes per disk request.
+    pub chunk: u64,
 }
 
 // No allocator in the guest: the touch list lives inline.
@@ -25,6 +29,17 @@ pub enum Kind {
     Dirty { mib_per_s: u64, mib: u64 },
     /// Write one word into each listed page, once per round (vCPU 0 only).
     Touch { addrs: [u64; MAX_TOUCH], len: usize },
+    /// Write `mib` MiB of pattern `seed` to the disk from sector 0, then flush (vCPU 0 only).
+    DiskWrite { mib: u64, seed: u64 },
+    /// Read `mib` MiB from sector 0 and check it is pattern `seed` (vCPU 0 only).
+    DiskVerify { mib: u64, seed: u64 },
+}
+
+fn mib_seed(value: &str) -> Result<(u64, u64), &'static str> {
+    match value.split_once(',') {
+        Some((m, s)) => Ok((number(m)?, number(s)?)),
+        None => Ok((number(value)?, 1)),
+    }
 }
 
 fn number(s: &str) -> Result<u64, &'static str> {
@@ -41,6 +56,8 @@ pub fn parse(cmdline: &str) -> Result<Work, &'static str> {
         interval_ms: 100,
         rounds: 0,
         secs: 0,
+        disk: 0,
+        chunk: 64 << 10,
     };
     let mut have_kind = false;
     for word in cmdline.split_ascii_whitespace() {
@@ -63,6 +80,22 @@ pub fn parse(cmdline: &str) -> Result<Work, &'static str> {
                     len += 1;
                 }
                 Kind::Touch { addrs, len }
+            }
+            "disk-write" => {
+                let (mib, seed) = mib_seed(value)?;
+                Kind::DiskWrite { mib, seed }
+            }
+            "disk-verify" => {
+                let (mib, seed) = mib_seed(value)?;
+                Kind::DiskVerify { mib, seed }
+            }
+            "disk" => {
+                work.disk = number(value)?;
+                continue;
+            }
+            "chunk-kib" => {
+                work.chunk = number(value)?.clamp(1, 1024) << 10;
+                continue;
             }
             "interval-ms" => {
                 work.interval_ms = number(value)?;

@@ -7,9 +7,12 @@
 #![no_std]
 #![no_main]
 
+mod blk;
 mod cmdline;
 mod console;
+mod heap;
 mod rt;
+mod virtio;
 mod workloads;
 
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -108,6 +111,7 @@ pub extern "C" fn _start(boot: &'static BootInfo, vcpu: u64) -> ! {
             console::lock_addr(),
             cmdline
         );
+        heap::init(boot);
         STARTED.store(true, Ordering::Release);
     }
     let clock = Clock {

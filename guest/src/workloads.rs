@@ -1,9 +1,11 @@
 //! The workloads, run by every vCPU. Each returns Err(status) to power off with that status.
 
-use ftvm_guest_abi::{BootInfo, compute};
+use ftvm_guest_abi::virtio::{BLK_S_OK, ID_BLOCK};
+use ftvm_guest_abi::{BootInfo, compute, fill_pattern};
 
+use crate::blk::Blk;
 use crate::cmdline::{Kind, Work};
-use crate::{Clock, println};
+use crate::{Clock, heap, println};
 
 const PAGE: u64 = 4096;
 
@@ -32,6 +34,9 @@ pub fn run(work: &Work, boot: &BootInfo, vcpu: u64, clock: Clock) -> Result<(), 
             );
         }
         Kind::Dirty { mib_per_s, mib } => dirty(work, boot, vcpu, clock, *mib_per_s, *mib)?,
+        Kind::DiskWrite { mib, seed } if vcpu == 0 => disk(work, boot, true, *mib, *seed)?,
+        Kind::DiskVerify { mib, seed } if vcpu == 0 => disk(work, boot, false, *mib, *seed)?,
+        Kind::DiskWrite { .. } | Kind::DiskVerify { .. } => {}
         Kind::Touch { addrs, len } => {
             if vcpu != 0 {
                 return Ok(());
@@ -76,7 +81,7 @@ fn dirty(
     mib: u64,
 ) -> Result<(), u32> {
     let share = (mib << 20) / boot.vcpus;
-    let base = boot.free_start.next_multiple_of(PAGE) + vcpu * share;
+    let base = heap::end(boot) + vcpu * share;
     if share < PAGE || !boot.is_free(base, share) {
         println!("ftvm-guest: error: the dirty working set does not fit in free RAM");
         return Err(2);
@@ -112,5 +117,87 @@ fn dirty(
         crate::wait_us(1000);
     }
     println!("vcpu{} dirty written={}", vcpu, written);
+    Ok(())
+}
+
+/// Writes or verifies `mib` MiB of pattern `seed` on the chosen disk, from sector 0.
+fn disk(work: &Work, boot: &BootInfo, write: bool, mib: u64, seed: u64) -> Result<(), u32> {
+    let name = if write { "disk-write" } else { "disk-verify" };
+    let fail = |what: &str| {
+        println!("ftvm-guest: error: {}: {}", name, what);
+        Err(2)
+    };
+    let Some(slot) = boot
+        .virtio_devices()
+        .iter()
+        .filter(|d| d.device_type == u64::from(ID_BLOCK))
+        .nth(work.disk as usize)
+    else {
+        return fail("no such disk");
+    };
+    let mut blk = match Blk::new(slot.base) {
+        Ok(b) => b,
+        Err(e) => return fail(e),
+    };
+    let total = mib << 20;
+    if total > blk.sectors * 512 {
+        return fail("the disk is smaller than the transfer");
+    }
+    let chunk = work.chunk;
+    let (Some(buf), Some(expect)) = (heap::alloc(chunk, 4096), heap::alloc(chunk, 4096)) else {
+        return fail("out of memory");
+    };
+    println!(
+        "vcpu0 workload {} bytes={} chunk={} sectors={}",
+        name, total, chunk, blk.sectors
+    );
+    let mut offset = 0;
+    while offset < total {
+        let len = chunk.min(total - offset);
+        // SAFETY: buf and expect are heap allocations of `chunk` bytes owned by this workload.
+        let (data, want) = unsafe {
+            (
+                core::slice::from_raw_parts_mut(buf as *mut u8, len as usize),
+                core::slice::from_raw_parts_mut(expect as *mut u8, len as usize),
+            )
+        };
+        if write {
+            fill_pattern(seed, offset, data);
+            let s = blk.write(offset / 512, buf, len as u32);
+            if s != BLK_S_OK {
+                println!(
+                    "vcpu0 disk-write refused status={} sector={}",
+                    s,
+                    offset / 512
+                );
+                return Err(4);
+            }
+        } else {
+            let s = blk.read(offset / 512, buf, len as u32);
+            if s != BLK_S_OK {
+                println!(
+                    "vcpu0 disk-verify refused status={} sector={}",
+                    s,
+                    offset / 512
+                );
+                return Err(4);
+            }
+            fill_pattern(seed, offset, want);
+            if let Some(i) = (0..data.len()).find(|&i| data[i] != want[i]) {
+                println!("vcpu0 disk-verify mismatch at byte {}", offset + i as u64);
+                return Err(5);
+            }
+        }
+        offset += len;
+    }
+    if write && blk.flush() != BLK_S_OK {
+        return fail("flush failed");
+    }
+    let c = blk.counts;
+    println!("vcpu0 {} ok bytes={}", name, total);
+    println!(
+        "blk{} counts reads={} read-bytes={} writes={} write-bytes={} flushes={}",
+        work.disk, c.reads, c.read_bytes, c.writes, c.write_bytes, c.flushes
+    );
     Ok(())
 }

@@ -71,6 +71,16 @@ impl Console {
 
 /// Builds (not starts) a VM running the embedded test guest.
 pub fn test_vm(vcpus: u64, mem_mib: u64, cmdline: &str) -> (Vm, Console) {
+    test_vm_with(vcpus, mem_mib, cmdline, Vec::new())
+}
+
+/// Builds (not starts) a VM running the embedded test guest with `disks`.
+pub fn test_vm_with(
+    vcpus: u64,
+    mem_mib: u64,
+    cmdline: &str,
+    disks: Vec<vmm::devices::virtio::block::BlockConfig>,
+) -> (Vm, Console) {
     require_kvm();
     let console = Console::default();
     let vm = Vm::new(VmConfig {
@@ -82,6 +92,7 @@ pub fn test_vm(vcpus: u64, mem_mib: u64, cmdline: &str) -> (Vm, Console) {
         },
         cmdline: cmdline.into(),
         console: Box::new(console.clone()),
+        disks,
     })
     .expect("VM builds");
     (vm, console)

@@ -8,6 +8,7 @@
 
 pub mod acpi;
 pub mod bus;
+pub mod device_manager;
 pub mod devices;
 pub mod event_loop;
 pub mod loader;

@@ -5,7 +5,7 @@ use std::io::Cursor;
 
 use ftvm_guest_abi::{
     ABI_VERSION, BOOT_INFO_ADDR, BOOT_MAGIC, BootInfo, CMDLINE_ADDR, CMDLINE_MAX, ELF_NOTE_NAME,
-    ELF_NOTE_TYPE, KERNEL_MIN_ADDR, MAX_MEM_RANGES, MemRange, STACK_SIZE,
+    ELF_NOTE_TYPE, KERNEL_MIN_ADDR, MAX_MEM_RANGES, MAX_VIRTIO, MemRange, STACK_SIZE, VirtioSlot,
 };
 use linux_loader::loader::{Elf, KernelLoader};
 use vm_memory::{Bytes, GuestAddress};
@@ -65,6 +65,9 @@ pub enum LoadError {
         /// Number of vCPUs.
         vcpus: u8,
     },
+    /// More virtio devices than the boot information can list.
+    #[error("{0} virtio devices configured; the test guest supports at most {MAX_VIRTIO}")]
+    TooManyDevices(usize),
     /// The command line is too long.
     #[error("The guest command line is {0} bytes long; at most {CMDLINE_MAX} are allowed")]
     CmdlineTooLong(usize),
@@ -229,16 +232,36 @@ impl Layout {
     }
 }
 
-/// Loads the test guest `elf` into `memory` and writes the boot structures for `vcpus` vCPUs.
+/// What the test guest is told at boot besides its memory.
+#[derive(Clone, Debug, Default)]
+pub struct BootParams<'a> {
+    /// The command line (its workload).
+    pub cmdline: &'a str,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// TSC frequency in kHz.
+    pub tsc_khz: u64,
+    /// The virtio devices.
+    pub virtio: &'a [VirtioSlot],
+}
+
+/// Loads the test guest `elf` into `memory` and writes the boot structures.
 pub fn load_test_guest(
     memory: &GuestMemoryMmap,
     ram: &[(GuestAddress, u64)],
     name: &str,
     elf: &[u8],
-    cmdline: &str,
-    vcpus: u8,
-    tsc_khz: u64,
+    params: &BootParams,
 ) -> Result<Layout, LoadError> {
+    let BootParams {
+        cmdline,
+        vcpus,
+        tsc_khz,
+        virtio,
+    } = *params;
+    if virtio.len() > MAX_VIRTIO {
+        return Err(LoadError::TooManyDevices(virtio.len()));
+    }
     let image = inspect(name, elf)?;
     let low_end = ram[0].0.0 + ram[0].1;
     for &(start, len) in &image.segments {
@@ -280,8 +303,10 @@ pub fn load_test_guest(
         stack_base,
         free_start,
         mem_count: ram.len().min(MAX_MEM_RANGES) as u64,
+        virtio_count: virtio.len() as u64,
         ..Default::default()
     };
+    boot_info.virtio[..virtio.len()].copy_from_slice(virtio);
     for (slot, &(start, len)) in boot_info.mem.iter_mut().zip(ram) {
         *slot = MemRange {
             start: start.0,

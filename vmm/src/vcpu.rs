@@ -188,6 +188,18 @@ fn install_kick_handler() -> Result<(), VcpuError> {
     result.map_err(VcpuError::Signal)
 }
 
+/// Ends a vCPU's wait early; cheap to clone and to call from any thread.
+#[derive(Clone)]
+pub struct VcpuWaker(Arc<Shared>);
+
+impl VcpuWaker {
+    /// Wakes the vCPU if it is parked in the guest's wait.
+    pub fn wake(&self) {
+        self.0.lock().wake = true;
+        self.0.cv.notify_all();
+    }
+}
+
 /// The controller's side of a vCPU.
 pub struct VcpuHandle {
     index: u8,
@@ -295,10 +307,9 @@ impl VcpuHandle {
         self.set_want(WANT_RUN);
     }
 
-    /// Ends a waiting guest's wait early (a device has work for it).
-    pub fn wake(&self) {
-        self.shared.lock().wake = true;
-        self.shared.cv.notify_all();
+    /// Something that ends this vCPU's wait early (a device has work for the guest).
+    pub fn waker(&self) -> VcpuWaker {
+        VcpuWaker(self.shared.clone())
     }
 
     /// Runs `job` on the paused vCPU's thread with its fd and returns the result.

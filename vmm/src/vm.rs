@@ -12,9 +12,12 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::{Bus, MmioAddress, PioAddress, SharedDevice};
+use crate::device_manager::{DeviceError, DeviceManager};
 use crate::devices::pvctl::PvControl;
 use crate::devices::serial::{SERIAL_IRQ, SERIAL_PORT_LEN, SerialConsole, SerialCounters};
-use crate::loader::{self, Layout, LoadError};
+use crate::devices::virtio::block::{BlockConfig, BlockCounters};
+use crate::event_loop::{EventLoop, EventLoopError};
+use crate::loader::{self, BootParams, Layout, LoadError};
 use crate::memory::{self, DirtyPages, GuestMemoryMmap, MemoryError};
 use crate::vcpu::{VcpuContext, VcpuCounters, VcpuError, VcpuHandle, VcpuState};
 use crate::x86::{cpuid, regs};
@@ -49,6 +52,8 @@ pub struct VmConfig {
     pub cmdline: String,
     /// Where the serial console's output goes.
     pub console: Box<dyn Write + Send>,
+    /// Disks, in the order the guest sees them.
+    pub disks: Vec<BlockConfig>,
 }
 
 /// Something that happened to the VM as a whole.
@@ -120,6 +125,12 @@ pub enum VmError {
     /// A vCPU operation failed.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// A virtio device could not be set up.
+    #[error(transparent)]
+    Devices(#[from] DeviceError),
+    /// The device event loop failed.
+    #[error(transparent)]
+    EventLoop(#[from] EventLoopError),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -132,6 +143,8 @@ pub struct Vm {
     // is unmapped.
     vcpus: Vec<VcpuHandle>,
     pending_vcpus: Vec<VcpuFd>,
+    event_loop: Option<EventLoop>,
+    devices: DeviceManager,
     events_tx: Sender<VmEvent>,
     events: Receiver<VmEvent>,
     pio: Arc<Bus<PioAddress>>,
@@ -203,14 +216,22 @@ impl Vm {
         let tsc_khz = vcpu_fds[0]
             .get_tsc_khz()
             .map_err(kvm_err("report the TSC frequency"))?;
+        let mut mmio = Bus::new();
+        let mut devices = DeviceManager::default();
+        for disk in config.disks {
+            devices.add_block(&fd, &mut mmio, &memory, disk)?;
+        }
         let layout = loader::load_test_guest(
             &memory,
             &ram,
             &name,
             &image,
-            &config.cmdline,
-            vcpus,
-            u64::from(tsc_khz),
+            &BootParams {
+                cmdline: &config.cmdline,
+                vcpus,
+                tsc_khz: u64::from(tsc_khz),
+                virtio: &devices.slots,
+            },
         )?;
         for (i, vcpu) in vcpu_fds.iter().enumerate() {
             setup_vcpu(vcpu, &layout, i as u8)?;
@@ -229,7 +250,6 @@ impl Vm {
         let console: SharedDevice = Arc::new(Mutex::new(console));
         let mut pio = Bus::new();
         pio.insert(PioAddress(SERIAL_PORT), SERIAL_PORT_LEN, console.clone())?;
-        let mut mmio = Bus::new();
         mmio.insert(MmioAddress(SERIAL_MMIO), SERIAL_PORT_LEN, console)?;
         mmio.insert(
             MmioAddress(PV_MMIO),
@@ -240,6 +260,8 @@ impl Vm {
         Ok(Self {
             vcpus: Vec::new(),
             pending_vcpus: vcpu_fds,
+            event_loop: None,
+            devices,
             events_tx,
             events,
             pio: Arc::new(pio),
@@ -265,10 +287,16 @@ impl Vm {
             };
             self.vcpus.push(VcpuHandle::spawn(i as u8, fd, ctx)?);
         }
+        self.devices
+            .wakers
+            .set(self.vcpus.iter().map(|v| v.waker()).collect());
+        let handlers = std::mem::take(&mut self.devices.handlers);
+        self.event_loop = Some(EventLoop::start(handlers)?);
         Ok(())
     }
 
-    /// Pauses every vCPU and returns once all are stopped with no I/O in flight.
+    /// Pauses every vCPU, then the device event loop at a request boundary, and returns once
+    /// the machine is quiet: no guest code running, no I/O in flight, no device working.
     pub fn pause(&self) -> Result<(), VmError> {
         for v in &self.vcpus {
             v.request_pause();
@@ -277,11 +305,17 @@ impl Vm {
         for v in &self.vcpus {
             v.wait_paused(deadline.saturating_duration_since(Instant::now()))?;
         }
+        if let Some(l) = &self.event_loop {
+            l.pause(deadline.saturating_duration_since(Instant::now()))?;
+        }
         Ok(())
     }
 
-    /// Lets every vCPU run again.
+    /// Lets the devices and then every vCPU run again.
     pub fn resume(&self) {
+        if let Some(l) = &self.event_loop {
+            l.resume();
+        }
         for v in &self.vcpus {
             v.resume();
         }
@@ -308,6 +342,14 @@ impl Vm {
         for v in &mut self.vcpus {
             v.exit();
         }
+        if let Some(mut l) = self.event_loop.take() {
+            l.stop();
+        }
+    }
+
+    /// Counters of each disk, in configuration order.
+    pub fn block_counters(&self) -> &[Arc<BlockCounters>] {
+        &self.devices.block_counters
     }
 
     /// Pages written since the previous call (KVM's log OR the VMM's own writes), clearing both.

@@ -30,6 +30,30 @@ pub struct BlockConfig {
     pub read_only: bool,
 }
 
+impl std::str::FromStr for BlockConfig {
+    type Err = String;
+
+    /// Parses `PATH[,readonly]` (the `--disk` syntax).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut parts = s.split(',');
+        let path = parts
+            .next()
+            .filter(|p| !p.is_empty())
+            .ok_or("A disk needs a path")?;
+        let mut read_only = false;
+        for opt in parts {
+            match opt {
+                "readonly" | "ro" => read_only = true,
+                other => return Err(format!("Unknown disk option '{other}' (known: readonly)")),
+            }
+        }
+        Ok(Self {
+            path: path.into(),
+            read_only,
+        })
+    }
+}
+
 /// Errors of opening a disk.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {

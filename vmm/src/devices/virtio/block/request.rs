@@ -116,7 +116,7 @@ impl Request {
         {
             return Err(RequestError::Direction);
         }
-        if matches!(op, Op::Read | Op::Write) && (len == 0 || len % SECTOR_SIZE != 0) {
+        if matches!(op, Op::Read | Op::Write) && (len == 0 || !len.is_multiple_of(SECTOR_SIZE)) {
             return Err(RequestError::Length);
         }
         Ok(Request {

@@ -327,3 +327,29 @@ fn malformed_chains_are_dropped_and_counted() {
         still_works(&mut r);
     }
 }
+
+#[test]
+fn disk_options_parse() {
+    let c: BlockConfig = "/tmp/a.img".parse().unwrap();
+    assert_eq!(
+        (c.path.to_str().unwrap(), c.read_only),
+        ("/tmp/a.img", false)
+    );
+    let c: BlockConfig = "/tmp/b.img,readonly".parse().unwrap();
+    assert!(c.read_only);
+    assert!("".parse::<BlockConfig>().is_err());
+    let e = "/tmp/c.img,fast".parse::<BlockConfig>().unwrap_err();
+    assert!(e.contains("'fast'"), "{e}");
+}
+
+#[test]
+fn a_missing_image_is_a_clear_error() {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let irq = Arc::new(Interrupt::new(EventFd::new(0).unwrap(), Arc::new(|| {})));
+    let config = BlockConfig {
+        path: "/nonexistent/disk.img".into(),
+        read_only: false,
+    };
+    let err = Block::new(config, mem, irq).err().expect("refused");
+    assert!(err.to_string().contains("/nonexistent/disk.img"), "{err}");
+}
