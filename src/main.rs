@@ -49,6 +49,10 @@ struct RunArgs {
     /// disks (the guest sees them in this order).
     #[arg(long = "disk", value_name = "PATH[,readonly]")]
     disks: Vec<String>,
+    /// A virtio-net card on an existing TAP interface (or one ftvm may create), with an
+    /// optional MAC address. Repeat for more cards.
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
+    nets: Vec<String>,
 }
 
 /// Parses `512`, `512M`, `2G`, `65536K` into bytes (a bare number is MiB).
@@ -80,17 +84,22 @@ impl Write for Console {
     }
 }
 
+/// Parses every value of a repeated option.
+fn parse_all<T: std::str::FromStr<Err = String>>(values: &[String]) -> anyhow::Result<Vec<T>> {
+    values
+        .iter()
+        .map(|v| v.parse().map_err(|e: String| anyhow::anyhow!("{e}")))
+        .collect()
+}
+
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mem_size = parse_size(&args.mem)?;
     let vcpus: u64 = args
         .vcpus
         .parse()
         .with_context(|| format!("Invalid vCPU count '{}'", args.vcpus))?;
-    let disks = args
-        .disks
-        .iter()
-        .map(|d| d.parse().map_err(|e: String| anyhow::anyhow!("{e}")))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let disks = parse_all(&args.disks)?;
+    let nets = parse_all(&args.nets)?;
     let kernel = match args.kernel {
         Some(path) => Kernel::File(path),
         None => Kernel::Bytes {
@@ -105,6 +114,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         cmdline: args.cmdline,
         console: Box::new(Console(std::io::stdout())),
         disks,
+        nets,
     })?;
     vm.start()?;
     tracing::info!(vcpus, mem_mib = mem_size >> 20, "guest started");

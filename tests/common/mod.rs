@@ -93,6 +93,7 @@ pub fn test_vm_with(
         cmdline: cmdline.into(),
         console: Box::new(console.clone()),
         disks,
+        nets: Vec::new(),
     })
     .expect("VM builds");
     (vm, console)

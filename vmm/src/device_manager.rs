@@ -11,6 +11,9 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::bus::{Bus, MmioAddress};
 use crate::devices::virtio::block::{Block, BlockConfig, BlockCounters, BlockError, BlockHandler};
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::net::{
+    Net, NetConfig, NetCounters, NetHandler, Tap, TapError, default_mac,
+};
 use crate::devices::virtio::{Interrupt, VirtioDevice, Waker};
 use crate::event_loop::EventHandler;
 use crate::memory::GuestMemoryMmap;
@@ -39,6 +42,9 @@ pub enum DeviceError {
     /// A disk could not be opened.
     #[error(transparent)]
     Block(#[from] BlockError),
+    /// A TAP device could not be opened.
+    #[error(transparent)]
+    Tap(#[from] TapError),
 }
 
 /// The vCPUs a device interrupt should wake (filled in when the vCPUs start).
@@ -67,6 +73,8 @@ pub struct DeviceManager {
     pub handlers: Vec<Box<dyn EventHandler>>,
     /// Counters of each disk, in `--disk` order.
     pub block_counters: Vec<Arc<BlockCounters>>,
+    /// Counters of each network card, in `--net` order.
+    pub net_counters: Vec<Arc<NetCounters>>,
     /// Who device interrupts wake.
     pub wakers: Arc<Wakers>,
 }
@@ -142,7 +150,7 @@ impl DeviceManager {
         mem: &GuestMemoryMmap,
         config: BlockConfig,
     ) -> Result<(), DeviceError> {
-        let (base, irq, interrupt, mut notify) = self.wire(vm, 1)?;
+        let (base, irq, interrupt, notify) = self.wire(vm, 1)?;
         let interrupt = Arc::new(interrupt);
         let block = Block::new(config, mem.clone(), interrupt.clone())?;
         self.block_counters.push(block.counters());
@@ -152,7 +160,34 @@ impl DeviceManager {
             device: block.clone(),
             queue_evt,
         }));
-        notify.truncate(1);
         self.place(mmio, mem, block, (base, irq, interrupt, notify))
+    }
+
+    /// Adds a virtio-net device for `config`, attached to its TAP.
+    pub fn add_net(
+        &mut self,
+        vm: &VmFd,
+        mmio: &mut Bus<MmioAddress>,
+        mem: &GuestMemoryMmap,
+        config: NetConfig,
+    ) -> Result<(), DeviceError> {
+        let tap = Tap::open(&config.tap)?;
+        let tap_fd = std::os::fd::AsRawFd::as_raw_fd(&tap);
+        let mac = config
+            .mac
+            .unwrap_or_else(|| default_mac(self.net_counters.len()));
+        let (base, irq, interrupt, notify) = self.wire(vm, 2)?;
+        let interrupt = Arc::new(interrupt);
+        let net = Net::new(tap, mac, mem.clone(), interrupt.clone());
+        self.net_counters.push(net.counters());
+        let net = Arc::new(Mutex::new(net));
+        let clone = |i: usize| notify[i].try_clone().map_err(DeviceError::EventFd);
+        self.handlers.push(Box::new(NetHandler {
+            device: net.clone(),
+            rx_evt: clone(0)?,
+            tx_evt: clone(1)?,
+            tap_fd,
+        }));
+        self.place(mmio, mem, net, (base, irq, interrupt, notify))
     }
 }

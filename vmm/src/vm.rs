@@ -16,6 +16,7 @@ use crate::device_manager::{DeviceError, DeviceManager};
 use crate::devices::pvctl::PvControl;
 use crate::devices::serial::{SERIAL_IRQ, SERIAL_PORT_LEN, SerialConsole, SerialCounters};
 use crate::devices::virtio::block::{BlockConfig, BlockCounters};
+use crate::devices::virtio::net::{NetConfig, NetCounters};
 use crate::event_loop::{EventLoop, EventLoopError};
 use crate::loader::{self, BootParams, Layout, LoadError};
 use crate::memory::{self, DirtyPages, GuestMemoryMmap, MemoryError};
@@ -54,6 +55,8 @@ pub struct VmConfig {
     pub console: Box<dyn Write + Send>,
     /// Disks, in the order the guest sees them.
     pub disks: Vec<BlockConfig>,
+    /// Network cards, in the order the guest sees them (after the disks).
+    pub nets: Vec<NetConfig>,
 }
 
 /// Something that happened to the VM as a whole.
@@ -221,6 +224,9 @@ impl Vm {
         for disk in config.disks {
             devices.add_block(&fd, &mut mmio, &memory, disk)?;
         }
+        for net in config.nets {
+            devices.add_net(&fd, &mut mmio, &memory, net)?;
+        }
         let layout = loader::load_test_guest(
             &memory,
             &ram,
@@ -350,6 +356,11 @@ impl Vm {
     /// Counters of each disk, in configuration order.
     pub fn block_counters(&self) -> &[Arc<BlockCounters>] {
         &self.devices.block_counters
+    }
+
+    /// Counters of each network card, in configuration order.
+    pub fn net_counters(&self) -> &[Arc<NetCounters>] {
+        &self.devices.net_counters
     }
 
     /// Pages written since the previous call (KVM's log OR the VMM's own writes), clearing both.

@@ -8,7 +8,9 @@
 pub mod block;
 pub mod chain;
 pub mod mmio;
-// pub mod net; (next)
+pub mod net;
+#[cfg(test)]
+pub(crate) mod test_driver;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};

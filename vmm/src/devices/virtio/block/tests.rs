@@ -10,14 +10,11 @@ use ftvm_guest_abi::virtio::{
     BLK_S_IOERR, BLK_S_OK, BLK_S_UNSUPP, BLK_T_FLUSH, BLK_T_GET_ID, BLK_T_IN, BLK_T_OUT,
     DESC_F_NEXT, DESC_F_WRITE,
 };
-use virtio_queue::Queue;
-use virtio_queue::desc::RawDescriptor;
-use virtio_queue::desc::split::Descriptor;
-use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{Block, BlockConfig};
+use crate::devices::virtio::test_driver::{Desc, TestQueue};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::memory::GuestMemoryMmap;
 
@@ -29,13 +26,9 @@ const DISK_SECTORS: u64 = 128;
 
 struct Rig {
     mem: GuestMemoryMmap,
-    /// Descriptor table, available ring and used ring of the queue.
-    desc: u64,
-    avail: u64,
-    used: u64,
+    queue: TestQueue,
     block: Block,
     _image: tempfile::NamedTempFile,
-    next_desc: u16,
     irq: Arc<Interrupt>,
 }
 
@@ -53,53 +46,26 @@ fn rig(read_only: bool) -> Rig {
         read_only,
     };
     let mut block = Block::new(config, mem.clone(), irq.clone()).unwrap();
-    // The mock lays out and initialises the rings once; the tests then play the driver by
-    // writing descriptors and ring entries directly.
-    let mock = MockSplitQueue::new(&mem, 64);
-    let q: Queue = mock.create_queue().unwrap();
-    let (desc, avail, used) = (
-        mock.desc_table_addr().0,
-        mock.avail_addr().0,
-        mock.used_addr().0,
-    );
+    let (queue, q) = TestQueue::new(&mem, 0, 64);
     block.activate(0, vec![q]).unwrap();
     Rig {
-        desc,
-        avail,
-        used,
         mem,
+        queue,
         block,
         _image: image,
-        next_desc: 0,
         irq,
     }
 }
 
 impl Rig {
-    /// Publishes one chain of `(addr, len, flags, next)` descriptors (indices allocated here;
-    /// `next` is relative to the chain's first index) and processes the queue.
-    fn run(&mut self, descs: &[(u64, u32, u16, u16)]) -> (u16, u32) {
-        let base = self.next_desc;
-        self.next_desc += descs.len() as u16;
-        let m = &self.mem;
-        for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
-            let d = RawDescriptor::from(Descriptor::new(addr, len, flags, base + next));
-            let at = self.desc + 16 * u64::from(base + i as u16);
-            m.write_obj(d, GuestAddress(at)).unwrap();
-        }
-        let idx: u16 = m.read_obj(GuestAddress(self.avail + 2)).unwrap();
-        let slot = self.avail + 4 + 2 * u64::from(idx % 64);
-        m.write_obj(base, GuestAddress(slot)).unwrap();
-        m.write_obj(idx.wrapping_add(1), GuestAddress(self.avail + 2))
-            .unwrap();
-        let used_before: u16 = m.read_obj(GuestAddress(self.used + 2)).unwrap();
+    /// Publishes one chain and processes the queue; returns its used entry.
+    fn run(&mut self, descs: &[Desc]) -> (u16, u32) {
+        let head = self.queue.publish(descs);
         assert_eq!(self.block.process_queue(), 1, "one chain processed");
-        let used_now: u16 = self.mem.read_obj(GuestAddress(self.used + 2)).unwrap();
-        assert_eq!(used_now, used_before.wrapping_add(1), "chain returned");
-        let elem = self.used + 4 + 8 * u64::from(used_before % 64);
-        let id: u32 = self.mem.read_obj(GuestAddress(elem)).unwrap();
-        let len: u32 = self.mem.read_obj(GuestAddress(elem + 4)).unwrap();
-        (id as u16, len)
+        let used = self.queue.take_used();
+        assert_eq!(used.len(), 1, "chain returned");
+        assert_eq!(used[0].0, head);
+        used[0]
     }
 
     fn header(&self, kind: u32, sector: u64) {
@@ -263,7 +229,7 @@ fn a_read_only_disk_refuses_writes() {
 fn malformed_chains_are_dropped_and_counted() {
     let mut r = rig(false);
     let far = (MEM as u64) + 0x1000;
-    let chains: &[(&str, &[(u64, u32, u16, u16)])] = &[
+    let chains: &[(&str, &[Desc])] = &[
         (
             "data outside guest memory",
             &[

@@ -1,0 +1,308 @@
+//! The network device: transmit and receive queues, frames to and from a backend (the TAP).
+
+use std::io::ErrorKind;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use ftvm_guest_abi::virtio::{ID_NET, NET_F_MAC, NET_HDR_LEN};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::Bytes;
+
+use crate::devices::virtio::chain::{self, Chain};
+use crate::devices::virtio::{ActivateError, Interrupt, VirtioDevice, read_config_bytes};
+use crate::memory::GuestMemoryMmap;
+
+/// Size of each queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Largest frame handled (no segmentation offloads are offered, so real frames are ≤ 1518).
+pub const MAX_FRAME: usize = 65536;
+
+/// How a network card is configured (`--net tap=NAME[,mac=MAC]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The TAP interface.
+    pub tap: String,
+    /// The guest's MAC address; None picks one from the card's position.
+    pub mac: Option<[u8; 6]>,
+}
+
+impl std::str::FromStr for NetConfig {
+    type Err = String;
+
+    /// Parses `tap=NAME[,mac=AA:BB:CC:DD:EE:FF]`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut tap = None;
+        let mut mac = None;
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("tap", name)) if !name.is_empty() => tap = Some(name.to_string()),
+                Some(("mac", m)) => mac = Some(parse_mac(m)?),
+                _ => {
+                    return Err(format!(
+                        "Unknown network option '{part}' (expected tap=NAME,mac=MAC)"
+                    ));
+                }
+            }
+        }
+        Ok(Self {
+            tap: tap.ok_or("A network card needs tap=NAME")?,
+            mac,
+        })
+    }
+}
+
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let bad = || format!("Invalid MAC address '{s}'");
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        *b = u8::from_str_radix(parts.next().ok_or_else(bad)?, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    Ok(mac)
+}
+
+/// Where frames go and come from.
+pub trait NetBackend: Send {
+    /// Reads one frame; `WouldBlock` when none is waiting.
+    fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize>;
+    /// Sends one frame.
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<usize>;
+}
+
+impl NetBackend for super::Tap {
+    fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.read_frame(buf)
+    }
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<usize> {
+        self.write_frame(frame)
+    }
+}
+
+/// Network counters: monotonic, never reset on read. Bytes are Ethernet frame bytes (the
+/// virtio-net header is not counted), as the TAP's own statistics count them.
+#[derive(Debug, Default)]
+pub struct NetCounters {
+    /// Frames delivered to the guest.
+    pub rx_packets: AtomicU64,
+    /// Bytes delivered to the guest.
+    pub rx_bytes: AtomicU64,
+    /// Frames the guest sent out.
+    pub tx_packets: AtomicU64,
+    /// Bytes the guest sent out.
+    pub tx_bytes: AtomicU64,
+    /// Frames from the host that did not fit the guest's buffer and were dropped.
+    pub rx_dropped: AtomicU64,
+    /// Frames from the guest the backend refused.
+    pub tx_dropped: AtomicU64,
+    /// Chains dropped as malformed.
+    pub invalid_chains: AtomicU64,
+}
+
+fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+/// A virtio-net device over backend `B`.
+pub struct Net<B: NetBackend> {
+    backend: B,
+    mac: [u8; 6],
+    mem: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+    rx: Option<Queue>,
+    tx: Option<Queue>,
+    /// A frame read from the backend that waits for a receive buffer.
+    pending: Option<usize>,
+    frame: Vec<u8>,
+    counters: Arc<NetCounters>,
+}
+
+impl<B: NetBackend> Net<B> {
+    /// A card with address `mac` over `backend`.
+    pub fn new(backend: B, mac: [u8; 6], mem: GuestMemoryMmap, interrupt: Arc<Interrupt>) -> Self {
+        Self {
+            backend,
+            mac,
+            mem,
+            interrupt,
+            rx: None,
+            tx: None,
+            pending: None,
+            frame: vec![0; MAX_FRAME],
+            counters: Arc::new(NetCounters::default()),
+        }
+    }
+
+    /// The card's counters.
+    pub fn counters(&self) -> Arc<NetCounters> {
+        self.counters.clone()
+    }
+
+    /// Whether a frame waits for a receive buffer.
+    pub fn rx_pending(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// Sends every frame the guest queued; returns how many chains were consumed.
+    pub fn process_tx(&mut self) -> usize {
+        let Some(mut q) = self.tx.take() else {
+            return 0;
+        };
+        let mem = self.mem.clone();
+        let mut done = 0;
+        while let Some(head) = q.pop_descriptor_chain(&mem) {
+            let index = head.head_index();
+            self.transmit(head);
+            if let Err(e) = q.add_used(&mem, index, 0) {
+                tracing::warn!("virtio-net: cannot complete a transmit: {e}");
+            }
+            done += 1;
+        }
+        if done > 0 && q.needs_notification(&mem).unwrap_or(true) {
+            self.interrupt.signal_used();
+        }
+        self.tx = Some(q);
+        done
+    }
+
+    fn transmit(&mut self, head: DescriptorChain<&GuestMemoryMmap>) {
+        let c = match chain::collect(head, (MAX_FRAME + NET_HDR_LEN) as u64) {
+            Ok(c) if c.writable_len() == 0 && c.readable_len() > NET_HDR_LEN as u64 => c,
+            _ => return add(&self.counters.invalid_chains, 1),
+        };
+        let mut at = 0;
+        for b in &c.buffers {
+            let dst = &mut self.frame[at..at + b.len as usize];
+            if self.mem.read_slice(dst, b.addr).is_err() {
+                return add(&self.counters.invalid_chains, 1);
+            }
+            at += b.len as usize;
+        }
+        let frame = &self.frame[NET_HDR_LEN..at];
+        match self.backend.send(frame) {
+            Ok(_) => {
+                add(&self.counters.tx_packets, 1);
+                add(&self.counters.tx_bytes, frame.len() as u64);
+            }
+            Err(e) => {
+                tracing::debug!("virtio-net: frame not sent: {e}");
+                add(&self.counters.tx_dropped, 1);
+            }
+        }
+    }
+
+    /// Moves frames from the backend into the guest's receive buffers until either runs out;
+    /// returns how many chains were used.
+    pub fn process_rx(&mut self) -> usize {
+        let Some(mut q) = self.rx.take() else {
+            return 0;
+        };
+        let mem = self.mem.clone();
+        let mut done = 0;
+        loop {
+            let len = match self.pending {
+                Some(len) => len,
+                None => match self.backend.recv(&mut self.frame[NET_HDR_LEN..]) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        tracing::warn!("virtio-net: cannot read from the backend: {e}");
+                        break;
+                    }
+                },
+            };
+            self.pending = Some(len);
+            let Some(head) = q.pop_descriptor_chain(&mem) else {
+                break; // No buffer: the frame waits for the guest to post one.
+            };
+            let index = head.head_index();
+            let used = match chain::collect(head, u64::MAX) {
+                Ok(c) if c.readable_len() == 0 => self.receive(&c, len),
+                _ => {
+                    add(&self.counters.invalid_chains, 1);
+                    0
+                }
+            };
+            if let Err(e) = q.add_used(&mem, index, used) {
+                tracing::warn!("virtio-net: cannot complete a receive: {e}");
+            }
+            done += 1;
+        }
+        if done > 0 && q.needs_notification(&mem).unwrap_or(true) {
+            self.interrupt.signal_used();
+        }
+        self.rx = Some(q);
+        done
+    }
+
+    /// Writes header + pending frame into `c`; returns the bytes written (0 if dropped).
+    fn receive(&mut self, c: &Chain, len: usize) -> u32 {
+        self.pending = None;
+        let total = NET_HDR_LEN + len;
+        if (total as u64) > c.writable_len() {
+            add(&self.counters.rx_dropped, 1);
+            return 0;
+        }
+        // virtio 1.x header: no offloads, num_buffers = 1.
+        self.frame[..NET_HDR_LEN].fill(0);
+        self.frame[10] = 1;
+        let mut at = 0;
+        for b in &c.buffers {
+            let n = (b.len as usize).min(total - at);
+            // Through vm-memory, so the pages are marked in the dirty bitmap.
+            if self
+                .mem
+                .write_slice(&self.frame[at..at + n], b.addr)
+                .is_err()
+            {
+                add(&self.counters.invalid_chains, 1);
+                return 0;
+            }
+            at += n;
+            if at == total {
+                break;
+            }
+        }
+        add(&self.counters.rx_packets, 1);
+        add(&self.counters.rx_bytes, len as u64);
+        total as u32
+    }
+}
+
+impl<B: NetBackend> VirtioDevice for Net<B> {
+    fn device_type(&self) -> u32 {
+        ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        NET_F_MAC
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.mac, offset, data);
+    }
+
+    fn activate(&mut self, _features: u64, queues: Vec<Queue>) -> Result<(), ActivateError> {
+        let mut it = queues.into_iter();
+        self.rx = Some(it.next().ok_or(ActivateError::BadQueue(0))?);
+        self.tx = Some(it.next().ok_or(ActivateError::BadQueue(1))?);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.rx = None;
+        self.tx = None;
+    }
+}
+
+/// A locally administered MAC for card `index` when none is configured.
+pub fn default_mac(index: usize) -> [u8; 6] {
+    [0x06, 0x66, 0x74, 0x76, 0x6d, index as u8]
+}

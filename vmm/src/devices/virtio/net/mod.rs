@@ -1,0 +1,11 @@
+//! virtio-net backed by a TAP device.
+
+mod device;
+mod event_handler;
+mod tap;
+#[cfg(test)]
+mod tests;
+
+pub use device::{Net, NetBackend, NetConfig, NetCounters, default_mac};
+pub use event_handler::NetHandler;
+pub use tap::{Tap, TapError};

@@ -1,0 +1,257 @@
+//! virtio-net against a mock driver and an in-memory backend: frames both ways, and the
+//! malformed chains a hostile guest can build.
+
+use std::collections::VecDeque;
+use std::io::{Error, ErrorKind};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use ftvm_guest_abi::virtio::{DESC_F_NEXT, DESC_F_WRITE, NET_HDR_LEN};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::device::MAX_FRAME;
+use super::{Net, NetBackend, NetConfig, NetCounters};
+use crate::devices::virtio::test_driver::TestQueue;
+use crate::devices::virtio::{Interrupt, VirtioDevice};
+use crate::memory::GuestMemoryMmap;
+
+#[derive(Clone, Default)]
+struct Wire {
+    to_guest: Arc<Mutex<VecDeque<Vec<u8>>>>,
+    from_guest: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
+impl NetBackend for Wire {
+    fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let frame = self.to_guest.lock().unwrap().pop_front();
+        let f = frame.ok_or_else(|| Error::from(ErrorKind::WouldBlock))?;
+        buf[..f.len()].copy_from_slice(&f);
+        Ok(f.len())
+    }
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<usize> {
+        self.from_guest.lock().unwrap().push(frame.to_vec());
+        Ok(frame.len())
+    }
+}
+
+const MEM: usize = 4 << 20;
+const BUF: u64 = 0x10_0000;
+
+struct Rig {
+    mem: GuestMemoryMmap,
+    rxq: TestQueue,
+    txq: TestQueue,
+    net: Net<Wire>,
+    wire: Wire,
+}
+
+fn rig() -> Rig {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+    let irq = Arc::new(Interrupt::new(
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        Arc::new(|| {}),
+    ));
+    let wire = Wire::default();
+    let mut net = Net::new(wire.clone(), [6, 1, 2, 3, 4, 5], mem.clone(), irq);
+    let (rxq, rx) = TestQueue::new(&mem, 0, 16);
+    let (txq, tx) = TestQueue::new(&mem, 0x8000, 16);
+    net.activate(0, vec![rx, tx]).unwrap();
+    Rig {
+        mem,
+        rxq,
+        txq,
+        net,
+        wire,
+    }
+}
+
+fn frame(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+fn count(c: &NetCounters, f: impl Fn(&NetCounters) -> &std::sync::atomic::AtomicU64) -> u64 {
+    f(c).load(Ordering::Relaxed)
+}
+
+impl Rig {
+    /// Queues a frame for transmission in one buffer (header + frame).
+    fn send(&mut self, f: &[u8]) -> u32 {
+        let mut bytes = vec![0u8; NET_HDR_LEN];
+        bytes.extend_from_slice(f);
+        self.mem.write_slice(&bytes, GuestAddress(BUF)).unwrap();
+        self.txq.publish(&[(BUF, bytes.len() as u32, 0, 0)]);
+        assert_eq!(self.net.process_tx(), 1);
+        let used = self.txq.take_used();
+        assert_eq!(used.len(), 1, "transmit chain returned");
+        used[0].1
+    }
+
+    fn sent(&self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut *self.wire.from_guest.lock().unwrap())
+    }
+
+    /// Posts one receive buffer of `len` bytes at `addr`.
+    fn post(&mut self, addr: u64, len: u32) {
+        self.rxq.publish(&[(addr, len, DESC_F_WRITE, 0)]);
+    }
+
+    fn arrive(&self, f: Vec<u8>) {
+        self.wire.to_guest.lock().unwrap().push_back(f);
+    }
+
+    fn counters(&self) -> Arc<NetCounters> {
+        self.net.counters()
+    }
+}
+
+#[test]
+fn frames_go_out_without_the_virtio_header_and_are_counted() {
+    let mut r = rig();
+    let f = frame(60, 1);
+    r.send(&f);
+    // Header and frame in separate buffers works too.
+    r.mem
+        .write_slice(&[0u8; NET_HDR_LEN], GuestAddress(BUF))
+        .unwrap();
+    r.mem.write_slice(&f, GuestAddress(BUF + 0x1000)).unwrap();
+    r.txq.publish(&[
+        (BUF, NET_HDR_LEN as u32, DESC_F_NEXT, 1),
+        (BUF + 0x1000, 60, 0, 0),
+    ]);
+    r.net.process_tx();
+    assert_eq!(r.sent(), vec![f.clone(), f]);
+    let c = r.counters();
+    assert_eq!(
+        (count(&c, |c| &c.tx_packets), count(&c, |c| &c.tx_bytes)),
+        (2, 120)
+    );
+}
+
+#[test]
+fn frames_come_in_behind_a_header_and_wait_for_buffers() {
+    let mut r = rig();
+    let f = frame(1514, 7);
+    r.arrive(f.clone());
+    assert_eq!(r.net.process_rx(), 0, "no buffer yet");
+    assert!(r.net.rx_pending());
+    r.post(BUF, 2048);
+    assert_eq!(r.net.process_rx(), 1);
+    assert_eq!(r.rxq.take_used(), vec![(0, (NET_HDR_LEN + 1514) as u32)]);
+    let mut got = vec![0u8; NET_HDR_LEN + 1514];
+    r.mem.read_slice(&mut got, GuestAddress(BUF)).unwrap();
+    assert_eq!(got[10], 1, "num_buffers = 1");
+    assert_eq!(&got[NET_HDR_LEN..], &f[..]);
+    let c = r.counters();
+    assert_eq!(
+        (count(&c, |c| &c.rx_packets), count(&c, |c| &c.rx_bytes)),
+        (1, 1514)
+    );
+    assert!(!r.net.rx_pending());
+}
+
+#[test]
+fn hostile_transmit_chains_are_dropped_and_counted() {
+    let mut r = rig();
+    let far = MEM as u64 + 0x1000;
+    let bad: &[(&str, &[(u64, u32, u16, u16)])] = &[
+        ("device-writable buffer", &[(BUF, 100, DESC_F_WRITE, 0)]),
+        ("header only", &[(BUF, NET_HDR_LEN as u32, 0, 0)]),
+        ("outside guest memory", &[(far, 100, 0, 0)]),
+        ("zero length", &[(BUF, 0, 0, 0)]),
+        (
+            "descriptor loop",
+            &[(BUF, 100, DESC_F_NEXT, 1), (BUF, 100, DESC_F_NEXT, 0)],
+        ),
+        (
+            "over-long frame",
+            &[(BUF, (MAX_FRAME + NET_HDR_LEN + 1) as u32, 0, 0)],
+        ),
+    ];
+    for (i, &(what, descs)) in bad.iter().enumerate() {
+        r.txq.publish(descs);
+        assert_eq!(r.net.process_tx(), 1, "{what}");
+        assert_eq!(r.txq.take_used().len(), 1, "{what}: chain returned");
+        assert_eq!(
+            count(&r.counters(), |c| &c.invalid_chains),
+            i as u64 + 1,
+            "{what}"
+        );
+        assert!(r.sent().is_empty(), "{what}: nothing sent");
+        let f = frame(64, i as u8);
+        r.send(&f);
+        assert_eq!(r.sent(), vec![f], "{what}: a good frame still goes out");
+    }
+}
+
+#[test]
+fn hostile_receive_chains_are_dropped_and_the_frame_kept() {
+    let mut r = rig();
+    let f = frame(200, 3);
+    r.arrive(f.clone());
+    // A buffer the device may not write, then one outside memory: both dropped, the frame
+    // waits for a good buffer.
+    r.rxq.publish(&[(BUF, 2048, 0, 0)]);
+    r.rxq
+        .publish(&[(MEM as u64 + 0x1000, 2048, DESC_F_WRITE, 0)]);
+    r.post(BUF + 0x1000, 2048);
+    assert_eq!(r.net.process_rx(), 3);
+    let used = r.rxq.take_used();
+    assert_eq!(
+        used.iter().map(|u| u.1).collect::<Vec<_>>(),
+        vec![0, 0, (NET_HDR_LEN + 200) as u32]
+    );
+    assert_eq!(count(&r.counters(), |c| &c.invalid_chains), 2);
+    let mut got = vec![0u8; 200];
+    r.mem
+        .read_slice(&mut got, GuestAddress(BUF + 0x1000 + NET_HDR_LEN as u64))
+        .unwrap();
+    assert_eq!(got, f);
+}
+
+#[test]
+fn a_frame_larger_than_the_buffer_is_dropped_and_counted() {
+    let mut r = rig();
+    r.arrive(frame(1500, 1));
+    r.arrive(frame(100, 2));
+    r.post(BUF, 512);
+    r.post(BUF + 0x1000, 512);
+    assert_eq!(r.net.process_rx(), 2);
+    let used = r.rxq.take_used();
+    assert_eq!(used[0].1, 0, "too big: dropped");
+    assert_eq!(used[1].1, (NET_HDR_LEN + 100) as u32);
+    let c = r.counters();
+    assert_eq!(
+        (count(&c, |c| &c.rx_dropped), count(&c, |c| &c.rx_packets)),
+        (1, 1)
+    );
+}
+
+#[test]
+fn net_options_parse() {
+    let c: NetConfig = "tap=ftvm0".parse().unwrap();
+    assert_eq!((c.tap.as_str(), c.mac), ("ftvm0", None));
+    let c: NetConfig = "tap=t1,mac=06:00:0a:0B:0c:ff".parse().unwrap();
+    assert_eq!(c.mac, Some([6, 0, 0xa, 0xb, 0xc, 0xff]));
+    assert!(
+        "mac=06:00:00:00:00:01"
+            .parse::<NetConfig>()
+            .unwrap_err()
+            .contains("tap=NAME")
+    );
+    assert!(
+        "tap=t,mac=zz:00:00:00:00:01"
+            .parse::<NetConfig>()
+            .unwrap_err()
+            .contains("Invalid MAC")
+    );
+    assert!("tap=t,mac=06:00:00:00:00".parse::<NetConfig>().is_err());
+    assert!(
+        "tap=t,speed=fast"
+            .parse::<NetConfig>()
+            .unwrap_err()
+            .contains("'speed=fast'")
+    );
+}
