@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the build and the tests use (gcc links the binaries and the test guest).
-packages=(gcc libc6-dev acpica-tools)
+packages=(gcc libc6-dev acpica-tools iproute2 iputils-ping)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -177,11 +177,16 @@ pub fn pattern_word(seed: u64, index: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Fills `buf` with the pattern stream `seed` starting at byte `offset` (a multiple of 8).
+/// Fills `buf` with bytes `offset..` of the pattern stream `seed`.
 pub fn fill_pattern(seed: u64, offset: u64, buf: &mut [u8]) {
-    for (i, chunk) in buf.chunks_mut(8).enumerate() {
-        let word = pattern_word(seed, offset / 8 + i as u64).to_le_bytes();
-        chunk.copy_from_slice(&word[..chunk.len()]);
+    let mut i = 0;
+    while i < buf.len() {
+        let pos = offset + i as u64;
+        let word = pattern_word(seed, pos / 8).to_le_bytes();
+        let k = (pos % 8) as usize;
+        let n = (8 - k).min(buf.len() - i);
+        buf[i..i + n].copy_from_slice(&word[k..k + n]);
+        i += n;
     }
 }
 
@@ -232,6 +237,13 @@ mod tests {
         fill_pattern(3, 0, &mut a);
         fill_pattern(3, 32, &mut b);
         assert_eq!(&a[32..], &b[..]);
+        let mut odd = [0u8; 13];
+        fill_pattern(3, 5, &mut odd);
+        assert_eq!(
+            &a[5..18],
+            &odd[..],
+            "unaligned offsets continue the same stream"
+        );
         let mut c = [0u8; 64];
         fill_pattern(4, 0, &mut c);
         assert_ne!(a, c);

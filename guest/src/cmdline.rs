@@ -16,6 +16,45 @@ pub struct Work {
     pub disk: u64,
     /// Bytes per disk request.
     pub chunk: u64,
+    /// Network services for the `net` workload.
+    pub services: Services,
+}
+
+/// What the network workload serves.
+#[derive(Clone, Copy)]
+pub struct Services {
+    /// The guest's IPv4 address.
+    pub ip: [u8; 4],
+    /// Its prefix length.
+    pub prefix: u8,
+    /// TCP echo port.
+    pub echo: Option<u16>,
+    /// TCP pattern-stream port.
+    pub stream: Option<u16>,
+    /// HTTP file on port 80: size in MiB and pattern seed.
+    pub http: Option<(u64, u64)>,
+}
+
+fn parse_ip(s: &str) -> Result<([u8; 4], u8), &'static str> {
+    let bad = "ip= wants A.B.C.D/PREFIX";
+    let (addr, prefix) = s.split_once('/').ok_or(bad)?;
+    let mut ip = [0u8; 4];
+    let mut parts = addr.split('.');
+    for b in &mut ip {
+        *b = parts.next().ok_or(bad)?.parse().map_err(|_| bad)?;
+    }
+    let prefix: u8 = prefix.parse().map_err(|_| bad)?;
+    if parts.next().is_some() || prefix > 32 {
+        return Err(bad);
+    }
+    Ok((ip, prefix))
+}
+
+fn port(value: &str, default: u16) -> Result<u16, &'static str> {
+    if value.is_empty() {
+        return Ok(default);
+    }
+    u16::try_from(number(value)?).map_err(|_| "a port is out of range")
 }
 
 // No allocator in the guest: the touch list lives inline.
@@ -33,6 +72,8 @@ pub enum Kind {
     DiskWrite { mib: u64, seed: u64 },
     /// Read `mib` MiB from sector 0 and check it is pattern `seed` (vCPU 0 only).
     DiskVerify { mib: u64, seed: u64 },
+    /// Serve the network services in `Work::services` (vCPU 0 only), forever.
+    Net,
 }
 
 fn mib_seed(value: &str) -> Result<(u64, u64), &'static str> {
@@ -58,6 +99,13 @@ pub fn parse(cmdline: &str) -> Result<Work, &'static str> {
         secs: 0,
         disk: 0,
         chunk: 64 << 10,
+        services: Services {
+            ip: [10, 0, 2, 15],
+            prefix: 24,
+            echo: None,
+            stream: None,
+            http: None,
+        },
     };
     let mut have_kind = false;
     for word in cmdline.split_ascii_whitespace() {
@@ -88,6 +136,23 @@ pub fn parse(cmdline: &str) -> Result<Work, &'static str> {
             "disk-verify" => {
                 let (mib, seed) = mib_seed(value)?;
                 Kind::DiskVerify { mib, seed }
+            }
+            "net" => Kind::Net,
+            "tcp-echo" => {
+                work.services.echo = Some(port(value, 7)?);
+                Kind::Net
+            }
+            "tcp-stream" => {
+                work.services.stream = Some(port(value, 19)?);
+                Kind::Net
+            }
+            "http-file" => {
+                work.services.http = Some(mib_seed(value)?);
+                Kind::Net
+            }
+            "ip" => {
+                (work.services.ip, work.services.prefix) = parse_ip(value)?;
+                continue;
             }
             "disk" => {
                 work.disk = number(value)?;

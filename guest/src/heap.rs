@@ -43,3 +43,20 @@ pub fn alloc(len: u64, align: u64) -> Option<u64> {
         }
     }
 }
+
+/// The global allocator (smoltcp's buffers): the bump heap; freeing is a no-op, so users
+/// allocate once and reuse.
+struct Bump;
+
+// SAFETY: alloc returns zeroed, exclusively owned memory of the requested size and alignment,
+// or null; dealloc never hands memory out again.
+unsafe impl core::alloc::GlobalAlloc for Bump {
+    unsafe fn alloc(&self, layout: core::alloc::Layout) -> *mut u8 {
+        alloc(layout.size() as u64, layout.align() as u64)
+            .map_or(core::ptr::null_mut(), |a| a as *mut u8)
+    }
+    unsafe fn dealloc(&self, _ptr: *mut u8, _layout: core::alloc::Layout) {}
+}
+
+#[global_allocator]
+static ALLOCATOR: Bump = Bump;

@@ -7,10 +7,14 @@
 #![no_std]
 #![no_main]
 
+extern crate alloc;
+
 mod blk;
 mod cmdline;
 mod console;
 mod heap;
+mod net;
+mod netsvc;
 mod rt;
 mod virtio;
 mod workloads;

@@ -175,6 +175,13 @@ impl Queue {
         write32(self.base + reg::QUEUE_NOTIFY, u32::from(self.index));
     }
 
+    /// Whether the device has completed a chain not yet taken.
+    pub fn has_used(&self) -> bool {
+        // SAFETY: used + 2 is the used ring's idx field, written by the device.
+        let idx = unsafe { ((self.used + 2) as *const u16).read_volatile() };
+        idx != self.last_used
+    }
+
     /// Takes the next completed chain: (head, bytes written by the device).
     pub fn pop_used(&mut self) -> Option<(u16, u32)> {
         // SAFETY: used + 2 is the used ring's idx field, written by the device.

@@ -36,7 +36,8 @@ pub fn run(work: &Work, boot: &BootInfo, vcpu: u64, clock: Clock) -> Result<(), 
         Kind::Dirty { mib_per_s, mib } => dirty(work, boot, vcpu, clock, *mib_per_s, *mib)?,
         Kind::DiskWrite { mib, seed } if vcpu == 0 => disk(work, boot, true, *mib, *seed)?,
         Kind::DiskVerify { mib, seed } if vcpu == 0 => disk(work, boot, false, *mib, *seed)?,
-        Kind::DiskWrite { .. } | Kind::DiskVerify { .. } => {}
+        Kind::Net if vcpu == 0 => crate::netsvc::run(boot, clock, &work.services)?,
+        Kind::DiskWrite { .. } | Kind::DiskVerify { .. } | Kind::Net => {}
         Kind::Touch { addrs, len } => {
             if vcpu != 0 {
                 return Ok(());

@@ -63,6 +63,17 @@ impl Console {
         }
     }
 
+    /// Waits for a complete line (ended by a newline) that starts with `prefix`; returns it.
+    pub fn wait_for_line(&self, prefix: &str, timeout: Duration) -> String {
+        let find = |t: &str| {
+            t.split_inclusive('\n')
+                .find(|l| l.starts_with(prefix) && l.ends_with('\n'))
+                .map(|l| l.trim_end().to_string())
+        };
+        let text = self.wait_until(prefix, timeout, |t| find(t).is_some());
+        find(&text).expect("present")
+    }
+
     /// Waits for a line containing `needle`.
     pub fn wait_for(&self, needle: &str, timeout: Duration) -> String {
         self.wait_until(needle, timeout, |t| t.contains(needle))
@@ -81,6 +92,17 @@ pub fn test_vm_with(
     cmdline: &str,
     disks: Vec<vmm::devices::virtio::block::BlockConfig>,
 ) -> (Vm, Console) {
+    test_vm_full(vcpus, mem_mib, cmdline, disks, Vec::new())
+}
+
+/// Builds (not starts) a VM running the embedded test guest with `disks` and `nets`.
+pub fn test_vm_full(
+    vcpus: u64,
+    mem_mib: u64,
+    cmdline: &str,
+    disks: Vec<vmm::devices::virtio::block::BlockConfig>,
+    nets: Vec<vmm::devices::virtio::net::NetConfig>,
+) -> (Vm, Console) {
     require_kvm();
     let console = Console::default();
     let vm = Vm::new(VmConfig {
@@ -93,7 +115,7 @@ pub fn test_vm_with(
         cmdline: cmdline.into(),
         console: Box::new(console.clone()),
         disks,
-        nets: Vec::new(),
+        nets,
     })
     .expect("VM builds");
     (vm, console)
@@ -147,3 +169,4 @@ pub fn ftvm_with(cmd: &mut Command, timeout: Duration) -> Output {
         }
     }
 }
+pub mod netns;
