@@ -35,7 +35,7 @@ fn the_guest_answers_pings_serves_a_file_and_counts_exactly() {
         tap: ns.tap.clone(),
         mac: None,
     }];
-    let cmdline = format!("ip={}/24 tcp-echo http-file=12,5", ns.guest_ip());
+    let cmdline = format!("ip={}/24 tcp-echo tcp-stream http-file=12,5", ns.guest_ip());
     let (mut vm, console) = test_vm_full(1, 128, &cmdline, Vec::new(), nets);
     vm.start().unwrap();
     let text = console.wait_for_line("vcpu0 workload net ", LIMIT);
@@ -85,6 +85,15 @@ fn the_guest_answers_pings_serves_a_file_and_counts_exactly() {
     let mut back = vec![0u8; msg.len()];
     s.read_exact(&mut back).unwrap();
     assert_eq!(back, msg);
+    drop(s);
+
+    // The endless stream: its first 3 MiB are the pattern (seed 19).
+    let mut s = connect(&ns, 19);
+    let mut got = vec![0u8; 3 << 20];
+    s.read_exact(&mut got).unwrap();
+    let mut want = vec![0u8; got.len()];
+    ftvm_guest_abi::fill_pattern(19, 0, &mut want);
+    assert!(got == want, "tcp-stream bytes differ from the pattern");
     drop(s);
 
     // Exact counters once traffic has stopped: guest == VMM == TAP.

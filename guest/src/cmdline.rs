@@ -31,6 +31,8 @@ pub struct Services {
     pub echo: Option<u16>,
     /// TCP pattern-stream port.
     pub stream: Option<u16>,
+    /// TCP discard port (reads and drops everything: upload throughput).
+    pub sink: Option<u16>,
     /// HTTP file on port 80: size in MiB and pattern seed.
     pub http: Option<(u64, u64)>,
 }
@@ -72,6 +74,9 @@ pub enum Kind {
     DiskWrite { mib: u64, seed: u64 },
     /// Read `mib` MiB from sector 0 and check it is pattern `seed` (vCPU 0 only).
     DiskVerify { mib: u64, seed: u64 },
+    /// `count` reads of one chunk each at pseudo-random chunk-aligned offsets in the first
+    /// `mib` MiB (vCPU 0 only).
+    DiskRandRead { mib: u64, count: u64 },
     /// Serve the network services in `Work::services` (vCPU 0 only), forever.
     Net,
 }
@@ -104,6 +109,7 @@ pub fn parse(cmdline: &str) -> Result<Work, &'static str> {
             prefix: 24,
             echo: None,
             stream: None,
+            sink: None,
             http: None,
         },
     };
@@ -133,6 +139,15 @@ pub fn parse(cmdline: &str) -> Result<Work, &'static str> {
                 let (mib, seed) = mib_seed(value)?;
                 Kind::DiskWrite { mib, seed }
             }
+            "disk-randread" => {
+                let (mib, count) = value
+                    .split_once(',')
+                    .ok_or("disk-randread= wants MIB,COUNT")?;
+                Kind::DiskRandRead {
+                    mib: number(mib)?,
+                    count: number(count)?,
+                }
+            }
             "disk-verify" => {
                 let (mib, seed) = mib_seed(value)?;
                 Kind::DiskVerify { mib, seed }
@@ -144,6 +159,10 @@ pub fn parse(cmdline: &str) -> Result<Work, &'static str> {
             }
             "tcp-stream" => {
                 work.services.stream = Some(port(value, 19)?);
+                Kind::Net
+            }
+            "tcp-sink" => {
+                work.services.sink = Some(port(value, 9)?);
                 Kind::Net
             }
             "http-file" => {

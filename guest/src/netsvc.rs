@@ -24,6 +24,7 @@ pub const STREAM_SEED: u64 = 19;
 enum Kind {
     Echo,
     Stream,
+    Sink,
     Http { len: u64, seed: u64 },
 }
 
@@ -80,6 +81,9 @@ pub fn run(boot: &BootInfo, clock: Clock, svc: &Services) -> Result<(), u32> {
     }
     if let Some(p) = svc.stream {
         services.push((p, Kind::Stream));
+    }
+    if let Some(p) = svc.sink {
+        services.push((p, Kind::Sink));
     }
     if let Some((mib, seed)) = svc.http {
         services.push((
@@ -164,6 +168,9 @@ fn serve(conn: &mut Conn, s: &mut tcp::Socket, scratch: &mut [u8]) -> bool {
                 conn.sent += n as u64;
                 progress = true;
             }
+        }
+        Kind::Sink => {
+            progress |= discard_input(s, scratch);
         }
         Kind::Stream => {
             progress |= discard_input(s, scratch);

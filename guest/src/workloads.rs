@@ -34,10 +34,16 @@ pub fn run(work: &Work, boot: &BootInfo, vcpu: u64, clock: Clock) -> Result<(), 
             );
         }
         Kind::Dirty { mib_per_s, mib } => dirty(work, boot, vcpu, clock, *mib_per_s, *mib)?,
-        Kind::DiskWrite { mib, seed } if vcpu == 0 => disk(work, boot, true, *mib, *seed)?,
-        Kind::DiskVerify { mib, seed } if vcpu == 0 => disk(work, boot, false, *mib, *seed)?,
+        Kind::DiskWrite { mib, seed } if vcpu == 0 => disk(work, boot, clock, true, *mib, *seed)?,
+        Kind::DiskRandRead { mib, count } if vcpu == 0 => {
+            rand_read(work, boot, clock, *mib, *count)?
+        }
+        Kind::DiskVerify { mib, seed } if vcpu == 0 => disk(work, boot, clock, false, *mib, *seed)?,
         Kind::Net if vcpu == 0 => crate::netsvc::run(boot, clock, &work.services)?,
-        Kind::DiskWrite { .. } | Kind::DiskVerify { .. } | Kind::Net => {}
+        Kind::DiskWrite { .. }
+        | Kind::DiskVerify { .. }
+        | Kind::DiskRandRead { .. }
+        | Kind::Net => {}
         Kind::Touch { addrs, len } => {
             if vcpu != 0 {
                 return Ok(());
@@ -121,33 +127,92 @@ fn dirty(
     Ok(())
 }
 
-/// Writes or verifies `mib` MiB of pattern `seed` on the chosen disk, from sector 0.
-fn disk(work: &Work, boot: &BootInfo, write: bool, mib: u64, seed: u64) -> Result<(), u32> {
-    let name = if write { "disk-write" } else { "disk-verify" };
-    let fail = |what: &str| {
-        println!("ftvm-guest: error: {}: {}", name, what);
-        Err(2)
-    };
+fn fail<T>(name: &str, what: &str) -> Result<T, u32> {
+    println!("ftvm-guest: error: {}: {}", name, what);
+    Err(2)
+}
+
+/// The disk chosen by `disk=`, initialised, checked to hold `mib` MiB.
+fn open_disk(work: &Work, boot: &BootInfo, name: &str, mib: u64) -> Result<Blk, u32> {
     let Some(slot) = boot
         .virtio_devices()
         .iter()
         .filter(|d| d.device_type == u64::from(ID_BLOCK))
         .nth(work.disk as usize)
     else {
-        return fail("no such disk");
+        return fail(name, "no such disk");
     };
-    let mut blk = match Blk::new(slot.base) {
+    let blk = match Blk::new(slot.base) {
         Ok(b) => b,
-        Err(e) => return fail(e),
+        Err(e) => return fail(name, e),
     };
-    let total = mib << 20;
-    if total > blk.sectors * 512 {
-        return fail("the disk is smaller than the transfer");
+    if mib << 20 > blk.sectors * 512 {
+        return fail(name, "the disk is smaller than the transfer");
     }
+    Ok(blk)
+}
+
+fn print_counts(work: &Work, blk: &Blk) {
+    let c = blk.counts;
+    println!(
+        "blk{} counts reads={} read-bytes={} writes={} write-bytes={} flushes={}",
+        work.disk, c.reads, c.read_bytes, c.writes, c.write_bytes, c.flushes
+    );
+}
+
+/// Reads `count` chunks at pseudo-random chunk-aligned offsets within the first `mib` MiB.
+fn rand_read(work: &Work, boot: &BootInfo, clock: Clock, mib: u64, count: u64) -> Result<(), u32> {
+    let name = "disk-randread";
+    let mut blk = open_disk(work, boot, name, mib)?;
+    let chunks = ((mib << 20) / work.chunk).max(1);
+    let Some(buf) = heap::alloc(work.chunk, 4096) else {
+        return fail(name, "out of memory");
+    };
+    println!(
+        "vcpu0 workload {} count={} chunk={}",
+        name, count, work.chunk
+    );
+    let start = clock.now_ns();
+    for i in 0..count {
+        let offset = (ftvm_guest_abi::pattern_word(99, i) % chunks) * work.chunk;
+        let s = blk.read(offset / 512, buf, work.chunk as u32);
+        if s != BLK_S_OK {
+            println!(
+                "vcpu0 {} refused status={} sector={}",
+                name,
+                s,
+                offset / 512
+            );
+            return Err(4);
+        }
+    }
+    println!(
+        "vcpu0 {} ok bytes={} ns={}",
+        name,
+        count * work.chunk,
+        clock.now_ns() - start
+    );
+    print_counts(work, &blk);
+    Ok(())
+}
+
+/// Writes or verifies `mib` MiB of pattern `seed` on the chosen disk, from sector 0.
+fn disk(
+    work: &Work,
+    boot: &BootInfo,
+    clock: Clock,
+    write: bool,
+    mib: u64,
+    seed: u64,
+) -> Result<(), u32> {
+    let name = if write { "disk-write" } else { "disk-verify" };
+    let mut blk = open_disk(work, boot, name, mib)?;
+    let total = mib << 20;
     let chunk = work.chunk;
     let (Some(buf), Some(expect)) = (heap::alloc(chunk, 4096), heap::alloc(chunk, 4096)) else {
-        return fail("out of memory");
+        return fail(name, "out of memory");
     };
+    let start = clock.now_ns();
     println!(
         "vcpu0 workload {} bytes={} chunk={} sectors={}",
         name, total, chunk, blk.sectors
@@ -192,13 +257,14 @@ fn disk(work: &Work, boot: &BootInfo, write: bool, mib: u64, seed: u64) -> Resul
         offset += len;
     }
     if write && blk.flush() != BLK_S_OK {
-        return fail("flush failed");
+        return fail(name, "flush failed");
     }
-    let c = blk.counts;
-    println!("vcpu0 {} ok bytes={}", name, total);
     println!(
-        "blk{} counts reads={} read-bytes={} writes={} write-bytes={} flushes={}",
-        work.disk, c.reads, c.read_bytes, c.writes, c.write_bytes, c.flushes
+        "vcpu0 {} ok bytes={} ns={}",
+        name,
+        total,
+        clock.now_ns() - start
     );
+    print_counts(work, &blk);
     Ok(())
 }

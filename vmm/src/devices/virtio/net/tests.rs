@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use ftvm_guest_abi::virtio::{DESC_F_NEXT, DESC_F_WRITE, NET_HDR_LEN};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::MAX_FRAME;
@@ -254,4 +254,19 @@ fn net_options_parse() {
             .unwrap_err()
             .contains("'speed=fast'")
     );
+}
+
+#[test]
+fn received_frames_mark_guest_pages_dirty() {
+    let mut r = rig();
+    let mem = r.mem.clone();
+    let region = mem.iter().next().unwrap();
+    let bitmap = std::ops::Deref::deref(region).bitmap();
+    bitmap.reset();
+    r.arrive(frame(1500, 9));
+    r.post(BUF + 0xf00, 2048); // straddles a page boundary
+    r.net.process_rx();
+    assert!(bitmap.is_addr_set((BUF + 0xf00) as usize));
+    assert!(bitmap.is_addr_set((BUF + 0x1000) as usize));
+    assert!(!bitmap.is_addr_set((BUF + 0x2000) as usize));
 }
