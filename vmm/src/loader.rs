@@ -92,8 +92,8 @@ pub struct GuestImage {
     pub entry: u64,
     /// First byte after the highest loaded segment, page-aligned.
     pub image_end: u64,
-    /// Loadable segments: (physical address, size in memory).
-    pub segments: Vec<(u64, u64)>,
+    /// Loadable segments: (physical address, size in memory, writable).
+    pub segments: Vec<(u64, u64, bool)>,
 }
 
 fn u16_at(b: &[u8], off: usize) -> Option<u16> {
@@ -108,6 +108,7 @@ fn u64_at(b: &[u8], off: usize) -> Option<u64> {
 
 const PT_LOAD: u32 = 1;
 const PT_NOTE: u32 = 4;
+const PF_W: u32 = 2;
 const EM_X86_64: u16 = 62;
 
 /// Reads the headers of `elf` (untrusted) and checks that it is an ftvm test guest.
@@ -145,6 +146,7 @@ pub fn inspect(name: &str, elf: &[u8]) -> Result<GuestImage, LoadError> {
             )
             .ok_or(bad("program headers lie past the end of the file"))?;
         let p_type = u32_at(ph, 0).unwrap_or(0);
+        let p_flags = u32_at(ph, 4).unwrap_or(0);
         let p_offset = u64_at(ph, 8).unwrap_or(0);
         let p_paddr = u64_at(ph, 24).unwrap_or(0);
         let p_filesz = u64_at(ph, 32).unwrap_or(0);
@@ -159,7 +161,7 @@ pub fn inspect(name: &str, elf: &[u8]) -> Result<GuestImage, LoadError> {
                 if p_memsz < p_filesz {
                     return Err(bad("a segment is smaller in memory than in the file"));
                 }
-                segments.push((p_paddr, p_memsz));
+                segments.push((p_paddr, p_memsz, p_flags & PF_W != 0));
             }
             PT_NOTE => {
                 if let Some(v) = find_abi_note(&elf[file_range]) {
@@ -180,7 +182,7 @@ pub fn inspect(name: &str, elf: &[u8]) -> Result<GuestImage, LoadError> {
         return Err(bad("no loadable segment"));
     }
     let mut image_end = 0u64;
-    for &(start, len) in &segments {
+    for &(start, len, _) in &segments {
         let end = start
             .checked_add(len)
             .ok_or(bad("a segment wraps around"))?;
@@ -188,7 +190,7 @@ pub fn inspect(name: &str, elf: &[u8]) -> Result<GuestImage, LoadError> {
     }
     if !segments
         .iter()
-        .any(|&(s, l)| entry >= s && entry < s.saturating_add(l))
+        .any(|&(s, l, _)| entry >= s && entry < s.saturating_add(l))
     {
         return Err(bad("the entry point is outside every segment"));
     }
@@ -264,7 +266,7 @@ pub fn load_test_guest(
     }
     let image = inspect(name, elf)?;
     let low_end = ram[0].0.0 + ram[0].1;
-    for &(start, len) in &image.segments {
+    for &(start, len, _) in &image.segments {
         if start < KERNEL_MIN_ADDR || start + len > low_end {
             return Err(LoadError::DoesNotFit {
                 name: name.to_string(),
@@ -324,7 +326,17 @@ pub fn load_test_guest(
         .max()
         .unwrap_or(0)
         .max(crate::memory::MMIO_HOLE_END);
-    for (addr, table) in paging::identity_tables(top) {
+    // Read-only for the guest: everything below the image (boot structures, GDT, page
+    // tables) and its read-only segments.
+    let mut read_only = vec![(0, KERNEL_MIN_ADDR)];
+    read_only.extend(
+        image
+            .segments
+            .iter()
+            .filter(|s| !s.2)
+            .map(|&(s, l, _)| (s, s + l)),
+    );
+    for (addr, table) in paging::identity_tables(top, &read_only) {
         for (i, entry) in table.iter().enumerate() {
             memory.write_obj(*entry, GuestAddress(addr + 8 * i as u64))?;
         }
@@ -381,7 +393,7 @@ mod tests {
         notes.extend(note(ELF_NOTE_NAME, ELF_NOTE_TYPE, ABI_VERSION as u32));
         let image = inspect("g", &elf(EM_X86_64, &notes)).unwrap();
         assert_eq!(image.entry, 0x10_0000);
-        assert_eq!(image.segments, vec![(0x10_0000, 0x810)]);
+        assert_eq!(image.segments, vec![(0x10_0000, 0x810, false)]);
         assert_eq!(image.image_end, 0x10_1000);
     }
 
