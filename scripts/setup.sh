@@ -27,4 +27,8 @@ fi
 
 cargo fetch --locked
 (cd guest && cargo fetch --locked)
+
+# The Linux guest (Debian's cloud kernel + a busybox initramfs) for the Linux tests; cached in
+# target/linux-guest, so a rerun does nothing.
+scripts/linux-guest.sh
 echo "setup: ready ($(cargo --version))"

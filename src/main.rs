@@ -29,16 +29,22 @@ enum Command {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Guest image to boot: an ftvm test-guest ELF. Without it, the test guest embedded in
-    /// this binary runs.
+    /// Guest image to boot: a Linux bzImage or uncompressed vmlinux, or an ftvm test-guest
+    /// ELF. Without it, the test guest embedded in this binary runs.
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
-    /// Guest command line. The test guest reads its workload from it: `count=N` (print a
-    /// counter N times, 0 = forever), `compute=N` (N iterations of a compute loop, timed),
-    /// `dirty=MIB_PER_S,MIB` (write pages at that rate), `touch=ADDR,...` (write those
-    /// pages each round); modifiers `interval-ms=MS`, `rounds=N`, `secs=S`.
-    #[arg(long, value_name = "STRING", default_value = "count=5 interval-ms=200")]
-    cmdline: String,
+    /// An initrd (initramfs) for a Linux kernel.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Guest command line. For Linux the default is "console=ttyS0 reboot=k panic=1". The test
+    /// guest reads its workload from it (default "count=5 interval-ms=200"): `count=N` (print
+    /// a counter N times, 0 = forever), `compute=N` (a timed compute loop), `dirty=MIB_PER_S,MIB`
+    /// (write pages at that rate), `touch=ADDR,...`, `disk-write=MIB[,SEED]`,
+    /// `disk-verify=MIB[,SEED]`, `disk-randread=MIB,COUNT`, `tcp-echo`, `tcp-stream`,
+    /// `tcp-sink`, `http-file=MIB[,SEED]` with `ip=A.B.C.D/P`; modifiers `interval-ms=MS`,
+    /// `rounds=N`, `secs=S`, `disk=N`, `chunk-kib=K`. See README.md.
+    #[arg(long, value_name = "STRING")]
+    cmdline: Option<String>,
     /// Guest memory: MiB, or a size with a K, M or G suffix (16M to 64G, a multiple of 2M).
     #[arg(long, value_name = "SIZE", default_value = "512M")]
     mem: String,
@@ -112,6 +118,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         vcpus,
         kernel,
         cmdline: args.cmdline,
+        initrd: args.initrd,
         console: Box::new(Console(std::io::stdout())),
         disks,
         nets,
@@ -125,6 +132,10 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         Some(VmEvent::PowerOff(status)) => {
             tracing::info!(status, "guest powered off");
             Ok(ExitCode::from(u8::try_from(status).unwrap_or(1)))
+        }
+        Some(VmEvent::Reset) => {
+            tracing::info!("guest reset; ftvm ends the VM (reboot is not emulated)");
+            Ok(ExitCode::SUCCESS)
         }
         Some(VmEvent::SystemEvent(kind)) => {
             tracing::info!(kind, "guest stopped (KVM system event)");

@@ -142,7 +142,10 @@ fn a_non_elf_kernel_is_a_clear_error() {
     let path = dir.path().join("kernel.txt");
     std::fs::write(&path, b"this is not a kernel").unwrap();
     let o = ftvm(&["run", "--kernel", path.to_str().unwrap()], LIMIT);
-    assert_clear_error(&o, &["kernel.txt", "not an ELF file"]);
+    assert_clear_error(
+        &o,
+        &["kernel.txt", "neither an ELF file nor a Linux bzImage"],
+    );
 }
 
 #[test]
@@ -230,4 +233,93 @@ fn a_disk_given_on_the_command_line_reaches_the_guest() {
         "{}",
         stdout(&o)
     );
+}
+
+/// A minimal 64-bit ELF header for `machine`, with one PT_LOAD of 16 bytes at 16 MiB.
+fn elf_kernel(machine: u16) -> Vec<u8> {
+    let mut f = vec![0u8; 0x1010];
+    f[..4].copy_from_slice(b"\x7fELF");
+    f[4] = 2;
+    f[5] = 1;
+    f[6] = 1;
+    f[16] = 2;
+    f[18..20].copy_from_slice(&machine.to_le_bytes());
+    f[24..32].copy_from_slice(&0x100_0000u64.to_le_bytes());
+    f[32..40].copy_from_slice(&64u64.to_le_bytes());
+    f[54..56].copy_from_slice(&56u16.to_le_bytes());
+    f[56..58].copy_from_slice(&1u16.to_le_bytes());
+    f[64..68].copy_from_slice(&1u32.to_le_bytes());
+    f[72..80].copy_from_slice(&0x1000u64.to_le_bytes());
+    for off in [80, 88] {
+        f[off..off + 8].copy_from_slice(&0x100_0000u64.to_le_bytes());
+    }
+    for off in [96, 104] {
+        f[off..off + 8].copy_from_slice(&16u64.to_le_bytes());
+    }
+    f
+}
+
+#[test]
+fn bad_linux_inputs_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+
+    // A bzImage whose header announces more than the file holds.
+    let mut bz = vec![0u8; 4096];
+    bz[0x1f1] = 1;
+    bz[0x1f4..0x1f8].copy_from_slice(&0x1000u32.to_le_bytes());
+    bz[0x202..0x206].copy_from_slice(b"HdrS");
+    bz[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    std::fs::write(path("bzImage"), &bz).unwrap();
+    let o = ftvm(&["run", "--kernel", &path("bzImage")], LIMIT);
+    assert_clear_error(
+        &o,
+        &["bzImage is truncated", "announces 66560 bytes", "has 4096"],
+    );
+
+    // A kernel for another architecture.
+    std::fs::write(path("Image"), elf_kernel(183)).unwrap();
+    let o = ftvm(&["run", "--kernel", &path("Image")], LIMIT);
+    assert_clear_error(&o, &["Image is not a 64-bit x86-64"]);
+
+    // An initrd larger than guest memory.
+    std::fs::write(path("vmlinux"), elf_kernel(62)).unwrap();
+    let big = std::fs::File::create(path("initrd")).unwrap();
+    big.set_len(40 << 20).unwrap();
+    let o = ftvm(
+        &[
+            "run",
+            "--kernel",
+            &path("vmlinux"),
+            "--initrd",
+            &path("initrd"),
+            "--mem",
+            "32M",
+            "--vcpus",
+            "1",
+        ],
+        LIMIT,
+    );
+    assert_clear_error(
+        &o,
+        &["The initrd (41943040 bytes) does not fit in guest memory"],
+    );
+
+    // A missing initrd, and an initrd for the test guest.
+    let o = ftvm(
+        &[
+            "run",
+            "--kernel",
+            &path("vmlinux"),
+            "--initrd",
+            "/nonexistent/initrd",
+        ],
+        LIMIT,
+    );
+    assert_clear_error(
+        &o,
+        &["Cannot read initrd /nonexistent/initrd", "No such file"],
+    );
+    let o = ftvm(&["run", "--initrd", &path("initrd"), "--vcpus", "1"], LIMIT);
+    assert_clear_error(&o, &["--initrd applies to Linux kernels only"]);
 }

@@ -7,10 +7,12 @@
 #![warn(missing_docs)]
 
 pub mod acpi;
+pub mod boot;
 pub mod bus;
 pub mod device_manager;
 pub mod devices;
 pub mod event_loop;
+pub mod linux;
 pub mod loader;
 pub mod memory;
 pub mod vcpu;

@@ -7,21 +7,24 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ftvm_guest_abi::{PV_MMIO, PV_MMIO_LEN, SERIAL_MMIO, SERIAL_PORT};
-use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, kvm_mp_state, kvm_sregs};
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_sregs};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::acpi::pm;
+use crate::boot::{self, Boot, BootError, BootInput, GuestKind};
 use crate::bus::{Bus, MmioAddress, PioAddress, SharedDevice};
 use crate::device_manager::{DeviceError, DeviceManager};
+use crate::devices::legacy::{AcpiPm, I8042, I8042_PORT, I8042_PORT_LEN};
 use crate::devices::pvctl::PvControl;
 use crate::devices::serial::{SERIAL_IRQ, SERIAL_PORT_LEN, SerialConsole, SerialCounters};
 use crate::devices::virtio::block::{BlockConfig, BlockCounters};
 use crate::devices::virtio::net::{NetConfig, NetCounters};
 use crate::event_loop::{EventLoop, EventLoopError};
-use crate::loader::{self, BootParams, Layout, LoadError};
+use crate::loader::Layout;
 use crate::memory::{self, DirtyPages, GuestMemoryMmap, MemoryError};
 use crate::vcpu::{VcpuContext, VcpuCounters, VcpuError, VcpuHandle, VcpuState};
-use crate::x86::{cpuid, regs};
+use crate::x86::cpuid;
 
 /// Most vCPUs a VM may have (APIC ids must stay below the broadcast id 255).
 pub const MAX_VCPUS: u8 = 254;
@@ -49,8 +52,10 @@ pub struct VmConfig {
     pub vcpus: u64,
     /// The image to boot.
     pub kernel: Kernel,
-    /// The guest command line.
-    pub cmdline: String,
+    /// The guest command line; None for the guest kind's default.
+    pub cmdline: Option<String>,
+    /// An initrd (Linux guests only).
+    pub initrd: Option<PathBuf>,
     /// Where the serial console's output goes.
     pub console: Box<dyn Write + Send>,
     /// Disks, in the order the guest sees them.
@@ -66,6 +71,8 @@ pub enum VmEvent {
     PowerOff(u32),
     /// KVM reported a system event (shutdown or reset) of this type.
     SystemEvent(u32),
+    /// The guest asked for a reset (reboot); ftvm treats it as the end of the VM.
+    Reset,
     /// A vCPU hit something it cannot continue from.
     Crashed {
         /// The vCPU.
@@ -98,9 +105,9 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
-    /// The kernel image could not be loaded.
+    /// The guest image could not be loaded.
     #[error(transparent)]
-    Load(#[from] LoadError),
+    Boot(#[from] BootError),
     /// /dev/kvm could not be opened.
     #[error("Cannot open /dev/kvm (is KVM available, and may this user open it?)")]
     OpenKvm(#[source] kvm_ioctls::Error),
@@ -153,7 +160,7 @@ pub struct Vm {
     pio: Arc<Bus<PioAddress>>,
     mmio: Arc<Bus<MmioAddress>>,
     serial: Arc<SerialCounters>,
-    layout: Layout,
+    layout: Boot,
     fd: VmFd,
     memory: GuestMemoryMmap,
     _kvm: Kvm,
@@ -189,7 +196,14 @@ impl Vm {
         };
         let ram = memory::ram_ranges(config.mem_size)?;
         let (name, image) = read_kernel(config.kernel)?;
-        loader::inspect(&name, &image)?;
+        let kind = boot::classify(&name, &image)?;
+        let initrd = match &config.initrd {
+            Some(path) => Some(std::fs::read(path).map_err(|source| BootError::ReadInitrd {
+                path: path.clone(),
+                source,
+            })?),
+            None => None,
+        };
 
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let max = kvm.get_max_vcpus();
@@ -202,18 +216,32 @@ impl Vm {
         let fd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
         fd.create_irq_chip()
             .map_err(kvm_err("create the interrupt controller"))?;
+        if matches!(kind, GuestKind::Linux(_)) {
+            let pit = kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            fd.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
+        }
         let memory = memory::create(&fd, &ram)?;
 
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("report its supported CPUID"))?;
+        let pvm = cpuid::host_is_pvm();
         let mut vcpu_fds = Vec::new();
         for i in 0..vcpus {
             let vcpu = fd
                 .create_vcpu(u64::from(i))
                 .map_err(kvm_err("create a vCPU"))?;
-            vcpu.set_cpuid2(&cpuid::for_vcpu(&supported, i, vcpus))
-                .map_err(kvm_err("set CPUID"))?;
+            let mut c = cpuid::for_vcpu(&supported, i, vcpus);
+            if pvm {
+                cpuid::hide_unemulated(&mut c);
+            }
+            vcpu.set_cpuid2(&c).map_err(kvm_err("set CPUID"))?;
+            if pvm && i == 0 && matches!(kind, GuestKind::Linux(_)) {
+                warn_if_cpuid_overridden(&vcpu, &c);
+            }
             vcpu_fds.push(vcpu);
         }
         let tsc_khz = vcpu_fds[0]
@@ -227,20 +255,22 @@ impl Vm {
         for net in config.nets {
             devices.add_net(&fd, &mut mmio, &memory, net)?;
         }
-        let layout = loader::load_test_guest(
+        let layout = boot::load(
             &memory,
             &ram,
-            &name,
-            &image,
-            &BootParams {
-                cmdline: &config.cmdline,
+            &BootInput {
+                name: &name,
+                image: &image,
+                kind,
+                initrd: initrd.as_deref(),
+                cmdline: config.cmdline.as_deref(),
                 vcpus,
                 tsc_khz: u64::from(tsc_khz),
                 virtio: &devices.slots,
             },
         )?;
         for (i, vcpu) in vcpu_fds.iter().enumerate() {
-            setup_vcpu(vcpu, &layout, i as u8)?;
+            boot::setup_vcpu(vcpu, &layout, i as u8).map_err(kvm_err("set up a vCPU"))?;
         }
 
         let (events_tx, events) = channel();
@@ -262,6 +292,18 @@ impl Vm {
             PV_MMIO_LEN,
             Arc::new(Mutex::new(PvControl::new(events_tx.clone()))),
         )?;
+        if matches!(kind, GuestKind::Linux(_)) {
+            pio.insert(
+                PioAddress(I8042_PORT),
+                I8042_PORT_LEN,
+                Arc::new(Mutex::new(I8042::new(events_tx.clone()))),
+            )?;
+            pio.insert(
+                PioAddress(pm::PM_PORT),
+                pm::PM_PORT_LEN,
+                Arc::new(Mutex::new(AcpiPm::new(events_tx.clone()))),
+            )?;
+        }
 
         Ok(Self {
             vcpus: Vec::new(),
@@ -391,9 +433,17 @@ impl Vm {
         &self.serial
     }
 
-    /// Where the image, stacks and boot information went.
-    pub fn layout(&self) -> &Layout {
+    /// How the guest was laid out.
+    pub fn boot(&self) -> &Boot {
         &self.layout
+    }
+
+    /// Where the test guest's image, stacks and boot information went (None for Linux).
+    pub fn layout(&self) -> Option<&Layout> {
+        match &self.layout {
+            Boot::TestGuest(l) => Some(l),
+            Boot::Linux(_) => None,
+        }
     }
 
     /// Guest memory.
@@ -402,26 +452,21 @@ impl Vm {
     }
 }
 
-fn setup_vcpu(vcpu: &VcpuFd, layout: &Layout, index: u8) -> Result<(), VmError> {
-    let sregs = vcpu
-        .get_sregs()
-        .map_err(kvm_err("read special registers"))?;
-    vcpu.set_sregs(&regs::sregs(sregs))
-        .map_err(kvm_err("set special registers"))?;
-    vcpu.set_fpu(&regs::fpu())
-        .map_err(kvm_err("set FPU state"))?;
-    let r = regs::regs(
-        layout.image.entry,
-        layout.stack_top(index),
-        ftvm_guest_abi::BOOT_INFO_ADDR,
-        u64::from(index),
-    );
-    vcpu.set_regs(&r).map_err(kvm_err("set registers"))?;
-    // With an in-kernel irqchip, application processors wait for a startup IPI; the test guest
-    // starts all vCPUs directly.
-    vcpu.set_mp_state(kvm_mp_state {
-        mp_state: KVM_MP_STATE_RUNNABLE,
-    })
-    .map_err(kvm_err("make the vCPU runnable"))?;
-    Ok(())
+/// PVM replaces the CPUID a VMM sets with the host's: say so once, since a Linux guest then
+/// uses instructions PVM's emulator lacks unless its command line hides them.
+fn warn_if_cpuid_overridden(vcpu: &VcpuFd, wanted: &kvm_bindings::CpuId) {
+    let Ok(actual) = vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES) else {
+        return;
+    };
+    let leaf1 =
+        |c: &kvm_bindings::CpuId| c.as_slice().iter().find(|e| e.function == 1).map(|e| e.ecx);
+    if let (Some(w), Some(a)) = (leaf1(wanted), leaf1(&actual))
+        && a & !w != 0
+    {
+        tracing::info!(
+            wanted = format_args!("{w:#x}"),
+            actual = format_args!("{a:#x}"),
+            "this KVM (PVM) overrides the guest's CPUID leaf 1 ECX; hidden features stay visible"
+        );
+    }
 }
