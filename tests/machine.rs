@@ -66,7 +66,7 @@ fn the_guest_computes_at_native_speed() {
 /// Pages a test can name besides the ones the guest was told to write: its stack and the
 /// console lock (the one static the guest writes when it prints).
 fn named_pages(vm: &vmm::Vm, console_text: &str) -> BTreeSet<u64> {
-    let info = vm.layout().expect("a test guest").boot_info;
+    let info = vm.boot_info().expect("a test guest");
     let (lo, hi) = info.stack(0);
     let lock = console_text
         .split_whitespace()

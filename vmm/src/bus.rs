@@ -8,6 +8,8 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::state::{DeviceState, StateError};
+
 /// What a device asks of the vCPU that performed an access, beyond completing it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VcpuAction {
@@ -20,11 +22,22 @@ pub enum VcpuAction {
 }
 
 /// A device on a bus. Accesses arrive with the offset into the device's range.
+///
+/// Saving state is part of the same trait so that no device can be forgotten: one that does
+/// not implement it makes a snapshot fail with its type's name, never save nothing.
 pub trait BusDevice: Send {
     /// The guest reads `data.len()` bytes at `offset`; fill `data`.
     fn read(&mut self, offset: u64, data: &mut [u8]);
     /// The guest writes `data` at `offset`.
     fn write(&mut self, offset: u64, data: &[u8]) -> VcpuAction;
+    /// The device's state (the machine is paused).
+    fn save(&self) -> Result<DeviceState, StateError> {
+        Err(StateError::NotSaveable(std::any::type_name::<Self>()))
+    }
+    /// Loads `state` (untrusted) into a device built with the same configuration.
+    fn restore(&mut self, _state: &DeviceState) -> Result<(), StateError> {
+        Err(StateError::NotSaveable(std::any::type_name::<Self>()))
+    }
 }
 
 /// An address on one bus.
@@ -164,6 +177,11 @@ impl<A: BusAddress> Bus<A> {
         let (offset, device) = self.find(addr)?;
         lock(device).read(offset, data);
         Ok(())
+    }
+
+    /// Every device with its start address, in address order.
+    pub fn devices(&self) -> impl Iterator<Item = (A, &SharedDevice)> {
+        self.ranges.iter().map(|(a, e)| (*a, &e.device))
     }
 
     /// Routes a write at `addr` to its device.

@@ -15,6 +15,7 @@ pub mod event_loop;
 pub mod linux;
 pub mod loader;
 pub mod memory;
+pub mod state;
 pub mod vcpu;
 pub mod vm;
 pub mod x86;

@@ -104,6 +104,29 @@ impl VcpuCounters {
         self.exits[reason as usize].load(Ordering::Relaxed)
     }
 
+    /// run_ns, exits by reason (in [`ExitReason::ALL`] order), unhandled_io.
+    pub fn values(&self) -> Vec<u64> {
+        let mut v = vec![self.run_ns.load(Ordering::Relaxed)];
+        v.extend(self.exits.iter().map(|e| e.load(Ordering::Relaxed)));
+        v.push(self.unhandled_io.load(Ordering::Relaxed));
+        v
+    }
+
+    /// Sets the counters from [`VcpuCounters::values`] (untrusted: the length must match).
+    pub fn load_values(&self, v: &[u64]) -> Result<(), crate::state::StateError> {
+        if v.len() != self.exits.len() + 2 {
+            return Err(crate::state::StateError::Invalid(
+                "wrong number of vCPU counters",
+            ));
+        }
+        self.run_ns.store(v[0], Ordering::Relaxed);
+        for (e, &x) in self.exits.iter().zip(&v[1..]) {
+            e.store(x, Ordering::Relaxed);
+        }
+        self.unhandled_io.store(v[v.len() - 1], Ordering::Relaxed);
+        Ok(())
+    }
+
     fn count(&self, reason: ExitReason) {
         self.exits[reason as usize].fetch_add(1, Ordering::Relaxed);
     }
@@ -219,8 +242,8 @@ pub struct VcpuContext {
 }
 
 impl VcpuHandle {
-    /// Starts vCPU `index` on its own thread, running.
-    pub fn spawn(index: u8, fd: VcpuFd, ctx: VcpuContext) -> Result<Self, VcpuError> {
+    /// Starts vCPU `index` on its own thread, running (or paused, if `paused`).
+    pub fn spawn(index: u8, fd: VcpuFd, ctx: VcpuContext, paused: bool) -> Result<Self, VcpuError> {
         install_kick_handler()?;
         let shared = Arc::new(Shared {
             ctl: Mutex::new(Ctl {
@@ -230,7 +253,7 @@ impl VcpuHandle {
                 wake: false,
             }),
             cv: Condvar::new(),
-            want: AtomicU8::new(WANT_RUN),
+            want: AtomicU8::new(if paused { WANT_PAUSE } else { WANT_RUN }),
         });
         let counters = Arc::new(VcpuCounters::default());
         let runner = Runner {

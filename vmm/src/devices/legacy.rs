@@ -5,6 +5,7 @@ use std::sync::mpsc::Sender;
 
 use crate::acpi::pm::{PmRequest, pm_request};
 use crate::bus::{BusDevice, VcpuAction};
+use crate::state::{DeviceState, StateError, expect_stateless};
 use crate::vm::VmEvent;
 
 /// First port of the i8042 (data port; the command/status port is 0x64).
@@ -39,6 +40,14 @@ impl BusDevice for I8042 {
         }
         VcpuAction::Continue
     }
+
+    fn save(&self) -> Result<DeviceState, StateError> {
+        Ok(DeviceState::Stateless)
+    }
+
+    fn restore(&mut self, state: &DeviceState) -> Result<(), StateError> {
+        expect_stateless(state)
+    }
 }
 
 /// The ACPI PM register block.
@@ -66,6 +75,14 @@ impl BusDevice for AcpiPm {
         };
         let _ = self.events.send(event);
         VcpuAction::Halt
+    }
+
+    fn save(&self) -> Result<DeviceState, StateError> {
+        Ok(DeviceState::Stateless)
+    }
+
+    fn restore(&mut self, state: &DeviceState) -> Result<(), StateError> {
+        expect_stateless(state)
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 use ftvm_guest_abi::{PV_POWER_OFF, PV_WAIT_US};
 
 use crate::bus::{BusDevice, VcpuAction};
+use crate::state::{DeviceState, StateError, expect_stateless};
 use crate::vm::VmEvent;
 
 /// The control device.
@@ -43,6 +44,14 @@ impl BusDevice for PvControl {
             PV_WAIT_US => VcpuAction::Wait(Duration::from_micros(u64::from(le_u32(data)))),
             _ => VcpuAction::Continue,
         }
+    }
+
+    fn save(&self) -> Result<DeviceState, StateError> {
+        Ok(DeviceState::Stateless)
+    }
+
+    fn restore(&mut self, state: &DeviceState) -> Result<(), StateError> {
+        expect_stateless(state)
     }
 }
 

@@ -1,14 +1,15 @@
 //! The 8250/16550 console on COM1 (vm-superio), its output going to a host writer.
 
 use std::io::Write;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use vm_superio::serial::SerialEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::{BusDevice, VcpuAction};
+use crate::state::{DeviceState, SerialState, StateError};
 
 /// Number of port addresses the UART decodes.
 pub const SERIAL_PORT_LEN: u64 = 8;
@@ -47,9 +48,24 @@ impl SerialEvents for Events {
     fn in_buffer_empty(&self) {}
 }
 
+/// The host side of the console, shared so that a restored UART writes to the same place.
+#[derive(Clone)]
+pub struct ConsoleOut(Arc<Mutex<Box<dyn Write + Send>>>);
+
+impl Write for ConsoleOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).flush()
+    }
+}
+
 /// The console UART as a bus device.
 pub struct SerialConsole {
-    uart: Serial<IrqTrigger, Events, Box<dyn Write + Send>>,
+    uart: Serial<IrqTrigger, Events, ConsoleOut>,
+    irq: EventFd,
+    out: ConsoleOut,
     counters: Arc<SerialCounters>,
 }
 
@@ -57,8 +73,15 @@ impl SerialConsole {
     /// A UART whose output goes to `out` and whose interrupt fires `irq`.
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
         let counters = Arc::new(SerialCounters::default());
-        let uart = Serial::with_events(IrqTrigger(irq), Events(counters.clone()), out);
-        Self { uart, counters }
+        let out = ConsoleOut(Arc::new(Mutex::new(out)));
+        let trigger = IrqTrigger(irq.try_clone().expect("eventfd can be duplicated"));
+        let uart = Serial::with_events(trigger, Events(counters.clone()), out.clone());
+        Self {
+            uart,
+            irq,
+            out,
+            counters,
+        }
     }
 
     /// The console's counters.
@@ -86,12 +109,60 @@ impl BusDevice for SerialConsole {
         }
         VcpuAction::Continue
     }
+
+    fn save(&self) -> Result<DeviceState, StateError> {
+        let s = self.uart.state();
+        Ok(DeviceState::Serial(SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }))
+    }
+
+    fn restore(&mut self, state: &DeviceState) -> Result<(), StateError> {
+        let DeviceState::Serial(s) = state else {
+            return Err(StateError::Invalid(
+                "the console's saved state is not a UART's",
+            ));
+        };
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        };
+        let trigger = IrqTrigger(
+            self.irq
+                .try_clone()
+                .map_err(|_| StateError::Invalid("eventfd"))?,
+        );
+        self.uart = Serial::from_state(
+            &state,
+            trigger,
+            Events(self.counters.clone()),
+            self.out.clone(),
+        )
+        .map_err(|_| StateError::Invalid("the UART's saved input buffer is too long"))?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
 
     #[derive(Clone, Default)]
     struct Sink(Arc<Mutex<Vec<u8>>>);

@@ -9,6 +9,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{Interrupt, VirtioDevice};
 use crate::bus::{BusDevice, VcpuAction};
 use crate::memory::GuestMemoryMmap;
+use crate::state::{DeviceState, StateError, VirtioState};
 
 /// A virtio device as the guest sees it on the MMIO bus.
 pub struct MmioTransport {
@@ -266,5 +267,71 @@ impl BusDevice for MmioTransport {
             }
         }
         VcpuAction::Continue
+    }
+
+    fn save(&self) -> Result<DeviceState, StateError> {
+        let queues = if self.activated {
+            self.device().queue_states()
+        } else {
+            self.queues.iter().map(|q| q.state()).collect()
+        };
+        Ok(DeviceState::Virtio(VirtioState {
+            device_type: self.device_type,
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            interrupt_status: self.interrupt.status(),
+            activated: self.activated,
+            queues: queues.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    fn restore(&mut self, state: &DeviceState) -> Result<(), StateError> {
+        let DeviceState::Virtio(s) = state else {
+            return Err(StateError::Invalid(
+                "a virtio device's saved state is not a virtio transport's",
+            ));
+        };
+        if s.device_type != self.device_type || s.queues.len() != self.queues.len() {
+            return Err(StateError::Invalid(
+                "saved virtio device differs from the configured one",
+            ));
+        }
+        let build = || -> Result<Vec<Queue>, StateError> {
+            s.queues
+                .iter()
+                .map(|&q| {
+                    Queue::try_from(virtio_queue::QueueState::from(q))
+                        .map_err(|_| StateError::Invalid("a saved virtqueue is invalid"))
+                })
+                .collect()
+        };
+        let queues = build()?;
+        if s.activated && queues.iter().any(|q| !q.is_valid(&self.mem)) {
+            return Err(StateError::Invalid(
+                "a saved virtqueue lies outside guest memory",
+            ));
+        }
+        self.queues = queues;
+        self.status = s.status;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.driver_features = s.driver_features;
+        self.queue_sel = s.queue_sel;
+        self.interrupt.set_status(s.interrupt_status);
+        self.activated = false;
+        if s.activated {
+            let features = self.driver_features;
+            let result = self.device().activate(features, build()?);
+            result.map_err(|_| StateError::Invalid("the device refused its saved queues"))?;
+            self.activated = true;
+            // Requests the guest queued before the snapshot are processed now.
+            for evt in &self.notify {
+                let _ = evt.write(1);
+            }
+        }
+        Ok(())
     }
 }

@@ -62,6 +62,11 @@ impl Interrupt {
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
+
+    /// Sets the pending causes (restoring a snapshot).
+    pub fn set_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
+    }
 }
 
 /// Why a device could not start.
@@ -86,6 +91,8 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, features: u64, queues: Vec<Queue>) -> Result<(), ActivateError>;
     /// Stops the device and forgets its queues (the driver reset it).
     fn reset(&mut self);
+    /// The device's live queues (empty before activation).
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState>;
 }
 
 /// Copies `src` (a device's configuration bytes) into `data` from `offset`, zero-filling what

@@ -22,7 +22,7 @@ use crate::memory::GuestMemoryMmap;
 pub const QUEUE_SIZE: u16 = 256;
 
 /// How a disk is configured (`--disk path[,readonly]`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BlockConfig {
     /// The raw image file.
     pub path: PathBuf,
@@ -315,5 +315,9 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         self.queue = None;
+    }
+
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.queue.iter().map(|q| q.state()).collect()
     }
 }

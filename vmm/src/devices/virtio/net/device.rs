@@ -18,7 +18,7 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const MAX_FRAME: usize = 65536;
 
 /// How a network card is configured (`--net tap=NAME[,mac=MAC]`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetConfig {
     /// The TAP interface.
     pub tap: String,
@@ -299,6 +299,14 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
     fn reset(&mut self) {
         self.rx = None;
         self.tx = None;
+    }
+
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.rx
+            .iter()
+            .chain(self.tx.iter())
+            .map(|q| q.state())
+            .collect()
     }
 }
 

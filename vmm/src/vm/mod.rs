@@ -2,29 +2,30 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::mpsc::{Receiver, Sender, channel};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender};
 use std::time::{Duration, Instant};
 
-use ftvm_guest_abi::{PV_MMIO, PV_MMIO_LEN, SERIAL_MMIO, SERIAL_PORT};
-use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_sregs};
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_sregs};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use vmm_sys_util::eventfd::EventFd;
 
-use crate::acpi::pm;
 use crate::boot::{self, Boot, BootError, BootInput, GuestKind};
-use crate::bus::{Bus, MmioAddress, PioAddress, SharedDevice};
+use crate::bus::{Bus, MmioAddress, PioAddress};
 use crate::device_manager::{DeviceError, DeviceManager};
-use crate::devices::legacy::{AcpiPm, I8042, I8042_PORT, I8042_PORT_LEN};
-use crate::devices::pvctl::PvControl;
-use crate::devices::serial::{SERIAL_IRQ, SERIAL_PORT_LEN, SerialConsole, SerialCounters};
+use crate::devices::serial::SerialCounters;
 use crate::devices::virtio::block::{BlockConfig, BlockCounters};
 use crate::devices::virtio::net::{NetConfig, NetCounters};
 use crate::event_loop::{EventLoop, EventLoopError};
-use crate::loader::Layout;
 use crate::memory::{self, DirtyPages, GuestMemoryMmap, MemoryError};
 use crate::vcpu::{VcpuContext, VcpuCounters, VcpuError, VcpuHandle, VcpuState};
 use crate::x86::cpuid;
+
+mod build;
+mod snapshot;
+
+pub use snapshot::{MachineState, MemoryFiller, RestoreOptions};
+
+use build::Parts;
 
 /// Most vCPUs a VM may have (APIC ids must stay below the broadcast id 255).
 pub const MAX_VCPUS: u8 = 254;
@@ -141,6 +142,15 @@ pub enum VmError {
     /// The device event loop failed.
     #[error(transparent)]
     EventLoop(#[from] EventLoopError),
+    /// Saving or restoring state failed.
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    /// The operation needs a paused machine.
+    #[error("The VM must be paused first")]
+    NotPaused,
+    /// Guest memory could not be filled from a snapshot.
+    #[error("Cannot load guest memory")]
+    LoadMemory(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -153,6 +163,8 @@ pub struct Vm {
     // is unmapped.
     vcpus: Vec<VcpuHandle>,
     pending_vcpus: Vec<VcpuFd>,
+    /// Saved vCPU counters to load when the vCPU threads start (restore).
+    pending_counters: Option<Vec<Vec<u64>>>,
     event_loop: Option<EventLoop>,
     devices: DeviceManager,
     events_tx: Sender<VmEvent>,
@@ -160,10 +172,25 @@ pub struct Vm {
     pio: Arc<Bus<PioAddress>>,
     mmio: Arc<Bus<MmioAddress>>,
     serial: Arc<SerialCounters>,
-    layout: Boot,
+    /// How the guest was loaded (None for a VM restored from a snapshot).
+    layout: Option<Boot>,
+    saved: SavedConfig,
     fd: VmFd,
     memory: GuestMemoryMmap,
-    _kvm: Kvm,
+    kvm: Kvm,
+}
+
+/// The configuration a snapshot needs to rebuild the machine.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedConfig {
+    /// Guest RAM in bytes.
+    pub mem_size: u64,
+    /// A Linux guest (with PIT, i8042, ACPI PM) rather than the test guest.
+    pub linux: bool,
+    /// Disks.
+    pub disks: Vec<BlockConfig>,
+    /// Network cards.
+    pub nets: Vec<NetConfig>,
 }
 
 fn read_kernel(kernel: Kernel) -> Result<(String, Arc<[u8]>), VmError> {
@@ -205,56 +232,50 @@ impl Vm {
             None => None,
         };
 
-        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
-        let max = kvm.get_max_vcpus();
-        if usize::from(vcpus) > max {
-            return Err(VmError::VcpuCount {
-                count: config.vcpus,
-                max: max as u64,
-            });
-        }
-        let fd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
-        fd.create_irq_chip()
-            .map_err(kvm_err("create the interrupt controller"))?;
-        if matches!(kind, GuestKind::Linux(_)) {
-            let pit = kvm_pit_config {
-                flags: KVM_PIT_SPEAKER_DUMMY,
-                ..Default::default()
-            };
-            fd.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
-        }
-        let memory = memory::create(&fd, &ram)?;
+        let linux = matches!(kind, GuestKind::Linux(_));
+        let saved = SavedConfig {
+            mem_size: config.mem_size,
+            linux,
+            disks: config.disks.clone(),
+            nets: config.nets.clone(),
+        };
+        let Parts {
+            kvm,
+            fd,
+            memory,
+            vcpu_fds,
+            pio,
+            mmio,
+            devices,
+            serial,
+            events_tx,
+            events,
+        } = build::build(
+            vcpus,
+            &ram,
+            linux,
+            config.disks,
+            config.nets,
+            config.console,
+        )?;
 
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("report its supported CPUID"))?;
         let pvm = cpuid::host_is_pvm();
-        let mut vcpu_fds = Vec::new();
-        for i in 0..vcpus {
-            let vcpu = fd
-                .create_vcpu(u64::from(i))
-                .map_err(kvm_err("create a vCPU"))?;
-            let mut c = cpuid::for_vcpu(&supported, i, vcpus);
+        for (i, vcpu) in vcpu_fds.iter().enumerate() {
+            let mut c = cpuid::for_vcpu(&supported, i as u8, vcpus);
             if pvm {
                 cpuid::hide_unemulated(&mut c);
             }
             vcpu.set_cpuid2(&c).map_err(kvm_err("set CPUID"))?;
-            if pvm && i == 0 && matches!(kind, GuestKind::Linux(_)) {
-                warn_if_cpuid_overridden(&vcpu, &c);
+            if pvm && i == 0 && linux {
+                warn_if_cpuid_overridden(vcpu, &c);
             }
-            vcpu_fds.push(vcpu);
         }
         let tsc_khz = vcpu_fds[0]
             .get_tsc_khz()
             .map_err(kvm_err("report the TSC frequency"))?;
-        let mut mmio = Bus::new();
-        let mut devices = DeviceManager::default();
-        for disk in config.disks {
-            devices.add_block(&fd, &mut mmio, &memory, disk)?;
-        }
-        for net in config.nets {
-            devices.add_net(&fd, &mut mmio, &memory, net)?;
-        }
         let layout = boot::load(
             &memory,
             &ram,
@@ -273,41 +294,10 @@ impl Vm {
             boot::setup_vcpu(vcpu, &layout, i as u8).map_err(kvm_err("set up a vCPU"))?;
         }
 
-        let (events_tx, events) = channel();
-        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Device {
-            what: "serial console interrupt",
-            source,
-        })?;
-        fd.register_irqfd(&irq, SERIAL_IRQ)
-            .map_err(kvm_err("connect the serial interrupt"))?;
-        let console = SerialConsole::new(irq, config.console);
-        let serial = console.counters();
-        // One UART, reachable both as COM1 (ring-0 guests) and through MMIO (the test guest).
-        let console: SharedDevice = Arc::new(Mutex::new(console));
-        let mut pio = Bus::new();
-        pio.insert(PioAddress(SERIAL_PORT), SERIAL_PORT_LEN, console.clone())?;
-        mmio.insert(MmioAddress(SERIAL_MMIO), SERIAL_PORT_LEN, console)?;
-        mmio.insert(
-            MmioAddress(PV_MMIO),
-            PV_MMIO_LEN,
-            Arc::new(Mutex::new(PvControl::new(events_tx.clone()))),
-        )?;
-        if matches!(kind, GuestKind::Linux(_)) {
-            pio.insert(
-                PioAddress(I8042_PORT),
-                I8042_PORT_LEN,
-                Arc::new(Mutex::new(I8042::new(events_tx.clone()))),
-            )?;
-            pio.insert(
-                PioAddress(pm::PM_PORT),
-                pm::PM_PORT_LEN,
-                Arc::new(Mutex::new(AcpiPm::new(events_tx.clone()))),
-            )?;
-        }
-
         Ok(Self {
             vcpus: Vec::new(),
             pending_vcpus: vcpu_fds,
+            pending_counters: None,
             event_loop: None,
             devices,
             events_tx,
@@ -315,15 +305,27 @@ impl Vm {
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
             serial,
-            layout,
+            layout: Some(layout),
+            saved,
             fd,
             memory,
-            _kvm: kvm,
+            kvm,
         })
     }
 
     /// Starts every vCPU.
     pub fn start(&mut self) -> Result<(), VmError> {
+        self.spawn(false)
+    }
+
+    /// Starts the machine paused: vCPU threads and devices exist, no guest code runs until
+    /// [`Vm::resume`]. A restored machine can be saved again this way before it runs.
+    pub fn start_paused(&mut self) -> Result<(), VmError> {
+        self.spawn(true)?;
+        self.pause()
+    }
+
+    fn spawn(&mut self, paused: bool) -> Result<(), VmError> {
         for (i, fd) in std::mem::take(&mut self.pending_vcpus)
             .into_iter()
             .enumerate()
@@ -333,7 +335,13 @@ impl Vm {
                 mmio: self.mmio.clone(),
                 events: self.events_tx.clone(),
             };
-            self.vcpus.push(VcpuHandle::spawn(i as u8, fd, ctx)?);
+            self.vcpus
+                .push(VcpuHandle::spawn(i as u8, fd, ctx, paused)?);
+        }
+        if let Some(saved) = self.pending_counters.take() {
+            for (v, values) in self.vcpus.iter().zip(&saved) {
+                v.counters().load_values(values)?;
+            }
         }
         self.devices
             .wakers
@@ -433,17 +441,28 @@ impl Vm {
         &self.serial
     }
 
-    /// How the guest was laid out.
-    pub fn boot(&self) -> &Boot {
-        &self.layout
+    /// How the guest was loaded (None for a VM restored from a snapshot).
+    pub fn boot(&self) -> Option<&Boot> {
+        self.layout.as_ref()
     }
 
-    /// Where the test guest's image, stacks and boot information went (None for Linux).
-    pub fn layout(&self) -> Option<&Layout> {
-        match &self.layout {
-            Boot::TestGuest(l) => Some(l),
-            Boot::Linux(_) => None,
-        }
+    /// The test guest's boot information, read from guest memory (None for other guests).
+    pub fn boot_info(&self) -> Option<ftvm_guest_abi::BootInfo> {
+        let mut info = ftvm_guest_abi::BootInfo::default();
+        // SAFETY: BootInfo is repr(C) plain data made of u64s: every bit pattern is valid.
+        let bytes = unsafe {
+            std::slice::from_raw_parts_mut(
+                (&mut info as *mut ftvm_guest_abi::BootInfo).cast::<u8>(),
+                std::mem::size_of::<ftvm_guest_abi::BootInfo>(),
+            )
+        };
+        vm_memory::Bytes::read_slice(
+            &self.memory,
+            bytes,
+            vm_memory::GuestAddress(ftvm_guest_abi::BOOT_INFO_ADDR),
+        )
+        .ok()?;
+        (info.magic == ftvm_guest_abi::BOOT_MAGIC).then_some(info)
     }
 
     /// Guest memory.

@@ -1,0 +1,128 @@
+//! Save and restore of the whole machine, in process: the guest continues where it was, and
+//! a second save equals the first except for clock-bearing fields.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Console, last_count, test_vm};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vmm::Vm;
+use vmm::vm::{MachineState, RestoreOptions};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+fn dump(vm: &Vm) -> Vec<(GuestAddress, Vec<u8>)> {
+    vm.memory()
+        .iter()
+        .map(|r| {
+            let mut buf = vec![0u8; r.len() as usize];
+            vm.memory().read_slice(&mut buf, r.start_addr()).unwrap();
+            (r.start_addr(), buf)
+        })
+        .collect()
+}
+
+fn restore(state: MachineState, memory: Vec<(GuestAddress, Vec<u8>)>) -> (Vm, Console) {
+    let console = Console::default();
+    let opts = RestoreOptions {
+        console: Box::new(console.clone()),
+        nets: None,
+    };
+    let mut fill = move |m: &vmm::memory::GuestMemoryMmap| -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        for (addr, bytes) in &memory {
+            m.write_slice(bytes, *addr)?;
+        }
+        Ok(())
+    };
+    (
+        Vm::restore(state, opts, &mut fill).expect("restores"),
+        console,
+    )
+}
+
+/// The saved state as text, with the fields that carry the passing of time blanked: the
+/// kvmclock value and each vCPU's TSC MSR (0x10) keep counting between two saves.
+fn comparable(state: &MachineState) -> String {
+    let mut text = format!("{:?}", state.kvm.irqchips);
+    text += &format!(
+        "{:?}{:?}{:?}{:?}",
+        state.config, state.pio, state.mmio, state.counters.blocks
+    );
+    for v in &state.vcpus {
+        let msrs: Vec<_> = v.msrs.iter().filter(|m| m.index != 0x10).collect();
+        text += &format!(
+            "{:?}{:?}{:?}{:?}{:?}{:?}{:?}{:?}{:?}",
+            v.cpuid, v.mp_state, v.regs, v.sregs, v.xcrs, v.debugregs, v.lapic.regs, msrs, v.events
+        );
+        text += &format!("{:?}", &v.xsave.region[..]);
+    }
+    text
+}
+
+#[test]
+fn a_restored_guest_continues_counting_where_it_was() {
+    let (mut vm, console) = test_vm(2, 64, "count=0 interval-ms=5");
+    vm.start().unwrap();
+    console.wait_until("both vCPUs counting", LIMIT, |t| {
+        last_count(t, 0) >= Some(3) && last_count(t, 1) >= Some(3)
+    });
+    vm.pause().unwrap();
+    let state = vm.save_state().unwrap();
+    let memory = dump(&vm);
+    let before = console.text();
+    let (a, b) = (
+        last_count(&before, 0).unwrap(),
+        last_count(&before, 1).unwrap(),
+    );
+    vm.stop();
+    drop(vm);
+
+    let (mut restored, console) = restore(state, memory);
+    restored.start().unwrap();
+    let text = console.wait_until("counting on", LIMIT, |t| {
+        last_count(t, 0) > Some(a + 2) && last_count(t, 1) > Some(b + 2)
+    });
+    assert!(
+        !text.contains("ftvm-guest: boot"),
+        "the guest booted again:\n{text}"
+    );
+    let first = |v: u8| {
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!("vcpu{v} count "))?
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .unwrap()
+    };
+    assert_eq!(
+        (first(0), first(1)),
+        (a + 1, b + 1),
+        "each vCPU continues with its next count"
+    );
+    assert_eq!(restored.wait_event(Some(Duration::ZERO)), None);
+    restored.stop();
+}
+
+#[test]
+fn save_restore_save_gives_the_same_state() {
+    let (mut vm, console) = test_vm(2, 64, "count=0 interval-ms=5");
+    vm.start().unwrap();
+    console.wait_for("vcpu1 count 2\n", LIMIT);
+    vm.pause().unwrap();
+    let first = vm.save_state().unwrap();
+    let text1 = comparable(&first);
+    let memory = dump(&vm);
+    vm.stop();
+    drop(vm);
+
+    let (mut restored, _console) = restore(first, memory.clone());
+    // Started paused: a second save straight after the restore, before any guest code runs.
+    restored.start_paused().unwrap();
+    let second = restored.save_state().unwrap();
+    assert_eq!(text1, comparable(&second));
+    assert_eq!(dump(&restored), memory, "memory identical");
+    restored.stop();
+}

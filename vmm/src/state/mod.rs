@@ -1,0 +1,142 @@
+//! The machine's state as plain data: vCPUs, the in-kernel devices (PIC, IOAPIC, PIT, clock),
+//! the VMM's devices and counters. Loaded state is untrusted and validated before use.
+
+pub mod counters;
+pub mod devices;
+pub mod vcpu;
+
+use kvm_bindings::{
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, kvm_clock_data, kvm_irqchip,
+    kvm_pit_state2,
+};
+use kvm_ioctls::VmFd;
+use serde::{Deserialize, Serialize};
+
+pub use counters::CountersState;
+pub use devices::{DeviceState, QueueState, SerialState, VirtioState};
+pub use vcpu::VcpuState;
+
+/// Errors of saving and restoring state.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// A KVM call failed.
+    #[error("KVM refused to {what}")]
+    Kvm {
+        /// What was being done.
+        what: &'static str,
+        /// What KVM said.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// An MSR list could not be built.
+    #[error("Too many MSRs")]
+    Msrs,
+    /// KVM refused to restore an MSR.
+    #[error("KVM refused to restore MSR {0:#x}")]
+    MsrRejected(u32),
+    /// The state is inconsistent.
+    #[error("Invalid state: {0}")]
+    Invalid(&'static str),
+    /// A device has no snapshot support.
+    #[error("Device {0} cannot be saved")]
+    NotSaveable(&'static str),
+}
+
+/// Checks that a stateless device is given a stateless state.
+pub fn expect_stateless(state: &DeviceState) -> Result<(), StateError> {
+    match state {
+        DeviceState::Stateless => Ok(()),
+        _ => Err(StateError::Invalid("a stateless device was given state")),
+    }
+}
+
+/// The in-kernel devices of the VM.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct KvmVmState {
+    /// Master PIC, slave PIC, IOAPIC.
+    pub irqchips: Vec<kvm_irqchip>,
+    /// The PIT, where one was created.
+    pub pit: Option<kvm_pit_state2>,
+    /// kvmclock.
+    pub clock: kvm_clock_data,
+}
+
+const CHIPS: [u32; 3] = [
+    KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE,
+    KVM_IRQCHIP_IOAPIC,
+];
+
+impl KvmVmState {
+    /// Saves the in-kernel devices (vCPUs paused first).
+    pub fn save(fd: &VmFd, has_pit: bool) -> Result<Self, StateError> {
+        let mut irqchips = Vec::new();
+        for chip_id in CHIPS {
+            let mut chip = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            fd.get_irqchip(&mut chip)
+                .map_err(|source| StateError::Kvm {
+                    what: "read the interrupt controller",
+                    source,
+                })?;
+            irqchips.push(chip);
+        }
+        let pit = if has_pit {
+            Some(fd.get_pit2().map_err(|source| StateError::Kvm {
+                what: "read the PIT",
+                source,
+            })?)
+        } else {
+            None
+        };
+        let mut clock = fd.get_clock().map_err(|source| StateError::Kvm {
+            what: "read the clock",
+            source,
+        })?;
+        // Only the clock value is restorable; the other fields describe the reading.
+        clock.flags = 0;
+        Ok(Self {
+            irqchips,
+            pit,
+            clock,
+        })
+    }
+
+    /// Loads this state into a fresh VM with an irqchip (and a PIT, if one is saved).
+    pub fn restore(&self, fd: &VmFd) -> Result<(), StateError> {
+        if self.irqchips.len() != CHIPS.len()
+            || self
+                .irqchips
+                .iter()
+                .zip(CHIPS)
+                .any(|(c, id)| c.chip_id != id)
+        {
+            return Err(StateError::Invalid(
+                "interrupt controller state is incomplete",
+            ));
+        }
+        if let Some(pit) = &self.pit {
+            fd.set_pit2(pit).map_err(|source| StateError::Kvm {
+                what: "set the PIT",
+                source,
+            })?;
+        }
+        for chip in &self.irqchips {
+            fd.set_irqchip(chip).map_err(|source| StateError::Kvm {
+                what: "set the interrupt controller",
+                source,
+            })?;
+        }
+        let clock = kvm_clock_data {
+            clock: self.clock.clock,
+            ..Default::default()
+        };
+        fd.set_clock(&clock).map_err(|source| StateError::Kvm {
+            what: "set the clock",
+            source,
+        })?;
+        Ok(())
+    }
+}

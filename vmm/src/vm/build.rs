@@ -1,0 +1,127 @@
+//! Assembling a machine: KVM VM, irqchip (and PIT), memory, vCPUs, buses and devices. Shared by
+//! a fresh boot and a restore, so both build the same machine.
+
+use std::io::Write;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
+
+use ftvm_guest_abi::{PV_MMIO, PV_MMIO_LEN, SERIAL_MMIO, SERIAL_PORT};
+use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{VmError, VmEvent, kvm_err};
+use crate::acpi::pm;
+use crate::bus::{Bus, MmioAddress, PioAddress, SharedDevice};
+use crate::device_manager::DeviceManager;
+use crate::devices::legacy::{AcpiPm, I8042, I8042_PORT, I8042_PORT_LEN};
+use crate::devices::pvctl::PvControl;
+use crate::devices::serial::{SERIAL_IRQ, SERIAL_PORT_LEN, SerialConsole, SerialCounters};
+use crate::devices::virtio::block::BlockConfig;
+use crate::devices::virtio::net::NetConfig;
+use crate::memory::{self, GuestMemoryMmap};
+
+/// The pieces of a machine before its guest is loaded or restored.
+pub(super) struct Parts {
+    pub kvm: Kvm,
+    pub fd: VmFd,
+    pub memory: GuestMemoryMmap,
+    pub vcpu_fds: Vec<VcpuFd>,
+    pub pio: Bus<PioAddress>,
+    pub mmio: Bus<MmioAddress>,
+    pub devices: DeviceManager,
+    pub serial: Arc<SerialCounters>,
+    pub events_tx: Sender<VmEvent>,
+    pub events: Receiver<VmEvent>,
+}
+
+/// Builds the machine: `linux` adds the PIT and the legacy devices Linux uses.
+pub(super) fn build(
+    vcpus: u8,
+    ram: &[(GuestAddress, u64)],
+    linux: bool,
+    disks: Vec<BlockConfig>,
+    nets: Vec<NetConfig>,
+    console: Box<dyn Write + Send>,
+) -> Result<Parts, VmError> {
+    let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+    let max = kvm.get_max_vcpus();
+    if usize::from(vcpus) > max {
+        return Err(VmError::VcpuCount {
+            count: u64::from(vcpus),
+            max: max as u64,
+        });
+    }
+    let fd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+    fd.create_irq_chip()
+        .map_err(kvm_err("create the interrupt controller"))?;
+    if linux {
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
+    }
+    let memory = memory::create(&fd, ram)?;
+    let mut vcpu_fds = Vec::new();
+    for i in 0..vcpus {
+        vcpu_fds.push(
+            fd.create_vcpu(u64::from(i))
+                .map_err(kvm_err("create a vCPU"))?,
+        );
+    }
+
+    let mut mmio = Bus::new();
+    let mut devices = DeviceManager::default();
+    for disk in disks {
+        devices.add_block(&fd, &mut mmio, &memory, disk)?;
+    }
+    for net in nets {
+        devices.add_net(&fd, &mut mmio, &memory, net)?;
+    }
+
+    let (events_tx, events) = channel();
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Device {
+        what: "serial console interrupt",
+        source,
+    })?;
+    fd.register_irqfd(&irq, SERIAL_IRQ)
+        .map_err(kvm_err("connect the serial interrupt"))?;
+    let console = SerialConsole::new(irq, console);
+    let serial = console.counters();
+    // One UART, reachable both as COM1 (ring-0 guests) and through MMIO (the test guest).
+    let console: SharedDevice = Arc::new(Mutex::new(console));
+    let mut pio = Bus::new();
+    pio.insert(PioAddress(SERIAL_PORT), SERIAL_PORT_LEN, console.clone())?;
+    mmio.insert(MmioAddress(SERIAL_MMIO), SERIAL_PORT_LEN, console)?;
+    mmio.insert(
+        MmioAddress(PV_MMIO),
+        PV_MMIO_LEN,
+        Arc::new(Mutex::new(PvControl::new(events_tx.clone()))),
+    )?;
+    if linux {
+        pio.insert(
+            PioAddress(I8042_PORT),
+            I8042_PORT_LEN,
+            Arc::new(Mutex::new(I8042::new(events_tx.clone()))),
+        )?;
+        pio.insert(
+            PioAddress(pm::PM_PORT),
+            pm::PM_PORT_LEN,
+            Arc::new(Mutex::new(AcpiPm::new(events_tx.clone()))),
+        )?;
+    }
+    Ok(Parts {
+        kvm,
+        fd,
+        memory,
+        vcpu_fds,
+        pio,
+        mmio,
+        devices,
+        serial,
+        events_tx,
+        events,
+    })
+}

@@ -1,0 +1,222 @@
+//! Saving a paused machine's whole state, and building a machine from a saved state.
+//!
+//! Order follows the usual quiescing rules: the VM is paused (vCPUs, then the device event
+//! loop) before anything is read; devices are saved before KVM's state (a device may still
+//! raise an interrupt while saving); vCPUs are saved MP state first, events last. Restore builds
+//! the same machine from the saved configuration, fills memory, then loads devices, the
+//! in-kernel devices, and the vCPUs.
+
+use std::io::Write;
+
+use serde::{Deserialize, Serialize};
+
+use super::build::{self, Parts};
+use super::{MAX_VCPUS, SavedConfig, Vm, VmError, kvm_err};
+use crate::bus::{self, Bus, BusAddress};
+use crate::devices::virtio::net::NetConfig;
+use crate::memory::{self, GuestMemoryMmap};
+use crate::state::{CountersState, DeviceState, KvmVmState, StateError, VcpuState};
+use crate::vcpu::VcpuState as RunState;
+
+/// Everything about a machine except its memory.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MachineState {
+    /// What the machine was built from.
+    pub config: SavedConfig,
+    /// PIC, IOAPIC, PIT, clock.
+    pub kvm: KvmVmState,
+    /// Each vCPU.
+    pub vcpus: Vec<VcpuState>,
+    /// Port-I/O devices by port.
+    pub pio: Vec<(u16, DeviceState)>,
+    /// MMIO devices by address.
+    pub mmio: Vec<(u64, DeviceState)>,
+    /// Accounting counters.
+    pub counters: CountersState,
+}
+
+/// How a restored machine differs from the saved one.
+pub struct RestoreOptions {
+    /// Where the console goes.
+    pub console: Box<dyn Write + Send>,
+    /// Network cards to use instead of the saved ones (same number, e.g. another TAP name on
+    /// another host); None keeps the saved ones.
+    pub nets: Option<Vec<NetConfig>>,
+}
+
+/// Fills guest memory from wherever the snapshot keeps it.
+pub type MemoryFiller<'a> =
+    &'a mut dyn FnMut(&GuestMemoryMmap) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+fn save_bus<A: BusAddress>(bus: &Bus<A>) -> Result<Vec<(u64, DeviceState)>, StateError> {
+    bus.devices()
+        .map(|(a, d)| Ok((a.raw(), bus::lock(d).save()?)))
+        .collect()
+}
+
+fn restore_bus<A: BusAddress>(
+    bus: &Bus<A>,
+    saved: &[(u64, DeviceState)],
+) -> Result<(), StateError> {
+    let devices: Vec<_> = bus.devices().collect();
+    if devices.len() != saved.len() {
+        return Err(StateError::Invalid(
+            "the saved devices differ from the machine's",
+        ));
+    }
+    for ((addr, dev), (saved_addr, state)) in devices.into_iter().zip(saved) {
+        if addr.raw() != *saved_addr {
+            return Err(StateError::Invalid("a saved device is at another address"));
+        }
+        bus::lock(dev).restore(state)?;
+    }
+    Ok(())
+}
+
+impl Vm {
+    /// Saves the state of a paused machine (memory is read separately, through
+    /// [`Vm::memory`]).
+    pub fn save_state(&self) -> Result<MachineState, VmError> {
+        if self.vcpu_states().contains(&RunState::Running) {
+            return Err(VmError::NotPaused);
+        }
+        let pio = save_bus(&self.pio)?
+            .into_iter()
+            .map(|(a, s)| (a as u16, s))
+            .collect();
+        let mmio = save_bus(&self.mmio)?;
+        let kvm = KvmVmState::save(&self.fd, self.saved.linux)?;
+        let msrs: Vec<u32> = self
+            .kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("list saveable MSRs"))?
+            .as_slice()
+            .to_vec();
+        let mut vcpus = Vec::new();
+        for v in &self.vcpus {
+            let msrs = msrs.clone();
+            vcpus.push(v.with_fd(move |fd| VcpuState::save(fd, &msrs))??);
+        }
+        let counters = CountersState {
+            vcpus: self.vcpus.iter().map(|v| v.counters().values()).collect(),
+            blocks: self
+                .devices
+                .block_counters
+                .iter()
+                .map(|c| c.values())
+                .collect(),
+            nets: self
+                .devices
+                .net_counters
+                .iter()
+                .map(|c| c.values())
+                .collect(),
+            serial: self.serial.values(),
+        };
+        Ok(MachineState {
+            config: self.saved.clone(),
+            kvm,
+            vcpus,
+            pio,
+            mmio,
+            counters,
+        })
+    }
+
+    /// Builds a machine from `state` (untrusted: checked as it is applied) with memory from
+    /// `fill`. The machine is ready to [`Vm::start`] and continues where the saved one was.
+    pub fn restore(
+        state: MachineState,
+        opts: RestoreOptions,
+        fill: MemoryFiller,
+    ) -> Result<Vm, VmError> {
+        let count = state.vcpus.len() as u64;
+        let vcpus = match u8::try_from(count) {
+            Ok(n) if (1..=MAX_VCPUS).contains(&n) => n,
+            _ => {
+                return Err(VmError::VcpuCount {
+                    count,
+                    max: u64::from(MAX_VCPUS),
+                });
+            }
+        };
+        let ram = memory::ram_ranges(state.config.mem_size)?;
+        let mut config = state.config.clone();
+        if let Some(nets) = opts.nets {
+            if nets.len() != config.nets.len() {
+                return Err(StateError::Invalid(
+                    "the snapshot has a different number of network cards",
+                )
+                .into());
+            }
+            config.nets = nets;
+        }
+        if state.counters.vcpus.len() != state.vcpus.len()
+            || state.counters.blocks.len() != config.disks.len()
+            || state.counters.nets.len() != config.nets.len()
+        {
+            return Err(StateError::Invalid("the saved counters do not match the machine").into());
+        }
+        let Parts {
+            kvm,
+            fd,
+            memory,
+            vcpu_fds,
+            pio,
+            mmio,
+            devices,
+            serial,
+            events_tx,
+            events,
+        } = build::build(
+            vcpus,
+            &ram,
+            config.linux,
+            config.disks.clone(),
+            config.nets.clone(),
+            opts.console,
+        )?;
+        fill(&memory).map_err(VmError::LoadMemory)?;
+        // What restoring wrote is not a change the guest made.
+        memory::take_dirty(&fd, &memory)?;
+
+        restore_bus(
+            &pio,
+            &state
+                .pio
+                .iter()
+                .map(|(a, s)| (u64::from(*a), s.clone()))
+                .collect::<Vec<_>>(),
+        )?;
+        restore_bus(&mmio, &state.mmio)?;
+        state.kvm.restore(&fd)?;
+        for (vcpu, saved) in vcpu_fds.iter().zip(&state.vcpus) {
+            saved.restore(vcpu)?;
+        }
+        for (c, v) in devices.block_counters.iter().zip(&state.counters.blocks) {
+            c.load_values(v)?;
+        }
+        for (c, v) in devices.net_counters.iter().zip(&state.counters.nets) {
+            c.load_values(v)?;
+        }
+        serial.load_values(&state.counters.serial)?;
+
+        Ok(Vm {
+            vcpus: Vec::new(),
+            pending_vcpus: vcpu_fds,
+            pending_counters: Some(state.counters.vcpus),
+            event_loop: None,
+            devices,
+            events_tx,
+            events,
+            pio: std::sync::Arc::new(pio),
+            mmio: std::sync::Arc::new(mmio),
+            serial,
+            layout: None,
+            saved: config,
+            fd,
+            memory,
+            kvm,
+        })
+    }
+}
