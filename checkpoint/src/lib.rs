@@ -1,0 +1,9 @@
+//! What a checkpoint is and how it travels: the state encoding (one codec module), snapshot
+//! files, and the control API over a Unix socket.
+#![warn(missing_docs)]
+
+pub mod codec;
+pub mod snapshot;
+
+#[cfg(test)]
+mod tests;
