@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use vmm::vm::RestoreOptions;
 use vmm::{Kernel, Vm, VmConfig, VmEvent};
 
 /// The test guest, built from guest/ by build.rs.
@@ -25,6 +26,50 @@ enum Command {
     /// Run a guest. Its serial console goes to stdout; ftvm exits when the guest powers off,
     /// with the guest's exit status.
     Run(RunArgs),
+    /// Start a VM from a snapshot file and run it like `run` does (the guest continues where
+    /// it was).
+    Restore(RestoreArgs),
+    /// Write a snapshot of a running VM (`run --api`) to a file; the VM keeps running.
+    Snapshot {
+        /// The VM's API socket.
+        #[arg(long, value_name = "SOCKET")]
+        api: PathBuf,
+        /// The snapshot file to write.
+        #[arg(long, value_name = "PATH")]
+        to: PathBuf,
+    },
+    /// Pause a VM's vCPUs and devices.
+    Pause {
+        /// The VM's API socket.
+        #[arg(long, value_name = "SOCKET")]
+        api: PathBuf,
+    },
+    /// Resume a paused VM.
+    Resume {
+        /// The VM's API socket.
+        #[arg(long, value_name = "SOCKET")]
+        api: PathBuf,
+    },
+    /// Print a VM's state as JSON.
+    Status {
+        /// The VM's API socket.
+        #[arg(long, value_name = "SOCKET")]
+        api: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct RestoreArgs {
+    /// The snapshot file.
+    #[arg(long, value_name = "PATH")]
+    from: PathBuf,
+    /// Network cards to attach instead of the saved ones (as many as the snapshot has), e.g.
+    /// another TAP on another host.
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
+    nets: Vec<String>,
+    /// Serve the control API (HTTP/JSON) on this Unix socket.
+    #[arg(long, value_name = "SOCKET")]
+    api: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -59,6 +104,10 @@ struct RunArgs {
     /// optional MAC address. Repeat for more cards.
     #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
     nets: Vec<String>,
+    /// Serve the control API (HTTP/JSON: status, pause, resume, snapshot) on this Unix
+    /// socket; `ftvm pause|resume|status|snapshot --api SOCKET` are its clients.
+    #[arg(long, value_name = "SOCKET")]
+    api: Option<PathBuf>,
 }
 
 /// Parses `512`, `512M`, `2G`, `65536K` into bytes (a bare number is MiB).
@@ -113,7 +162,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             image: Arc::from(TEST_GUEST),
         },
     };
-    let mut vm = Vm::new(VmConfig {
+    let vm = Vm::new(VmConfig {
         mem_size,
         vcpus,
         kernel,
@@ -123,9 +172,18 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         disks,
         nets,
     })?;
-    vm.start()?;
     tracing::info!(vcpus, mem_mib = mem_size >> 20, "guest started");
-    let event = vm.wait_event(None);
+    supervise(vm, args.api)
+}
+
+/// Starts `vm`, serves the API if asked, and maps how the guest ended to ftvm's exit status.
+fn supervise(mut vm: Vm, api: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let server = api
+        .as_deref()
+        .map(checkpoint::api::ApiServer::start)
+        .transpose()?;
+    vm.start()?;
+    let event = checkpoint::control::run(&mut vm, server.as_ref().map(|s| &s.1));
     vm.stop();
     std::io::stdout().flush().ok();
     match event {
@@ -146,6 +204,29 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
+    let nets = parse_all(&args.nets)?;
+    let opts = RestoreOptions {
+        console: Box::new(Console(std::io::stdout())),
+        nets: (!nets.is_empty()).then_some(nets),
+    };
+    let vm = checkpoint::snapshot::restore(&args.from, opts)?;
+    tracing::info!(from = %args.from.display(), "guest restored");
+    supervise(vm, args.api)
+}
+
+/// Sends one API request and prints the answer.
+fn client(
+    api: &std::path::Path,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<ExitCode> {
+    let answer = checkpoint::api::call(api, method, path, body)?;
+    println!("{answer}");
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -157,6 +238,20 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Restore(args) => restore(args),
+        Command::Snapshot { api, to } => {
+            // The VMM may run in another directory: give it an absolute path.
+            let to = std::path::absolute(&to).unwrap_or(to);
+            client(
+                &api,
+                "PUT",
+                "/snapshot",
+                Some(serde_json::json!({ "path": to })),
+            )
+        }
+        Command::Pause { api } => client(&api, "PUT", "/pause", None),
+        Command::Resume { api } => client(&api, "PUT", "/resume", None),
+        Command::Status { api } => client(&api, "GET", "/status", None),
     };
     match result {
         Ok(code) => code,

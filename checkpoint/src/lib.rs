@@ -2,7 +2,9 @@
 //! files, and the control API over a Unix socket.
 #![warn(missing_docs)]
 
+pub mod api;
 pub mod codec;
+pub mod control;
 pub mod snapshot;
 
 #[cfg(test)]

@@ -302,3 +302,25 @@ impl<T> Snapshot<T> {
         Ok(())
     }
 }
+
+/// Errors of starting a VM from a snapshot file.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The file is unusable.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// The VM could not be built from it.
+    #[error(transparent)]
+    Vm(#[from] vmm::VmError),
+}
+
+/// Builds a VM from the snapshot at `path` (checked before anything is started).
+pub fn restore(path: &Path, opts: vmm::vm::RestoreOptions) -> Result<vmm::Vm, RestoreError> {
+    let snap: Snapshot<vmm::vm::MachineState> = read(path)?;
+    let Snapshot { state, memory } = snap;
+    let image = Snapshot { state: (), memory };
+    let mut fill = |m: &GuestMemoryMmap| -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        image.fill(m).map_err(Into::into)
+    };
+    Ok(vmm::Vm::restore(state, opts, &mut fill)?)
+}

@@ -18,6 +18,9 @@ pub struct Work {
     pub chunk: u64,
     /// Network services for the `net` workload.
     pub services: Services,
+    /// The workload was given to this vCPU by an `@N:` word (so it runs here even if it is
+    /// one that otherwise only vCPU 0 runs).
+    pub explicit: bool,
 }
 
 /// What the network workload serves.
@@ -96,7 +99,8 @@ fn number(s: &str) -> Result<u64, &'static str> {
     r.map_err(|_| "a number is malformed")
 }
 
-pub fn parse(cmdline: &str) -> Result<Work, &'static str> {
+/// Parses the words that apply to `vcpu`: unprefixed ones, and `@N:word` where N is `vcpu`.
+pub fn parse(cmdline: &str, vcpu: u64) -> Result<Work, &'static str> {
     let mut work = Work {
         kind: Kind::Count(5),
         interval_ms: 100,
@@ -112,9 +116,21 @@ pub fn parse(cmdline: &str) -> Result<Work, &'static str> {
             sink: None,
             http: None,
         },
+        explicit: false,
     };
     let mut have_kind = false;
     for word in cmdline.split_ascii_whitespace() {
+        let word = match word.strip_prefix('@') {
+            Some(rest) => {
+                let (n, w) = rest.split_once(':').ok_or("@N: needs a colon")?;
+                if number(n)? != vcpu {
+                    continue;
+                }
+                work.explicit = true;
+                w
+            }
+            None => word,
+        };
         let (key, value) = word.split_once('=').unwrap_or((word, ""));
         let kind = match key {
             "count" => Kind::Count(if value.is_empty() { 5 } else { number(value)? }),

@@ -121,7 +121,7 @@ pub extern "C" fn _start(boot: &'static BootInfo, vcpu: u64) -> ! {
     let clock = Clock {
         tsc_khz: boot.tsc_khz,
     };
-    let status = match cmdline::parse(cmdline) {
+    let status = match cmdline::parse(cmdline, vcpu) {
         Ok(work) => workloads::run(&work, boot, vcpu, clock),
         Err(e) => {
             if vcpu == 0 {

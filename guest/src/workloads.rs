@@ -11,6 +11,8 @@ const PAGE: u64 = 4096;
 
 pub fn run(work: &Work, boot: &BootInfo, vcpu: u64, clock: Clock) -> Result<(), u32> {
     let (stack_lo, stack_hi) = boot.stack(vcpu);
+    // Workloads for one vCPU run on vCPU 0, or on the vCPU an `@N:` word named.
+    let single = work.explicit || vcpu == 0;
     match &work.kind {
         Kind::Count(n) => {
             println!(
@@ -34,12 +36,16 @@ pub fn run(work: &Work, boot: &BootInfo, vcpu: u64, clock: Clock) -> Result<(), 
             );
         }
         Kind::Dirty { mib_per_s, mib } => dirty(work, boot, vcpu, clock, *mib_per_s, *mib)?,
-        Kind::DiskWrite { mib, seed } if vcpu == 0 => disk(work, boot, clock, true, *mib, *seed)?,
-        Kind::DiskRandRead { mib, count } if vcpu == 0 => {
-            rand_read(work, boot, clock, *mib, *count)?
+        Kind::DiskWrite { mib, seed } if single => {
+            disk(work, boot, clock, vcpu, true, *mib, *seed)?
         }
-        Kind::DiskVerify { mib, seed } if vcpu == 0 => disk(work, boot, clock, false, *mib, *seed)?,
-        Kind::Net if vcpu == 0 => crate::netsvc::run(boot, clock, &work.services)?,
+        Kind::DiskRandRead { mib, count } if single => {
+            rand_read(work, boot, clock, vcpu, *mib, *count)?
+        }
+        Kind::DiskVerify { mib, seed } if single => {
+            disk(work, boot, clock, vcpu, false, *mib, *seed)?
+        }
+        Kind::Net if single => crate::netsvc::run(boot, clock, &work.services)?,
         Kind::DiskWrite { .. }
         | Kind::DiskVerify { .. }
         | Kind::DiskRandRead { .. }
@@ -161,7 +167,14 @@ fn print_counts(work: &Work, blk: &Blk) {
 }
 
 /// Reads `count` chunks at pseudo-random chunk-aligned offsets within the first `mib` MiB.
-fn rand_read(work: &Work, boot: &BootInfo, clock: Clock, mib: u64, count: u64) -> Result<(), u32> {
+fn rand_read(
+    work: &Work,
+    boot: &BootInfo,
+    clock: Clock,
+    vcpu: u64,
+    mib: u64,
+    count: u64,
+) -> Result<(), u32> {
     let name = "disk-randread";
     let mut blk = open_disk(work, boot, name, mib)?;
     let chunks = ((mib << 20) / work.chunk).max(1);
@@ -169,8 +182,8 @@ fn rand_read(work: &Work, boot: &BootInfo, clock: Clock, mib: u64, count: u64) -
         return fail(name, "out of memory");
     };
     println!(
-        "vcpu0 workload {} count={} chunk={}",
-        name, count, work.chunk
+        "vcpu{} workload {} count={} chunk={}",
+        vcpu, name, count, work.chunk
     );
     let start = clock.now_ns();
     for i in 0..count {
@@ -178,7 +191,8 @@ fn rand_read(work: &Work, boot: &BootInfo, clock: Clock, mib: u64, count: u64) -
         let s = blk.read(offset / 512, buf, work.chunk as u32);
         if s != BLK_S_OK {
             println!(
-                "vcpu0 {} refused status={} sector={}",
+                "vcpu{} {} refused status={} sector={}",
+                vcpu,
                 name,
                 s,
                 offset / 512
@@ -187,7 +201,8 @@ fn rand_read(work: &Work, boot: &BootInfo, clock: Clock, mib: u64, count: u64) -
         }
     }
     println!(
-        "vcpu0 {} ok bytes={} ns={}",
+        "vcpu{} {} ok bytes={} ns={}",
+        vcpu,
         name,
         count * work.chunk,
         clock.now_ns() - start
@@ -201,6 +216,7 @@ fn disk(
     work: &Work,
     boot: &BootInfo,
     clock: Clock,
+    vcpu: u64,
     write: bool,
     mib: u64,
     seed: u64,
@@ -214,8 +230,8 @@ fn disk(
     };
     let start = clock.now_ns();
     println!(
-        "vcpu0 workload {} bytes={} chunk={} sectors={}",
-        name, total, chunk, blk.sectors
+        "vcpu{} workload {} bytes={} chunk={} sectors={}",
+        vcpu, name, total, chunk, blk.sectors
     );
     let mut offset = 0;
     while offset < total {
@@ -232,7 +248,8 @@ fn disk(
             let s = blk.write(offset / 512, buf, len as u32);
             if s != BLK_S_OK {
                 println!(
-                    "vcpu0 disk-write refused status={} sector={}",
+                    "vcpu{} disk-write refused status={} sector={}",
+                    vcpu,
                     s,
                     offset / 512
                 );
@@ -242,7 +259,8 @@ fn disk(
             let s = blk.read(offset / 512, buf, len as u32);
             if s != BLK_S_OK {
                 println!(
-                    "vcpu0 disk-verify refused status={} sector={}",
+                    "vcpu{} disk-verify refused status={} sector={}",
+                    vcpu,
                     s,
                     offset / 512
                 );
@@ -250,7 +268,11 @@ fn disk(
             }
             fill_pattern(seed, offset, want);
             if let Some(i) = (0..data.len()).find(|&i| data[i] != want[i]) {
-                println!("vcpu0 disk-verify mismatch at byte {}", offset + i as u64);
+                println!(
+                    "vcpu{} disk-verify mismatch at byte {}",
+                    vcpu,
+                    offset + i as u64
+                );
                 return Err(5);
             }
         }
@@ -260,7 +282,8 @@ fn disk(
         return fail(name, "flush failed");
     }
     println!(
-        "vcpu0 {} ok bytes={} ns={}",
+        "vcpu{} {} ok bytes={} ns={}",
+        vcpu,
         name,
         total,
         clock.now_ns() - start
