@@ -126,11 +126,11 @@ pub fn parse(cmdline: &str, vcpu: u64) -> Result<Work, &'static str> {
                 if number(n)? != vcpu {
                     continue;
                 }
-                work.explicit = true;
-                w
+                (w, true)
             }
-            None => word,
+            None => (word, false),
         };
+        let (word, prefixed) = word;
         let (key, value) = word.split_once('=').unwrap_or((word, ""));
         let kind = match key {
             "count" => Kind::Count(if value.is_empty() { 5 } else { number(value)? }),
@@ -211,8 +211,10 @@ pub fn parse(cmdline: &str, vcpu: u64) -> Result<Work, &'static str> {
             }
             _ => return Err("unknown word on the command line"),
         };
-        if !have_kind {
+        // The first workload word wins, but one addressed to this vCPU (@N:) beats any other.
+        if !have_kind || (prefixed && !work.explicit) {
             work.kind = kind;
+            work.explicit = prefixed;
             have_kind = true;
         }
     }

@@ -171,3 +171,32 @@ pub fn ftvm_with(cmd: &mut Command, timeout: Duration) -> Output {
     }
 }
 pub mod netns;
+
+/// Starts `ftvm` with `args`, its stdout collected into a [`Console`] the test can wait on.
+pub fn spawn_ftvm(args: &[&str]) -> (Guarded, Console) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ftvm"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("ftvm starts");
+    let mut out = child.stdout.take().unwrap();
+    let console = Console::default();
+    let mut sink = console.clone();
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut out, &mut sink);
+    });
+    (Guarded(Some(child)), console)
+}
+
+/// Runs an `ftvm` client command (pause, snapshot, ...) and returns its stdout; panics if it fails.
+pub fn ftvm_ok(args: &[&str]) -> String {
+    let o = ftvm(args, Duration::from_secs(60));
+    assert!(
+        o.status.success(),
+        "ftvm {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
