@@ -297,6 +297,15 @@ mod tests {
     }
 
     #[test]
+    fn a_device_without_save_support_fails_loudly_with_its_name() {
+        let (_, device) = recorder();
+        let err = lock(&device).save().unwrap_err();
+        assert!(err.to_string().contains("Recorder"), "{err}");
+        let err = lock(&device).restore(&DeviceState::Stateless).unwrap_err();
+        assert!(matches!(err, StateError::NotSaveable(name) if name.ends_with("Recorder")));
+    }
+
+    #[test]
     fn unmapped_addresses_are_reported() {
         let mut bus = Bus::new();
         bus.insert(PioAddress(0x500), 0x10, recorder().1).unwrap();

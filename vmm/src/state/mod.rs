@@ -140,3 +140,74 @@ impl KvmVmState {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
+    use kvm_ioctls::Kvm;
+
+    fn vm_with_pit(kvm: &Kvm) -> VmFd {
+        let fd = kvm.create_vm().expect("a VM (needs /dev/kvm)");
+        fd.create_irq_chip().unwrap();
+        fd.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .unwrap();
+        fd
+    }
+
+    #[test]
+    fn interrupt_controllers_pit_and_clock_round_trip() {
+        let kvm = Kvm::new().expect("this test needs /dev/kvm");
+        let a = vm_with_pit(&kvm);
+        // A programmed PIT channel 0 (mode 2, count 0x1234), and pending interrupts: IRQ 3 on
+        // the PIC and GSI 10 raised on the IOAPIC, level held.
+        let mut pit = a.get_pit2().unwrap();
+        pit.channels[0].count = 0x1234;
+        pit.channels[0].mode = 2;
+        pit.channels[0].rw_mode = 3;
+        a.set_pit2(&pit).unwrap();
+        a.set_irq_line(3, true).unwrap();
+        a.set_irq_line(10, true).unwrap();
+        let saved = KvmVmState::save(&a, true).unwrap();
+        assert_eq!(saved.pit.as_ref().unwrap().channels[0].count, 0x1234);
+
+        let b = vm_with_pit(&kvm);
+        saved.restore(&b).unwrap();
+        let again = KvmVmState::save(&b, true).unwrap();
+        // Everything but the clock reading (which moves between the two saves) is identical.
+        assert_eq!(
+            format!("{:?}", saved.irqchips),
+            format!("{:?}", again.irqchips)
+        );
+        let channels = |s: &KvmVmState| {
+            s.pit.as_ref().unwrap().channels.map(|c| {
+                (
+                    c.count,
+                    c.mode,
+                    c.rw_mode,
+                    c.latched_count,
+                    c.status,
+                    c.gate,
+                )
+            })
+        };
+        assert_eq!(channels(&saved), channels(&again));
+        assert!(
+            again.clock.clock >= saved.clock.clock,
+            "the clock does not go back"
+        );
+    }
+
+    #[test]
+    fn incomplete_interrupt_controller_state_is_refused() {
+        let kvm = Kvm::new().expect("this test needs /dev/kvm");
+        let a = vm_with_pit(&kvm);
+        let mut saved = KvmVmState::save(&a, true).unwrap();
+        saved.irqchips.pop();
+        let b = vm_with_pit(&kvm);
+        assert!(matches!(saved.restore(&b), Err(StateError::Invalid(_))));
+    }
+}
