@@ -9,6 +9,7 @@ use super::{BOOT_STACK, ZERO_PAGE};
 use crate::memory::GuestMemoryMmap;
 use crate::x86::gdt::{self, GDT_ADDR, TSS_ADDR, TSS_LIMIT};
 use crate::x86::paging::{self, PML4_ADDR};
+use crate::x86::regs::{CR0_ET, CR0_NE, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME};
 
 /// Boot code segment selector.
 pub const BOOT_CS: u16 = 0x10;
@@ -16,24 +17,6 @@ pub const BOOT_CS: u16 = 0x10;
 pub const BOOT_DS: u16 = 0x18;
 /// TSS selector.
 pub const BOOT_TSS: u16 = 0x20;
-
-fn segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
-    kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_,
-        present: 1,
-        dpl: 0,
-        db: u8::from(!long),
-        s: 1,
-        l: u8::from(long),
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    }
-}
 
 fn segments() -> (kvm_segment, kvm_segment, kvm_segment) {
     let tr = kvm_segment {
@@ -52,8 +35,8 @@ fn segments() -> (kvm_segment, kvm_segment, kvm_segment) {
         padding: 0,
     };
     (
-        segment(BOOT_CS, 0xb, true),
-        segment(BOOT_DS, 0x3, false),
+        gdt::flat(BOOT_CS, 0xb, 0, true),
+        gdt::flat(BOOT_DS, 0x3, 0, false),
         tr,
     )
 }
@@ -80,14 +63,6 @@ pub fn write_boot_tables(
     }
     Ok(())
 }
-
-const CR0_PE: u64 = 1;
-const CR0_ET: u64 = 1 << 4;
-const CR0_NE: u64 = 1 << 5;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
 
 /// Special registers of the boot CPU.
 pub fn sregs(mut s: kvm_sregs) -> kvm_sregs {

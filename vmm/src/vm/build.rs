@@ -11,15 +11,14 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{VmError, VmEvent, kvm_err};
+use super::{SavedConfig, Vm, VmError, VmEvent, kvm_err};
 use crate::acpi::pm;
+use crate::boot::Boot;
 use crate::bus::{Bus, MmioAddress, PioAddress, SharedDevice};
 use crate::device_manager::DeviceManager;
 use crate::devices::legacy::{AcpiPm, I8042, I8042_PORT, I8042_PORT_LEN};
 use crate::devices::pvctl::PvControl;
 use crate::devices::serial::{SERIAL_IRQ, SERIAL_PORT_LEN, SerialConsole, SerialCounters};
-use crate::devices::virtio::block::BlockConfig;
-use crate::devices::virtio::net::NetConfig;
 use crate::memory::{self, GuestMemoryMmap};
 
 /// The pieces of a machine before its guest is loaded or restored.
@@ -36,15 +35,43 @@ pub(super) struct Parts {
     pub events: Receiver<VmEvent>,
 }
 
-/// Builds the machine: `linux` adds the PIT and the legacy devices Linux uses.
+impl Parts {
+    /// The finished VM, not started.
+    pub(super) fn into_vm(
+        self,
+        layout: Option<Boot>,
+        saved: SavedConfig,
+        counters: Option<Vec<Vec<u64>>>,
+    ) -> Vm {
+        Vm {
+            vcpus: Vec::new(),
+            pending_vcpus: self.vcpu_fds,
+            pending_counters: counters,
+            event_loop: None,
+            devices: self.devices,
+            events_tx: self.events_tx,
+            events: self.events,
+            pio: Arc::new(self.pio),
+            mmio: Arc::new(self.mmio),
+            serial: self.serial,
+            layout,
+            saved,
+            fd: self.fd,
+            memory: self.memory,
+            kvm: self.kvm,
+        }
+    }
+}
+
+/// Builds the machine `config` describes: a Linux guest also gets the PIT and the legacy
+/// devices Linux uses.
 pub(super) fn build(
     vcpus: u8,
     ram: &[(GuestAddress, u64)],
-    linux: bool,
-    disks: Vec<BlockConfig>,
-    nets: Vec<NetConfig>,
+    config: &SavedConfig,
     console: Box<dyn Write + Send>,
 ) -> Result<Parts, VmError> {
+    let linux = config.linux;
     let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
     let max = kvm.get_max_vcpus();
     if usize::from(vcpus) > max {
@@ -74,11 +101,11 @@ pub(super) fn build(
 
     let mut mmio = Bus::new();
     let mut devices = DeviceManager::default();
-    for disk in disks {
-        devices.add_block(&fd, &mut mmio, &memory, disk)?;
+    for disk in &config.disks {
+        devices.add_block(&fd, &mut mmio, &memory, disk.clone())?;
     }
-    for net in nets {
-        devices.add_net(&fd, &mut mmio, &memory, net)?;
+    for net in &config.nets {
+        devices.add_net(&fd, &mut mmio, &memory, net.clone())?;
     }
 
     let (events_tx, events) = channel();

@@ -25,8 +25,6 @@ mod snapshot;
 
 pub use snapshot::{MachineState, MemoryFiller, RestoreOptions};
 
-use build::Parts;
-
 /// Most vCPUs a VM may have (APIC ids must stay below the broadcast id 255).
 pub const MAX_VCPUS: u8 = 254;
 /// How long a pause may take before the VMM gives up on a vCPU.
@@ -239,31 +237,13 @@ impl Vm {
             disks: config.disks.clone(),
             nets: config.nets.clone(),
         };
-        let Parts {
-            kvm,
-            fd,
-            memory,
-            vcpu_fds,
-            pio,
-            mmio,
-            devices,
-            serial,
-            events_tx,
-            events,
-        } = build::build(
-            vcpus,
-            &ram,
-            linux,
-            config.disks,
-            config.nets,
-            config.console,
-        )?;
-
-        let supported = kvm
+        let parts = build::build(vcpus, &ram, &saved, config.console)?;
+        let supported = parts
+            .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("report its supported CPUID"))?;
         let pvm = cpuid::host_is_pvm();
-        for (i, vcpu) in vcpu_fds.iter().enumerate() {
+        for (i, vcpu) in parts.vcpu_fds.iter().enumerate() {
             let mut c = cpuid::for_vcpu(&supported, i as u8, vcpus);
             if pvm {
                 cpuid::hide_unemulated(&mut c);
@@ -273,11 +253,11 @@ impl Vm {
                 warn_if_cpuid_overridden(vcpu, &c);
             }
         }
-        let tsc_khz = vcpu_fds[0]
+        let tsc_khz = parts.vcpu_fds[0]
             .get_tsc_khz()
             .map_err(kvm_err("report the TSC frequency"))?;
         let layout = boot::load(
-            &memory,
+            &parts.memory,
             &ram,
             &BootInput {
                 name: &name,
@@ -287,30 +267,14 @@ impl Vm {
                 cmdline: config.cmdline.as_deref(),
                 vcpus,
                 tsc_khz: u64::from(tsc_khz),
-                virtio: &devices.slots,
+                virtio: &parts.devices.slots,
             },
         )?;
-        for (i, vcpu) in vcpu_fds.iter().enumerate() {
+        for (i, vcpu) in parts.vcpu_fds.iter().enumerate() {
             boot::setup_vcpu(vcpu, &layout, i as u8).map_err(kvm_err("set up a vCPU"))?;
         }
 
-        Ok(Self {
-            vcpus: Vec::new(),
-            pending_vcpus: vcpu_fds,
-            pending_counters: None,
-            event_loop: None,
-            devices,
-            events_tx,
-            events,
-            pio: Arc::new(pio),
-            mmio: Arc::new(mmio),
-            serial,
-            layout: Some(layout),
-            saved,
-            fd,
-            memory,
-            kvm,
-        })
+        Ok(parts.into_vm(Some(layout), saved, None))
     }
 
     /// Starts every vCPU.

@@ -10,7 +10,7 @@ use std::io::Write;
 
 use serde::{Deserialize, Serialize};
 
-use super::build::{self, Parts};
+use super::build;
 use super::{MAX_VCPUS, SavedConfig, Vm, VmError, kvm_err};
 use crate::bus::{self, Bus, BusAddress};
 use crate::devices::virtio::net::NetConfig;
@@ -157,66 +157,37 @@ impl Vm {
         {
             return Err(StateError::Invalid("the saved counters do not match the machine").into());
         }
-        let Parts {
-            kvm,
-            fd,
-            memory,
-            vcpu_fds,
-            pio,
-            mmio,
-            devices,
-            serial,
-            events_tx,
-            events,
-        } = build::build(
-            vcpus,
-            &ram,
-            config.linux,
-            config.disks.clone(),
-            config.nets.clone(),
-            opts.console,
-        )?;
-        fill(&memory).map_err(VmError::LoadMemory)?;
+        let parts = build::build(vcpus, &ram, &config, opts.console)?;
+        fill(&parts.memory).map_err(VmError::LoadMemory)?;
         // What restoring wrote is not a change the guest made.
-        memory::take_dirty(&fd, &memory)?;
+        memory::take_dirty(&parts.fd, &parts.memory)?;
 
         restore_bus(
-            &pio,
+            &parts.pio,
             &state
                 .pio
                 .iter()
                 .map(|(a, s)| (u64::from(*a), s.clone()))
                 .collect::<Vec<_>>(),
         )?;
-        restore_bus(&mmio, &state.mmio)?;
-        state.kvm.restore(&fd)?;
-        for (vcpu, saved) in vcpu_fds.iter().zip(&state.vcpus) {
+        restore_bus(&parts.mmio, &state.mmio)?;
+        state.kvm.restore(&parts.fd)?;
+        for (vcpu, saved) in parts.vcpu_fds.iter().zip(&state.vcpus) {
             saved.restore(vcpu)?;
         }
-        for (c, v) in devices.block_counters.iter().zip(&state.counters.blocks) {
+        for (c, v) in parts
+            .devices
+            .block_counters
+            .iter()
+            .zip(&state.counters.blocks)
+        {
             c.load_values(v)?;
         }
-        for (c, v) in devices.net_counters.iter().zip(&state.counters.nets) {
+        for (c, v) in parts.devices.net_counters.iter().zip(&state.counters.nets) {
             c.load_values(v)?;
         }
-        serial.load_values(&state.counters.serial)?;
+        parts.serial.load_values(&state.counters.serial)?;
 
-        Ok(Vm {
-            vcpus: Vec::new(),
-            pending_vcpus: vcpu_fds,
-            pending_counters: Some(state.counters.vcpus),
-            event_loop: None,
-            devices,
-            events_tx,
-            events,
-            pio: std::sync::Arc::new(pio),
-            mmio: std::sync::Arc::new(mmio),
-            serial,
-            layout: None,
-            saved: config,
-            fd,
-            memory,
-            kvm,
-        })
+        Ok(parts.into_vm(None, config, Some(state.counters.vcpus)))
     }
 }

@@ -29,7 +29,7 @@ const TYPE_DATA_RW_ACCESSED: u8 = 0x3;
 const TYPE_TSS64_BUSY: u8 = 0xb;
 
 /// A flat segment as KVM wants it.
-fn flat(selector: u16, type_: u8, dpl: u8, long: bool) -> kvm_segment {
+pub(crate) fn flat(selector: u16, type_: u8, dpl: u8, long: bool) -> kvm_segment {
     kvm_segment {
         base: 0,
         limit: 0xffff_ffff,
