@@ -76,6 +76,22 @@ pub fn create(vm: &VmFd, ranges: &[(GuestAddress, u64)]) -> Result<GuestMemoryMm
     for (slot, region) in memory.iter().enumerate() {
         let slot = slot as u32;
         let host = region.as_ptr() as u64;
+        // Transparent huge pages for the host side: far fewer page faults when memory is
+        // first touched (a restore writes it all). KVM still tracks dirty pages at 4 KiB.
+        // SAFETY: advice on a live mapping owned by `memory`; it does not change its contents.
+        let r = unsafe {
+            libc::madvise(
+                region.as_ptr().cast(),
+                region.len() as usize,
+                libc::MADV_HUGEPAGE,
+            )
+        };
+        if r != 0 {
+            tracing::debug!(
+                "no transparent huge pages for guest memory: {}",
+                std::io::Error::last_os_error()
+            );
+        }
         let region = kvm_userspace_memory_region {
             slot,
             flags: KVM_MEM_LOG_DIRTY_PAGES,
