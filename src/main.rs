@@ -126,19 +126,6 @@ fn parse_size(s: &str) -> anyhow::Result<u64> {
         .with_context(|| format!("Memory size '{s}' is too large"))
 }
 
-/// The console: stdout, flushed at line ends rather than after every byte.
-struct Console(std::io::Stdout);
-
-impl Write for Console {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.write(buf)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        // Stdout is line-buffered already; a flush per byte would cost a syscall per byte.
-        Ok(())
-    }
-}
-
 /// Parses every value of a repeated option.
 fn parse_all<T: std::str::FromStr<Err = String>>(values: &[String]) -> anyhow::Result<Vec<T>> {
     values
@@ -168,7 +155,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         kernel,
         cmdline: args.cmdline,
         initrd: args.initrd,
-        console: Box::new(Console(std::io::stdout())),
+        console: Box::new(std::io::stdout()),
         disks,
         nets,
     })?;
@@ -207,7 +194,7 @@ fn supervise(mut vm: Vm, api: Option<PathBuf>) -> anyhow::Result<ExitCode> {
 fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     let nets = parse_all(&args.nets)?;
     let opts = RestoreOptions {
-        console: Box::new(Console(std::io::stdout())),
+        console: Box::new(std::io::stdout()),
         nets: (!nets.is_empty()).then_some(nets),
     };
     let vm = checkpoint::snapshot::restore(&args.from, opts)?;

@@ -130,6 +130,36 @@ pub fn last_count(text: &str, vcpu: u8) -> Option<u64> {
         .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
 }
 
+/// Every `vcpuN count K` value vCPU `vcpu` printed, in order.
+pub fn counts(text: &str, vcpu: u8) -> Vec<u64> {
+    let prefix = format!("vcpu{vcpu} count ");
+    text.lines()
+        .filter_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+        .collect()
+}
+
+/// Asserts that the console of a guest before a snapshot, followed by the console of the
+/// restored guest, shows vCPU `vcpu` counting 1, 2, 3... with nothing lost or repeated (a line
+/// cut by the snapshot is completed by the restored guest), and that it counted on after the
+/// restore.
+pub fn assert_counts_continue(before: &str, after: &str, vcpu: u8) {
+    let saved = counts(before, vcpu).len() as u64;
+    let all = counts(&format!("{before}{after}"), vcpu);
+    let want: Vec<u64> = (1..=all.len() as u64).collect();
+    assert_eq!(
+        all, want,
+        "vCPU {vcpu} counts across the restore:\n{before}\n--- restored ---\n{after}"
+    );
+    assert!(
+        all.len() as u64 > saved + 2,
+        "vCPU {vcpu} did not count on after the restore"
+    );
+    assert!(
+        !after.contains("ftvm-guest: boot"),
+        "the guest booted again:\n{after}"
+    );
+}
+
 /// A child process that is killed if the test ends before it does.
 pub struct Guarded(pub Option<Child>);
 
@@ -172,8 +202,9 @@ pub fn ftvm_with(cmd: &mut Command, timeout: Duration) -> Output {
 }
 pub mod netns;
 
-/// Starts `ftvm` with `args`, its stdout collected into a [`Console`] the test can wait on.
-pub fn spawn_ftvm(args: &[&str]) -> (Guarded, Console) {
+/// Starts `ftvm` with `args`, its stdout collected into a [`Console`] the test can wait on;
+/// the handle ends when ftvm's stdout closes (join it to know the console is complete).
+pub fn spawn_ftvm(args: &[&str]) -> (Guarded, Console, std::thread::JoinHandle<()>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_ftvm"))
         .args(args)
         .stdin(Stdio::null())
@@ -184,10 +215,10 @@ pub fn spawn_ftvm(args: &[&str]) -> (Guarded, Console) {
     let mut out = child.stdout.take().unwrap();
     let console = Console::default();
     let mut sink = console.clone();
-    std::thread::spawn(move || {
+    let reader = std::thread::spawn(move || {
         let _ = std::io::copy(&mut out, &mut sink);
     });
-    (Guarded(Some(child)), console)
+    (Guarded(Some(child)), console, reader)
 }
 
 /// Runs an `ftvm` client command (pause, snapshot, ...) and returns its stdout; panics if it fails.

@@ -56,8 +56,20 @@ impl Write for ConsoleOut {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).write(buf)
     }
+    /// A no-op: the UART flushes after every byte, which would cost a system call per byte.
+    /// The host side is flushed by [`ConsoleOut::sync`] instead.
     fn flush(&mut self) -> std::io::Result<()> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).flush()
+        Ok(())
+    }
+}
+
+impl ConsoleOut {
+    /// Pushes everything the guest wrote so far to the host side (e.g. a partial line when
+    /// the VM pauses: a snapshot must not leave console bytes in a buffer).
+    pub fn sync(&self) {
+        if let Err(e) = self.0.lock().unwrap_or_else(|p| p.into_inner()).flush() {
+            tracing::warn!("console output failed: {e}");
+        }
     }
 }
 
@@ -82,6 +94,11 @@ impl SerialConsole {
             out,
             counters,
         }
+    }
+
+    /// The host side of the console.
+    pub fn output(&self) -> ConsoleOut {
+        self.out.clone()
     }
 
     /// The console's counters.

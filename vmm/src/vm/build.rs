@@ -18,7 +18,9 @@ use crate::bus::{Bus, MmioAddress, PioAddress, SharedDevice};
 use crate::device_manager::DeviceManager;
 use crate::devices::legacy::{AcpiPm, I8042, I8042_PORT, I8042_PORT_LEN};
 use crate::devices::pvctl::PvControl;
-use crate::devices::serial::{SERIAL_IRQ, SERIAL_PORT_LEN, SerialConsole, SerialCounters};
+use crate::devices::serial::{
+    ConsoleOut, SERIAL_IRQ, SERIAL_PORT_LEN, SerialConsole, SerialCounters,
+};
 use crate::memory::{self, GuestMemoryMmap};
 
 /// The pieces of a machine before its guest is loaded or restored.
@@ -31,6 +33,7 @@ pub(super) struct Parts {
     pub mmio: Bus<MmioAddress>,
     pub devices: DeviceManager,
     pub serial: Arc<SerialCounters>,
+    pub console: ConsoleOut,
     pub events_tx: Sender<VmEvent>,
     pub events: Receiver<VmEvent>,
 }
@@ -54,6 +57,7 @@ impl Parts {
             pio: Arc::new(self.pio),
             mmio: Arc::new(self.mmio),
             serial: self.serial,
+            console: self.console,
             layout,
             saved,
             fd: self.fd,
@@ -117,6 +121,7 @@ pub(super) fn build(
         .map_err(kvm_err("connect the serial interrupt"))?;
     let console = SerialConsole::new(irq, console);
     let serial = console.counters();
+    let console_out = console.output();
     // One UART, reachable both as COM1 (ring-0 guests) and through MMIO (the test guest).
     let console: SharedDevice = Arc::new(Mutex::new(console));
     let mut pio = Bus::new();
@@ -148,6 +153,7 @@ pub(super) fn build(
         mmio,
         devices,
         serial,
+        console: console_out,
         events_tx,
         events,
     })

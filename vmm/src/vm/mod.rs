@@ -12,7 +12,7 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use crate::boot::{self, Boot, BootError, BootInput, GuestKind};
 use crate::bus::{Bus, MmioAddress, PioAddress};
 use crate::device_manager::{DeviceError, DeviceManager};
-use crate::devices::serial::SerialCounters;
+use crate::devices::serial::{ConsoleOut, SerialCounters};
 use crate::devices::virtio::block::{BlockConfig, BlockCounters};
 use crate::devices::virtio::net::{NetConfig, NetCounters};
 use crate::event_loop::{EventLoop, EventLoopError};
@@ -170,6 +170,7 @@ pub struct Vm {
     pio: Arc<Bus<PioAddress>>,
     mmio: Arc<Bus<MmioAddress>>,
     serial: Arc<SerialCounters>,
+    console: ConsoleOut,
     /// How the guest was loaded (None for a VM restored from a snapshot).
     layout: Option<Boot>,
     saved: SavedConfig,
@@ -328,6 +329,8 @@ impl Vm {
         if let Some(l) = &self.event_loop {
             l.pause(deadline.saturating_duration_since(Instant::now()))?;
         }
+        // Whatever the guest printed before the pause is out, even a partial line.
+        self.console.sync();
         Ok(())
     }
 
