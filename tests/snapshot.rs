@@ -110,3 +110,64 @@ fn save_restore_save_gives_the_same_state() {
     assert_eq!(dump(&restored), memory, "memory identical");
     restored.stop();
 }
+
+/// Flips one byte of the state section of a valid snapshot file and fixes the CRC, so that
+/// the damage reaches the decoder and the restore (untrusted input all the way down).
+fn mutate(bytes: &[u8], seed: u64) -> Vec<u8> {
+    let mut out = bytes.to_vec();
+    let state_len = u64::from_le_bytes(out[16..24].try_into().unwrap()) as usize;
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    x ^= x >> 29;
+    let at = 40 + (x as usize % state_len);
+    out[at] ^= (x >> 8) as u8 | 1;
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&out[..32]);
+    crc.update(&out[40..]);
+    out[32..36].copy_from_slice(&crc.finalize().to_le_bytes());
+    out
+}
+
+#[test]
+fn damaged_state_never_panics_the_vmm() {
+    let (mut vm, console) = test_vm(1, 32, "count=0 interval-ms=5");
+    vm.start().unwrap();
+    console.wait_for("vcpu0 count 2\n", LIMIT);
+    vm.pause().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.snap");
+    checkpoint::snapshot::write(&good, &vm.save_state().unwrap(), vm.memory()).unwrap();
+    vm.stop();
+    drop(vm);
+    let bytes = std::fs::read(&good).unwrap();
+    let (mut refused, mut restored) = (0, 0);
+    for seed in 0..60u64 {
+        let path = dir.path().join("bad.snap");
+        std::fs::write(&path, mutate(&bytes, seed)).unwrap();
+        let result = std::panic::catch_unwind(|| {
+            let opts = RestoreOptions {
+                console: Box::new(std::io::sink()),
+                nets: None,
+            };
+            match checkpoint::snapshot::restore(&path, opts) {
+                Ok(mut vm) => {
+                    // Whatever the damage did to the guest, the VMM runs it and stops it.
+                    vm.start().expect("a restored VM starts");
+                    let _ = vm.wait_event(Some(Duration::from_millis(20)));
+                    vm.stop();
+                    true
+                }
+                Err(e) => {
+                    assert!(!e.to_string().is_empty());
+                    false
+                }
+            }
+        });
+        match result {
+            Ok(true) => restored += 1,
+            Ok(false) => refused += 1,
+            Err(_) => panic!("restoring mutation {seed} panicked"),
+        }
+    }
+    eprintln!("damaged snapshots: {refused} refused, {restored} restored and run");
+    assert!(refused > 0, "some damage must be detected");
+}
