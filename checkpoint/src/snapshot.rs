@@ -316,11 +316,18 @@ pub enum RestoreError {
 
 /// Builds a VM from the snapshot at `path` (checked before anything is started).
 pub fn restore(path: &Path, opts: vmm::vm::RestoreOptions) -> Result<vmm::Vm, RestoreError> {
+    let t = std::time::Instant::now();
     let snap: Snapshot<vmm::vm::MachineState> = read(path)?;
+    tracing::debug!(elapsed = ?t.elapsed(), "snapshot read and checked");
     let Snapshot { state, memory } = snap;
     let image = Snapshot { state: (), memory };
     let mut fill = |m: &GuestMemoryMmap| -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        image.fill(m).map_err(Into::into)
+        let start = std::time::Instant::now();
+        let r = image.fill(m).map_err(Into::into);
+        tracing::debug!(elapsed = ?start.elapsed(), "guest memory filled");
+        r
     };
-    Ok(vmm::Vm::restore(state, opts, &mut fill)?)
+    let vm = vmm::Vm::restore(state, opts, &mut fill)?;
+    tracing::debug!(elapsed = ?t.elapsed(), "machine restored");
+    Ok(vm)
 }
