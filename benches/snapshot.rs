@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use vmm::vm::RestoreOptions;
 
-fn run(mem_mib: u64) {
+fn run(mem_mib: u64, encoding: checkpoint::snapshot::MemoryEncoding) {
     let cmdline = "@0:count=0 @0:interval-ms=50 @1:dirty=400,128";
     let (mut vm, console) = common::test_vm(2, mem_mib, cmdline);
     vm.start().unwrap();
@@ -24,7 +24,11 @@ fn run(mem_mib: u64) {
     let paused = t0.elapsed();
     let state = vm.save_state().unwrap();
     let saved = t0.elapsed();
-    let stats = checkpoint::snapshot::write(&path, &state, vm.memory()).unwrap();
+    let stats = checkpoint::snapshot::write_with(&path, &state, vm.memory(), encoding).unwrap();
+    let on_disk = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&path).unwrap().blocks() * 512
+    };
     let written = t0.elapsed();
     vm.stop();
     drop(vm);
@@ -46,17 +50,20 @@ fn run(mem_mib: u64) {
     restored.stop();
     let _ = std::fs::remove_file(&path);
     println!(
-        "{mem_mib:>5} MiB: snapshot {written:>8.1?} (pause {paused:.1?}, state {:.1?}, file {:.1?}; {} KiB file, {} of {} pages non-zero) | restore to running {running:>8.1?} (build+load {built:.1?}), first output {printing:.1?}",
+        "{encoding:?} {mem_mib:>5} MiB: snapshot {written:>8.1?} (pause {paused:.1?}, state {:.1?}, file {:.1?}; {} KiB on disk, {} of {} pages non-zero) | restore to running {running:>8.1?} (build+load {built:.1?}), first output {printing:.1?}",
         saved - paused,
         written - saved,
-        (stats.state_bytes + stats.memory_bytes) >> 10,
+        on_disk >> 10,
         stats.pages - stats.zero_pages,
         stats.pages,
     );
 }
 
 fn main() {
-    for mem in [512, 2048] {
-        run(mem);
+    use checkpoint::snapshot::MemoryEncoding::{Compressed, Raw};
+    for encoding in [Compressed, Raw] {
+        for mem in [512, 2048] {
+            run(mem, encoding);
+        }
     }
 }

@@ -37,6 +37,10 @@ enum Command {
         /// The snapshot file to write.
         #[arg(long, value_name = "PATH")]
         to: PathBuf,
+        /// Store memory raw and page-aligned (a sparse file) instead of compressed: a restore
+        /// then maps it copy-on-write instead of copying it in, and starts much faster.
+        #[arg(long)]
+        raw: bool,
     },
     /// Pause a VM's vCPUs and devices.
     Pause {
@@ -226,15 +230,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Restore(args) => restore(args),
-        Command::Snapshot { api, to } => {
+        Command::Snapshot { api, to, raw } => {
             // The VMM may run in another directory: give it an absolute path.
             let to = std::path::absolute(&to).unwrap_or(to);
-            client(
-                &api,
-                "PUT",
-                "/snapshot",
-                Some(serde_json::json!({ "path": to })),
-            )
+            let body = serde_json::json!({ "path": to, "raw": raw });
+            client(&api, "PUT", "/snapshot", Some(body))
         }
         Command::Pause { api } => client(&api, "PUT", "/pause", None),
         Command::Resume { api } => client(&api, "PUT", "/resume", None),

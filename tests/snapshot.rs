@@ -36,7 +36,7 @@ fn restore(state: MachineState, memory: Vec<(GuestAddress, Vec<u8>)>) -> (Vm, Co
         Ok(())
     };
     (
-        Vm::restore(state, opts, &mut fill).expect("restores"),
+        Vm::restore(state, opts, vmm::vm::RestoreMemory::Fill(&mut fill)).expect("restores"),
         console,
     )
 }
@@ -170,4 +170,48 @@ fn damaged_state_never_panics_the_vmm() {
     }
     eprintln!("damaged snapshots: {refused} refused, {restored} restored and run");
     assert!(refused > 0, "some damage must be detected");
+}
+
+#[test]
+fn a_raw_snapshot_restores_by_mapping_and_the_file_stays_untouched() {
+    let (mut vm, console) = test_vm(2, 64, "count=0 interval-ms=5");
+    vm.start().unwrap();
+    console.wait_until("both vCPUs counting", LIMIT, |t| {
+        last_count(t, 0) >= Some(3) && last_count(t, 1) >= Some(3)
+    });
+    vm.pause().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("raw.snap");
+    let encoding = checkpoint::snapshot::MemoryEncoding::Raw;
+    checkpoint::snapshot::write_with(&path, &vm.save_state().unwrap(), vm.memory(), encoding)
+        .unwrap();
+    let before = console.text();
+    vm.stop();
+    drop(vm);
+    let file = std::fs::read(&path).unwrap();
+
+    let restored_console = Console::default();
+    let opts = RestoreOptions {
+        console: Box::new(restored_console.clone()),
+        nets: None,
+    };
+    let mut restored = checkpoint::snapshot::restore(&path, opts).unwrap();
+    restored.start().unwrap();
+    let (a, b) = (
+        last_count(&before, 0).unwrap(),
+        last_count(&before, 1).unwrap(),
+    );
+    let text = restored_console.wait_until("counting on", LIMIT, |t| {
+        let all = format!("{before}{t}");
+        last_count(&all, 0) > Some(a + 2) && last_count(&all, 1) > Some(b + 2)
+    });
+    common::assert_counts_continue(&before, &text, 0);
+    common::assert_counts_continue(&before, &text, 1);
+    restored.pause().unwrap();
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        file,
+        "the guest's writes reached the snapshot file"
+    );
+    restored.stop();
 }

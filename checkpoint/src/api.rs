@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `GET /status` | `{"state": "running" \| "paused", "vcpus": N}` |
 //! | `PUT /pause`, `PUT /resume` | pauses or resumes the VM |
-//! | `PUT /snapshot` `{"path": "..."}` | pauses, writes a snapshot file, resumes if it was running |
+//! | `PUT /snapshot` `{"path": "...", "raw": false}` | pauses, writes a snapshot file (raw: mappable memory), resumes if it was running |
 //!
 //! The server thread only parses requests; the thread that owns the VM executes them (see
 //! `crate::control`), so the API never races the VM's own life cycle.
@@ -30,6 +30,8 @@ pub enum Command {
     Snapshot {
         /// Where.
         path: PathBuf,
+        /// Raw (mappable) memory instead of compressed.
+        raw: bool,
     },
 }
 
@@ -154,9 +156,12 @@ fn serve(stream: UnixStream, tx: &Sender<Request>) -> std::io::Result<()> {
         ("PUT", "/resume") => Ok(Command::Resume),
         ("PUT", "/snapshot") => serde_json::from_slice::<Value>(&body)
             .ok()
-            .and_then(|v| v.get("path")?.as_str().map(PathBuf::from))
-            .map(|path| Command::Snapshot { path })
-            .ok_or_else(|| "PUT /snapshot wants {\"path\": \"...\"}".to_string()),
+            .and_then(|v| {
+                let path = PathBuf::from(v.get("path")?.as_str()?);
+                let raw = v.get("raw").and_then(Value::as_bool).unwrap_or(false);
+                Some(Command::Snapshot { path, raw })
+            })
+            .ok_or_else(|| "PUT /snapshot wants {\"path\": \"...\", \"raw\": false}".to_string()),
         _ => Err(format!("no such request: {method} {path}")),
     };
     let command = match command {

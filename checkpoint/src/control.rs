@@ -49,7 +49,12 @@ pub fn execute(vm: &mut Vm, command: Command) -> Result<Value, String> {
             tracing::info!("VM resumed");
             Ok(json!({ "state": "running" }))
         }
-        Command::Snapshot { path } => {
+        Command::Snapshot { path, raw } => {
+            let encoding = if raw {
+                snapshot::MemoryEncoding::Raw
+            } else {
+                snapshot::MemoryEncoding::Compressed
+            };
             let was_running = !paused(vm);
             let start = Instant::now();
             vm.pause().map_err(|e| e.to_string())?;
@@ -58,7 +63,8 @@ pub fn execute(vm: &mut Vm, command: Command) -> Result<Value, String> {
                 .save_state()
                 .map_err(|e| e.to_string())
                 .and_then(|state| {
-                    snapshot::write(&path, &state, vm.memory()).map_err(|e| error_chain(&e))
+                    snapshot::write_with(&path, &state, vm.memory(), encoding)
+                        .map_err(|e| error_chain(&e))
                 });
             if was_running {
                 vm.resume();

@@ -1,17 +1,20 @@
-//! Snapshot files: a header (magic, format version, lengths, CRC-32), the encoded machine state,
-//! and guest memory compressed with zstd, zero pages elided.
+//! Snapshot files: a header (magic, format version, flags, lengths, CRC-32), the encoded
+//! machine state, and guest memory in one of two encodings.
 //!
 //! ```text
-//! header   magic "FTVMSNAP" | major u16 | minor u16 | 0 u32 | state_len u64 | memory_len u64
-//!          | crc32 u32 | 0 u32                          (40 bytes, little endian)
+//! header   magic "FTVMSNAP" | major u16 | minor u16 | flags u32 | state_len u64
+//!          | memory_len u64 | crc32 u32 | 0 u32          (40 bytes, little endian)
 //! state    state_len bytes (see codec)
-//! memory   memory_len bytes: one zstd stream of, per RAM range,
-//!          start u64 | pages u64 | per group of 64 pages: mask u64, then each page whose bit
-//!          is set (4096 bytes); pages whose bit is clear are zero
+//! memory   compressed (flags bit 0 clear): memory_len bytes, one zstd stream of, per RAM range,
+//!            start u64 | pages u64 | per group of 64 pages: mask u64, then each page whose bit
+//!            is set (4096 bytes); pages whose bit is clear are zero
+//!          raw (flags bit 0 set): zero padding to a 4 KiB boundary, then each RAM range's
+//!            bytes in order; zero pages are holes (a sparse file), memory_len covers them all
 //! ```
-//! The CRC covers the header's first 32 bytes and everything after the header. A file is
-//! written to a temporary name and renamed, so a crash never leaves half a snapshot under the
-//! final name.
+//! The CRC covers the header's first 32 bytes and everything after the header — except raw
+//! memory, which a restore maps copy-on-write instead of reading (reading it to check it would
+//! undo the point of mapping it). A file is written to a temporary name and renamed, so a crash
+//! never leaves half a snapshot under the final name.
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
@@ -19,7 +22,13 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use std::sync::Arc;
+
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap,
+};
 use vmm::memory::GuestMemoryMmap;
 
 use crate::codec::{self, CodecError};
@@ -28,8 +37,10 @@ use crate::codec::{self, CodecError};
 pub const MAGIC: [u8; 8] = *b"FTVMSNAP";
 /// Format major version: files of another major version are refused.
 pub const FORMAT_MAJOR: u16 = 1;
-/// Format minor version (compatible additions).
-pub const FORMAT_MINOR: u16 = 0;
+/// Format minor version (compatible additions: 1 added raw memory).
+pub const FORMAT_MINOR: u16 = 1;
+/// Header flag: memory is raw and page-aligned (mappable), not compressed.
+pub const FLAG_RAW_MEMORY: u32 = 1;
 const HEADER_LEN: usize = 40;
 const PAGE: usize = 4096;
 
@@ -108,22 +119,49 @@ impl<W: Write> Write for CrcWriter<W> {
     }
 }
 
-fn header(state_len: u64, memory_len: u64, crc: u32) -> [u8; HEADER_LEN] {
+/// How guest memory is stored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MemoryEncoding {
+    /// zstd, zero pages elided: small files, memory copied in on restore.
+    #[default]
+    Compressed,
+    /// Raw pages at 4 KiB-aligned offsets, zero pages as holes: larger (sparse) files that a
+    /// restore maps copy-on-write, so memory is read lazily as the guest touches it.
+    Raw,
+}
+
+fn header(flags: u32, state_len: u64, memory_len: u64, crc: u32) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[..8].copy_from_slice(&MAGIC);
     h[8..10].copy_from_slice(&FORMAT_MAJOR.to_le_bytes());
     h[10..12].copy_from_slice(&FORMAT_MINOR.to_le_bytes());
+    h[12..16].copy_from_slice(&flags.to_le_bytes());
     h[16..24].copy_from_slice(&state_len.to_le_bytes());
     h[24..32].copy_from_slice(&memory_len.to_le_bytes());
     h[32..36].copy_from_slice(&crc.to_le_bytes());
     h
 }
 
-/// Writes `state` and `memory` to `path` (through a temporary file and a rename).
+/// Writes `state` and `memory` to `path`, memory compressed.
 pub fn write<T: Serialize>(
     path: &Path,
     state: &T,
     memory: &GuestMemoryMmap,
+) -> Result<SnapshotStats, SnapshotError> {
+    write_with(path, state, memory, MemoryEncoding::Compressed)
+}
+
+/// Offset of raw memory in a file whose state is `state_len` bytes long.
+fn raw_memory_offset(state_len: u64) -> u64 {
+    (HEADER_LEN as u64 + state_len).next_multiple_of(PAGE as u64)
+}
+
+/// Writes `state` and `memory` to `path` (through a temporary file and a rename).
+pub fn write_with<T: Serialize>(
+    path: &Path,
+    state: &T,
+    memory: &GuestMemoryMmap,
+    encoding: MemoryEncoding,
 ) -> Result<SnapshotStats, SnapshotError> {
     let io = |source| SnapshotError::Io {
         path: path.to_path_buf(),
@@ -135,37 +173,89 @@ pub fn write<T: Serialize>(
     let mut out = BufWriter::new(file);
     out.write_all(&[0u8; HEADER_LEN]).map_err(io)?;
     out.write_all(&state_bytes).map_err(io)?;
-    let mut crc_out = CrcWriter {
-        inner: out,
-        crc: crc32fast::Hasher::new(),
-        len: 0,
-    };
     let mut stats = SnapshotStats {
         state_bytes: state_bytes.len() as u64,
         ..Default::default()
     };
-    {
-        let mut z = zstd::Encoder::new(&mut crc_out, 1).map_err(io)?;
-        write_memory(&mut z, memory, &mut stats).map_err(io)?;
-        z.finish().map_err(io)?;
-    }
-    stats.memory_bytes = crc_out.len;
     let mut crc = crc32fast::Hasher::new();
-    crc.update(&header(stats.state_bytes, stats.memory_bytes, 0)[..32]);
-    crc.update(&state_bytes);
-    crc.combine(&crc_out.crc);
-    let mut out = crc_out.inner.into_inner().map_err(|e| io(e.into_error()))?;
+    let flags = match encoding {
+        MemoryEncoding::Compressed => 0,
+        MemoryEncoding::Raw => FLAG_RAW_MEMORY,
+    };
+    let mut out = match encoding {
+        MemoryEncoding::Compressed => {
+            let mut crc_out = CrcWriter {
+                inner: out,
+                crc: crc32fast::Hasher::new(),
+                len: 0,
+            };
+            {
+                let mut z = zstd::Encoder::new(&mut crc_out, 1).map_err(io)?;
+                write_memory(&mut z, memory, &mut stats).map_err(io)?;
+                z.finish().map_err(io)?;
+            }
+            stats.memory_bytes = crc_out.len;
+            crc.update(&header(flags, stats.state_bytes, stats.memory_bytes, 0)[..32]);
+            crc.update(&state_bytes);
+            crc.combine(&crc_out.crc);
+            crc_out.inner.into_inner().map_err(|e| io(e.into_error()))?
+        }
+        MemoryEncoding::Raw => {
+            let pad = raw_memory_offset(stats.state_bytes) - HEADER_LEN as u64 - stats.state_bytes;
+            out.write_all(&vec![0u8; pad as usize]).map_err(io)?;
+            let mut file = out.into_inner().map_err(|e| io(e.into_error()))?;
+            stats.memory_bytes = write_raw_memory(&mut file, memory, &mut stats).map_err(io)?;
+            crc.update(&header(flags, stats.state_bytes, stats.memory_bytes, 0)[..32]);
+            crc.update(&state_bytes);
+            crc.update(&vec![0u8; pad as usize]);
+            file
+        }
+    };
     use std::io::{Seek, SeekFrom};
     out.seek(SeekFrom::Start(0)).map_err(io)?;
-    out.write_all(&header(
-        stats.state_bytes,
-        stats.memory_bytes,
-        crc.finalize(),
-    ))
-    .map_err(io)?;
+    let h = header(flags, stats.state_bytes, stats.memory_bytes, crc.finalize());
+    out.write_all(&h).map_err(io)?;
     out.sync_all().map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)?;
     Ok(stats)
+}
+
+/// Writes each RAM range's pages at consecutive offsets from the file's current position,
+/// skipping zero pages (holes); returns the bytes the memory section spans.
+fn write_raw_memory(
+    file: &mut File,
+    memory: &GuestMemoryMmap,
+    stats: &mut SnapshotStats,
+) -> std::io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    let start = file.stream_position()?;
+    let mut chunk = vec![0u8; 64 * PAGE];
+    let mut offset = start;
+    for region in memory.iter() {
+        let len = region.len();
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(chunk.len() as u64) as usize;
+            let addr = GuestAddress(region.start_addr().0 + done);
+            memory
+                .read_slice(&mut chunk[..n], addr)
+                .map_err(std::io::Error::other)?;
+            for (i, page) in chunk[..n].chunks(PAGE).enumerate() {
+                stats.pages += 1;
+                if page.iter().all(|&b| b == 0) {
+                    stats.zero_pages += 1;
+                    continue;
+                }
+                file.seek(SeekFrom::Start(offset + done + (i * PAGE) as u64))?;
+                file.write_all(page)?;
+            }
+            done += n as u64;
+        }
+        offset += len;
+    }
+    // The file ends where memory ends, even when its last pages are holes.
+    file.set_len(offset)?;
+    Ok(offset - start)
 }
 
 fn write_memory(
@@ -203,72 +293,168 @@ fn write_memory(
     Ok(())
 }
 
-/// A snapshot read from a file and checked: its state, and its memory still compressed.
+/// Where a read snapshot's memory is.
+enum MemoryImage {
+    /// The compressed section, checked and in memory.
+    Compressed(Vec<u8>),
+    /// Raw pages in the file from this offset.
+    Raw {
+        file: Arc<File>,
+        offset: u64,
+        len: u64,
+    },
+}
+
+/// A snapshot read from a file and checked: its state, and its memory (not yet loaded).
 pub struct Snapshot<T> {
     /// The machine state.
     pub state: T,
-    memory: Vec<u8>,
+    memory: MemoryImage,
 }
 
-/// Reads and checks the snapshot at `path` (untrusted input).
+/// Reads and checks the snapshot at `path` (untrusted input). Raw memory is not read.
 pub fn read<T: DeserializeOwned>(path: &Path) -> Result<Snapshot<T>, SnapshotError> {
     let io = |source| SnapshotError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let mut bytes = Vec::new();
-    File::open(path)
-        .and_then(|mut f| f.read_to_end(&mut bytes))
+    let mut file = File::open(path).map_err(io)?;
+    let file_len = file.metadata().map_err(io)?.len();
+    let mut head = Vec::with_capacity(HEADER_LEN);
+    (&mut file)
+        .take(HEADER_LEN as u64)
+        .read_to_end(&mut head)
         .map_err(io)?;
     let truncated = |want: u64| SnapshotError::Truncated {
         path: path.to_path_buf(),
         want,
-        have: bytes.len() as u64,
+        have: file_len,
     };
-    if bytes.len() < MAGIC.len() || bytes[..8] != MAGIC {
+    if head.len() < MAGIC.len() || head[..8] != MAGIC {
         return Err(SnapshotError::BadMagic(path.to_path_buf()));
     }
-    if bytes.len() < HEADER_LEN {
+    if head.len() < HEADER_LEN {
         return Err(truncated(HEADER_LEN as u64));
     }
-    let major = u16::from_le_bytes([bytes[8], bytes[9]]);
+    let major = u16::from_le_bytes([head[8], head[9]]);
     if major != FORMAT_MAJOR {
         return Err(SnapshotError::Version {
             path: path.to_path_buf(),
             found: major,
         });
     }
-    let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().expect("8 bytes"));
+    let flags = u32::from_le_bytes(head[12..16].try_into().expect("4 bytes"));
+    let u64_at = |o: usize| u64::from_le_bytes(head[o..o + 8].try_into().expect("8 bytes"));
     let (state_len, memory_len) = (u64_at(16), u64_at(24));
-    let crc = u32::from_le_bytes(bytes[32..36].try_into().expect("4 bytes"));
-    let want = (HEADER_LEN as u64)
-        .checked_add(state_len)
-        .and_then(|n| n.checked_add(memory_len))
-        .ok_or(SnapshotError::Checksum(path.to_path_buf()))?;
-    if (bytes.len() as u64) < want {
+    let crc = u32::from_le_bytes(head[32..36].try_into().expect("4 bytes"));
+    let corrupt = || SnapshotError::Checksum(path.to_path_buf());
+    if flags & !FLAG_RAW_MEMORY != 0 || state_len > crate::codec::MAX_STATE_LEN as u64 {
+        return Err(corrupt());
+    }
+    let raw = flags & FLAG_RAW_MEMORY != 0;
+    let memory_start = if raw {
+        raw_memory_offset(state_len)
+    } else {
+        HEADER_LEN as u64 + state_len
+    };
+    let want = memory_start.checked_add(memory_len).ok_or_else(corrupt)?;
+    if file_len < want {
         return Err(truncated(want));
     }
-    if (bytes.len() as u64) > want {
-        return Err(SnapshotError::Checksum(path.to_path_buf()));
+    if file_len > want {
+        return Err(corrupt());
     }
+    // What the CRC covers: everything after the header up to the memory, and compressed memory.
+    let checked_len = if raw { memory_start } else { want } - HEADER_LEN as u64;
+    let mut body = Vec::new();
+    (&mut file)
+        .take(checked_len)
+        .read_to_end(&mut body)
+        .map_err(io)?;
     let mut h = crc32fast::Hasher::new();
-    h.update(&bytes[..32]);
-    h.update(&bytes[HEADER_LEN..]);
+    h.update(&head[..32]);
+    h.update(&body);
     if h.finalize() != crc {
-        return Err(SnapshotError::Checksum(path.to_path_buf()));
+        return Err(corrupt());
     }
-    let state_end = HEADER_LEN + state_len as usize;
-    let state = codec::decode(&bytes[HEADER_LEN..state_end])?;
-    let memory = bytes.split_off(state_end);
+    let state = codec::decode(&body[..state_len as usize])?;
+    let memory = if raw {
+        MemoryImage::Raw {
+            file: Arc::new(file),
+            offset: memory_start,
+            len: memory_len,
+        }
+    } else {
+        MemoryImage::Compressed(body.split_off(state_len as usize))
+    };
     Ok(Snapshot { state, memory })
 }
 
 impl<T> Snapshot<T> {
-    /// Decompresses the memory into `memory`, whose RAM ranges must be exactly the saved ones.
+    /// Whether memory is raw (restored by mapping) rather than compressed (restored by copying).
+    pub fn is_raw(&self) -> bool {
+        matches!(self.memory, MemoryImage::Raw { .. })
+    }
+
+    /// Maps raw memory copy-on-write for a guest with `ram` ranges: nothing is read until the
+    /// guest touches it, and the guest's writes never reach the file.
+    pub fn map(&self, ram: &[(GuestAddress, u64)]) -> Result<GuestMemoryMmap, SnapshotError> {
+        let MemoryImage::Raw { file, offset, len } = &self.memory else {
+            return Err(SnapshotError::Memory(
+                "compressed memory cannot be mapped".into(),
+            ));
+        };
+        let total: u64 = ram.iter().map(|r| r.1).sum();
+        if total != *len {
+            return Err(SnapshotError::Memory(
+                "its RAM size differs from the machine's".into(),
+            ));
+        }
+        let mut at = *offset;
+        let mut regions = Vec::new();
+        for &(start, size) in ram {
+            let bitmap = <AtomicBitmap as vm_memory::bitmap::NewBitmap>::with_len(size as usize);
+            let mapping = MmapRegionBuilder::new_with_bitmap(size as usize, bitmap)
+                .with_file_offset(FileOffset::from_arc(file.clone(), at))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                .build()
+                .map_err(|e| SnapshotError::Memory(e.to_string()))?;
+            let region = GuestRegionMmap::new(mapping, start)
+                .ok_or_else(|| SnapshotError::Memory("a RAM range overflows".into()))?;
+            regions.push(region);
+            at += size;
+        }
+        GuestMemoryMmap::from_regions(regions).map_err(|e| SnapshotError::Memory(e.to_string()))
+    }
+
+    /// Decompresses the memory into `memory`, whose RAM ranges must be exactly the saved ones
+    /// (raw memory is copied in the same way).
     pub fn fill(&self, memory: &GuestMemoryMmap) -> Result<(), SnapshotError> {
+        let bytes = match &self.memory {
+            MemoryImage::Compressed(bytes) => bytes,
+            MemoryImage::Raw { .. } => {
+                let mapped = self.map(
+                    &memory
+                        .iter()
+                        .map(|r| (r.start_addr(), r.len()))
+                        .collect::<Vec<_>>(),
+                )?;
+                for region in mapped.iter() {
+                    let mut buf = vec![0u8; region.len() as usize];
+                    mapped
+                        .read_slice(&mut buf, region.start_addr())
+                        .map_err(|e| SnapshotError::Memory(e.to_string()))?;
+                    memory
+                        .write_slice(&buf, region.start_addr())
+                        .map_err(|e| SnapshotError::Memory(e.to_string()))?;
+                }
+                return Ok(());
+            }
+        };
         let bad = |what: &str| SnapshotError::Memory(what.to_string());
-        let mut z = zstd::Decoder::new(&self.memory[..])
-            .map_err(|e| SnapshotError::Memory(e.to_string()))?;
+        let mut z =
+            zstd::Decoder::new(&bytes[..]).map_err(|e| SnapshotError::Memory(e.to_string()))?;
         let mut word = [0u8; 8];
         let mut read_u64 = |z: &mut zstd::Decoder<'_, _>| -> Result<u64, SnapshotError> {
             z.read_exact(&mut word).map_err(|_| bad("ends early"))?;
@@ -321,13 +507,20 @@ pub fn restore(path: &Path, opts: vmm::vm::RestoreOptions) -> Result<vmm::Vm, Re
     tracing::debug!(elapsed = ?t.elapsed(), "snapshot read and checked");
     let Snapshot { state, memory } = snap;
     let image = Snapshot { state: (), memory };
-    let mut fill = |m: &GuestMemoryMmap| -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        let start = std::time::Instant::now();
-        let r = image.fill(m).map_err(Into::into);
-        tracing::debug!(elapsed = ?start.elapsed(), "guest memory filled");
-        r
+    let vm = if image.is_raw() {
+        let ram = vmm::memory::ram_ranges(state.config.mem_size).map_err(vmm::VmError::from)?;
+        let mapped = image.map(&ram)?;
+        vmm::Vm::restore(state, opts, vmm::vm::RestoreMemory::Mapped(mapped))?
+    } else {
+        let mut fill =
+            |m: &GuestMemoryMmap| -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+                let start = std::time::Instant::now();
+                let r = image.fill(m).map_err(Into::into);
+                tracing::debug!(elapsed = ?start.elapsed(), "guest memory filled");
+                r
+            };
+        vmm::Vm::restore(state, opts, vmm::vm::RestoreMemory::Fill(&mut fill))?
     };
-    let vm = vmm::Vm::restore(state, opts, &mut fill)?;
     tracing::debug!(elapsed = ?t.elapsed(), "machine restored");
     Ok(vm)
 }

@@ -123,3 +123,75 @@ fn memory_of_another_shape_is_refused() {
     let smaller = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 512 << 10)]).unwrap();
     assert!(matches!(snap.fill(&smaller), Err(SnapshotError::Memory(_))));
 }
+
+#[test]
+fn raw_snapshots_map_copy_on_write_and_stay_sparse() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("raw.snap");
+    let stats =
+        snapshot::write_with(&path, &state(), &memory(), snapshot::MemoryEncoding::Raw).unwrap();
+    assert_eq!(stats.pages - stats.zero_pages, 4);
+    let meta = std::fs::metadata(&path).unwrap();
+    assert!(meta.len() > (1 << 20), "the file spans all of memory");
+    assert!(
+        meta.blocks() * 512 < 256 << 10,
+        "zero pages are holes: {} bytes allocated",
+        meta.blocks() * 512
+    );
+
+    let snap = snapshot::read::<State>(&path).unwrap();
+    assert!(snap.is_raw());
+    assert_eq!(snap.state, state());
+    let ram = [
+        (GuestAddress(0), 1u64 << 20),
+        (GuestAddress(1 << 32), 256 << 10),
+    ];
+    let mapped = snap.map(&ram).unwrap();
+    assert!(same(&mapped, &memory()));
+    // The guest's writes stay in its memory, not in the file.
+    let before = std::fs::read(&path).unwrap();
+    mapped
+        .write_slice(b"guest wrote this", GuestAddress(0x1000))
+        .unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+    // The same file also restores by copying.
+    let fresh = GuestMemoryMmap::from_ranges(&[
+        (GuestAddress(0), 1 << 20),
+        (GuestAddress(1 << 32), 256 << 10),
+    ])
+    .unwrap();
+    snap.fill(&fresh).unwrap();
+    assert!(same(&fresh, &memory()));
+    // And a machine of another size is refused.
+    assert!(matches!(
+        snap.map(&[(GuestAddress(0), 2 << 20)]),
+        Err(SnapshotError::Memory(_))
+    ));
+}
+
+#[test]
+fn raw_snapshot_headers_and_state_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("raw.snap");
+    snapshot::write_with(&path, &state(), &memory(), snapshot::MemoryEncoding::Raw).unwrap();
+    let good = std::fs::read(&path).unwrap();
+    let check = |f: &dyn Fn(&mut Vec<u8>)| {
+        let mut b = good.clone();
+        f(&mut b);
+        std::fs::write(&path, &b).unwrap();
+        snapshot::read::<State>(&path).err().expect("refused")
+    };
+    assert!(
+        matches!(check(&|b| b[50] ^= 1), SnapshotError::Checksum(_)),
+        "state damage"
+    );
+    assert!(
+        matches!(check(&|b| b[12] |= 2), SnapshotError::Checksum(_)),
+        "unknown flag"
+    );
+    assert!(matches!(
+        check(&|b| b.truncate(b.len() - 4096)),
+        SnapshotError::Truncated { .. }
+    ));
+}

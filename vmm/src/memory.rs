@@ -73,6 +73,12 @@ pub fn ram_ranges(size: u64) -> Result<Vec<(GuestAddress, u64)>, MemoryError> {
 pub fn create(vm: &VmFd, ranges: &[(GuestAddress, u64)]) -> Result<GuestMemoryMmap, MemoryError> {
     let sized: Vec<(GuestAddress, usize)> = ranges.iter().map(|&(a, l)| (a, l as usize)).collect();
     let memory = GuestMemoryMmap::from_ranges(&sized).map_err(MemoryError::Allocate)?;
+    register(vm, memory)
+}
+
+/// Registers memory mapped elsewhere (e.g. from a snapshot file) with KVM, one slot per region,
+/// dirty logging enabled. Its regions must be exactly the guest's RAM ranges.
+pub fn register(vm: &VmFd, memory: GuestMemoryMmap) -> Result<GuestMemoryMmap, MemoryError> {
     for (slot, region) in memory.iter().enumerate() {
         let slot = slot as u32;
         let host = region.as_ptr() as u64;

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use ftvm_guest_abi::{PV_MMIO, PV_MMIO_LEN, SERIAL_MMIO, SERIAL_PORT};
 use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use vm_memory::GuestAddress;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{SavedConfig, Vm, VmError, VmEvent, kvm_err};
@@ -74,6 +74,7 @@ pub(super) fn build(
     ram: &[(GuestAddress, u64)],
     config: &SavedConfig,
     console: Box<dyn Write + Send>,
+    mapped: Option<GuestMemoryMmap>,
 ) -> Result<Parts, VmError> {
     let linux = config.linux;
     let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
@@ -94,7 +95,18 @@ pub(super) fn build(
         };
         fd.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
     }
-    let memory = memory::create(&fd, ram)?;
+    let memory = match mapped {
+        Some(m) => {
+            let ranges: Vec<_> = m.iter().map(|r| (r.start_addr(), r.len())).collect();
+            if ranges != ram {
+                return Err(VmError::LoadMemory(
+                    "the mapped memory differs from the machine's RAM".into(),
+                ));
+            }
+            memory::register(&fd, m)?
+        }
+        None => memory::create(&fd, ram)?,
+    };
     let mut vcpu_fds = Vec::new();
     for i in 0..vcpus {
         vcpu_fds.push(

@@ -23,7 +23,7 @@ use crate::x86::cpuid;
 mod build;
 mod snapshot;
 
-pub use snapshot::{MachineState, MemoryFiller, RestoreOptions};
+pub use snapshot::{MachineState, MemoryFiller, RestoreMemory, RestoreOptions};
 
 /// Most vCPUs a VM may have (APIC ids must stay below the broadcast id 255).
 pub const MAX_VCPUS: u8 = 254;
@@ -238,7 +238,7 @@ impl Vm {
             disks: config.disks.clone(),
             nets: config.nets.clone(),
         };
-        let parts = build::build(vcpus, &ram, &saved, config.console)?;
+        let parts = build::build(vcpus, &ram, &saved, config.console, None)?;
         let supported = parts
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)

@@ -48,6 +48,14 @@ pub struct RestoreOptions {
 pub type MemoryFiller<'a> =
     &'a mut dyn FnMut(&GuestMemoryMmap) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
+/// Where a restored machine's memory comes from.
+pub enum RestoreMemory<'a> {
+    /// Fresh memory, filled by the closure.
+    Fill(MemoryFiller<'a>),
+    /// Memory already mapped (e.g. copy-on-write from a snapshot file), used as it is.
+    Mapped(GuestMemoryMmap),
+}
+
 fn save_bus<A: BusAddress>(bus: &Bus<A>) -> Result<Vec<(u64, DeviceState)>, StateError> {
     bus.devices()
         .map(|(a, d)| Ok((a.raw(), bus::lock(d).save()?)))
@@ -128,7 +136,7 @@ impl Vm {
     pub fn restore(
         state: MachineState,
         opts: RestoreOptions,
-        fill: MemoryFiller,
+        memory: RestoreMemory,
     ) -> Result<Vm, VmError> {
         let count = state.vcpus.len() as u64;
         let vcpus = match u8::try_from(count) {
@@ -157,8 +165,14 @@ impl Vm {
         {
             return Err(StateError::Invalid("the saved counters do not match the machine").into());
         }
-        let parts = build::build(vcpus, &ram, &config, opts.console)?;
-        fill(&parts.memory).map_err(VmError::LoadMemory)?;
+        let (mapped, fill) = match memory {
+            RestoreMemory::Fill(f) => (None, Some(f)),
+            RestoreMemory::Mapped(m) => (Some(m), None),
+        };
+        let parts = build::build(vcpus, &ram, &config, opts.console, mapped)?;
+        if let Some(fill) = fill {
+            fill(&parts.memory).map_err(VmError::LoadMemory)?;
+        }
         // What restoring wrote is not a change the guest made.
         memory::take_dirty(&parts.fd, &parts.memory)?;
 
