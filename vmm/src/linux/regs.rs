@@ -7,7 +7,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::{BOOT_STACK, ZERO_PAGE};
 use crate::memory::GuestMemoryMmap;
-use crate::x86::gdt::{self, GDT_ADDR, TSS_ADDR, TSS_LIMIT};
+use crate::x86::gdt::{self, GDT_ADDR};
 use crate::x86::paging::{self, PML4_ADDR};
 use crate::x86::regs::{CR0_ET, CR0_NE, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME};
 
@@ -19,21 +19,7 @@ pub const BOOT_DS: u16 = 0x18;
 pub const BOOT_TSS: u16 = 0x20;
 
 fn segments() -> (kvm_segment, kvm_segment, kvm_segment) {
-    let tr = kvm_segment {
-        base: TSS_ADDR,
-        limit: TSS_LIMIT,
-        selector: BOOT_TSS,
-        type_: 0xb,
-        present: 1,
-        dpl: 0,
-        db: 0,
-        s: 0,
-        l: 0,
-        g: 0,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    };
+    let tr = gdt::tss(BOOT_TSS);
     (
         gdt::flat(BOOT_CS, 0xb, 0, true),
         gdt::flat(BOOT_DS, 0x3, 0, false),
@@ -66,18 +52,7 @@ pub fn write_boot_tables(
 
 /// Special registers of the boot CPU.
 pub fn sregs(mut s: kvm_sregs) -> kvm_sregs {
-    let (cs, ds, tr) = segments();
-    s.cs = cs;
-    s.ds = ds;
-    s.es = ds;
-    s.fs = ds;
-    s.gs = ds;
-    s.ss = ds;
-    s.tr = tr;
-    s.gdt.base = GDT_ADDR;
-    s.gdt.limit = (gdt_table().len() * 8 - 1) as u16;
-    s.idt.base = 0;
-    s.idt.limit = 0;
+    gdt::load_segments(&mut s, segments(), gdt_table().len());
     s.cr0 = CR0_PE | CR0_ET | CR0_NE | CR0_PG;
     s.cr3 = PML4_ADDR;
     s.cr4 = CR4_PAE;

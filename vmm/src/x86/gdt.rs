@@ -3,7 +3,7 @@
 //! Descriptors are written with their accessed bit already set so that loading a segment never
 //! makes the CPU write the GDT (which would show up as a dirty page in every checkpoint).
 
-use kvm_bindings::kvm_segment;
+use kvm_bindings::{kvm_segment, kvm_sregs};
 
 /// Guest-physical address of the GDT.
 pub const GDT_ADDR: u64 = 0x1000;
@@ -51,10 +51,16 @@ pub(crate) fn flat(selector: u16, type_: u8, dpl: u8, long: bool) -> kvm_segment
 pub fn segments() -> (kvm_segment, kvm_segment, kvm_segment) {
     let cs = flat(USER_CS, TYPE_CODE_XR_ACCESSED, 3, true);
     let ds = flat(USER_DS, TYPE_DATA_RW_ACCESSED, 3, false);
-    let tr = kvm_segment {
+    let tr = tss(TSS_SEL);
+    (cs, ds, tr)
+}
+
+/// The busy 64-bit TSS at [`TSS_ADDR`] as KVM wants it, with `selector`.
+pub(crate) fn tss(selector: u16) -> kvm_segment {
+    kvm_segment {
         base: TSS_ADDR,
         limit: TSS_LIMIT,
-        selector: TSS_SEL,
+        selector,
         type_: TYPE_TSS64_BUSY,
         present: 1,
         dpl: 0,
@@ -65,8 +71,30 @@ pub fn segments() -> (kvm_segment, kvm_segment, kvm_segment) {
         avl: 0,
         unusable: 0,
         padding: 0,
-    };
-    (cs, ds, tr)
+    }
+}
+
+/// Loads flat segments `cs`, `ds` (for all data segments) and `tr` and a GDT of `entries`
+/// descriptors at [`GDT_ADDR`] into `sregs`, with no LDT and no IDT.
+pub(crate) fn load_segments(
+    sregs: &mut kvm_sregs,
+    (cs, ds, tr): (kvm_segment, kvm_segment, kvm_segment),
+    entries: usize,
+) {
+    sregs.cs = cs;
+    sregs.ds = ds;
+    sregs.es = ds;
+    sregs.fs = ds;
+    sregs.gs = ds;
+    sregs.ss = ds;
+    sregs.tr = tr;
+    sregs.ldt.unusable = 1;
+    sregs.ldt.present = 0;
+    sregs.gdt.base = GDT_ADDR;
+    sregs.gdt.limit = (entries * 8 - 1) as u16;
+    // No IDT: an exception the boot state cannot handle triple-faults and the VMM reports it.
+    sregs.idt.base = 0;
+    sregs.idt.limit = 0;
 }
 
 /// Encodes a code/data segment as an 8-byte descriptor.

@@ -21,22 +21,7 @@ const RFLAGS_FIXED: u64 = 1 << 1;
 
 /// Special registers: paging, long mode, flat ring-3 segments, SSE enabled.
 pub fn sregs(mut sregs: kvm_sregs) -> kvm_sregs {
-    let (cs, ds, tr) = gdt::segments();
-    sregs.cs = cs;
-    sregs.ds = ds;
-    sregs.es = ds;
-    sregs.fs = ds;
-    sregs.gs = ds;
-    sregs.ss = ds;
-    sregs.tr = tr;
-    sregs.ldt.unusable = 1;
-    sregs.ldt.present = 0;
-    sregs.gdt.base = gdt::GDT_ADDR;
-    sregs.gdt.limit = (gdt::table().len() * 8 - 1) as u16;
-    // No IDT: the guest never takes an exception it could handle; one triple-faults and the VMM
-    // reports it.
-    sregs.idt.base = 0;
-    sregs.idt.limit = 0;
+    gdt::load_segments(&mut sregs, gdt::segments(), gdt::table().len());
     sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
     sregs.cr3 = paging::PML4_ADDR;
     sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
