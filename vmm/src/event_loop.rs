@@ -115,7 +115,17 @@ impl EventLoop {
 
     /// Stops dispatching after the handler now running, and waits until it has.
     pub fn pause(&self, timeout: Duration) -> Result<(), EventLoopError> {
+        self.request_pause();
+        self.wait_paused(timeout)
+    }
+
+    /// Asks the loop to stop dispatching; returns at once (see [`EventLoop::wait_paused`]).
+    pub fn request_pause(&self) {
         self.set_want(WANT_PAUSE);
+    }
+
+    /// Waits until the loop has stopped dispatching, for at most `timeout`.
+    pub fn wait_paused(&self, timeout: Duration) -> Result<(), EventLoopError> {
         let paused = self.shared.paused.lock().unwrap_or_else(|p| p.into_inner());
         let (paused, _) = self
             .shared

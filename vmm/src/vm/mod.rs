@@ -316,18 +316,23 @@ impl Vm {
         Ok(())
     }
 
-    /// Pauses every vCPU, then the device event loop at a request boundary, and returns once
+    /// Pauses every vCPU and the device event loop (at a request boundary), and returns once
     /// the machine is quiet: no guest code running, no I/O in flight, no device working.
     pub fn pause(&self) -> Result<(), VmError> {
+        // All at once: the device thread stops between two handler calls, and a queue
+        // notification a still-running vCPU makes meanwhile stays pending in its eventfd.
         for v in &self.vcpus {
             v.request_pause();
+        }
+        if let Some(l) = &self.event_loop {
+            l.request_pause();
         }
         let deadline = Instant::now() + PAUSE_TIMEOUT;
         for v in &self.vcpus {
             v.wait_paused(deadline.saturating_duration_since(Instant::now()))?;
         }
         if let Some(l) = &self.event_loop {
-            l.pause(deadline.saturating_duration_since(Instant::now()))?;
+            l.wait_paused(deadline.saturating_duration_since(Instant::now()))?;
         }
         // Whatever the guest printed before the pause is out, even a partial line.
         self.console.sync();
