@@ -20,12 +20,17 @@ fn state() -> State {
     }
 }
 
-fn memory() -> GuestMemoryMmap {
-    let m = GuestMemoryMmap::from_ranges(&[
+/// Empty memory of the shape the tests use: 1 MiB at 0 and 256 KiB at 4 GiB.
+fn blank() -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[
         (GuestAddress(0), 1 << 20),
         (GuestAddress(1 << 32), 256 << 10),
     ])
-    .unwrap();
+    .unwrap()
+}
+
+fn memory() -> GuestMemoryMmap {
+    let m = blank();
     m.write_slice(b"first page", GuestAddress(0)).unwrap();
     m.write_slice(&[0xab; 5000], GuestAddress(0x7_f000))
         .unwrap();
@@ -62,11 +67,7 @@ fn a_snapshot_round_trips() {
     assert!(!path.with_extension("partial").exists());
     let snap = snapshot::read::<State>(&path).unwrap();
     assert_eq!(snap.state, state());
-    let fresh = GuestMemoryMmap::from_ranges(&[
-        (GuestAddress(0), 1 << 20),
-        (GuestAddress(1 << 32), 256 << 10),
-    ])
-    .unwrap();
+    let fresh = blank();
     snap.fill(&fresh).unwrap();
     assert!(same(&fresh, &memory()));
 }
@@ -156,11 +157,7 @@ fn raw_snapshots_map_copy_on_write_and_stay_sparse() {
         .unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), before);
     // The same file also restores by copying.
-    let fresh = GuestMemoryMmap::from_ranges(&[
-        (GuestAddress(0), 1 << 20),
-        (GuestAddress(1 << 32), 256 << 10),
-    ])
-    .unwrap();
+    let fresh = blank();
     snap.fill(&fresh).unwrap();
     assert!(same(&fresh, &memory()));
     // And a machine of another size is refused.

@@ -113,13 +113,8 @@ impl EventLoop {
         self.shared.cv.notify_all();
     }
 
-    /// Stops dispatching after the handler now running, and waits until it has.
-    pub fn pause(&self, timeout: Duration) -> Result<(), EventLoopError> {
-        self.request_pause();
-        self.wait_paused(timeout)
-    }
-
-    /// Asks the loop to stop dispatching; returns at once (see [`EventLoop::wait_paused`]).
+    /// Asks the loop to stop dispatching after the handler now running; returns at once (see
+    /// [`EventLoop::wait_paused`]).
     pub fn request_pause(&self) {
         self.set_want(WANT_PAUSE);
     }

@@ -71,11 +71,6 @@ impl MmioTransport {
         }
     }
 
-    /// The device's status register.
-    pub fn status(&self) -> u32 {
-        self.status
-    }
-
     fn device(&self) -> std::sync::MutexGuard<'_, dyn VirtioDevice + 'static> {
         self.device.lock().unwrap_or_else(|p| p.into_inner())
     }
