@@ -29,11 +29,11 @@ fn block(label: &str, img: &std::path::Path, cmdline: &str) {
         path: img.to_path_buf(),
         read_only: false,
     }];
-    let (mut vm, console) = common::test_vm_with(1, 256, cmdline, disks);
-    vm.start().unwrap();
+    let (vm, console) = common::test_vm_with(1, 256, cmdline, disks);
+    let vm = vm.start().unwrap();
     let line = console.wait_for_line("vcpu0 disk-", LIMIT);
     assert!(line.contains(" ok "), "{line}\n{}", console.text());
-    vm.stop();
+    vm.stop().unwrap();
     let field = |k: &str| -> u64 {
         line.split_whitespace()
             .find_map(|w| w.strip_prefix(k)?.parse().ok())
@@ -58,8 +58,8 @@ fn tcp(ns: &Netns) {
     }];
     let mib = 256u64;
     let cmdline = format!("ip={}/24 http-file={mib},1 tcp-sink", ns.guest_ip());
-    let (mut vm, console) = common::test_vm_full(1, 256, &cmdline, Vec::new(), nets);
-    vm.start().unwrap();
+    let (vm, console) = common::test_vm_full(1, 256, &cmdline, Vec::new(), nets);
+    let vm = vm.start().unwrap();
     console.wait_for_line("vcpu0 workload net ", LIMIT);
     let connect = |port: u16| {
         let s = TcpStream::connect((ns.guest_ip().as_str(), port)).unwrap();
@@ -110,7 +110,7 @@ fn tcp(ns: &Netns) {
         mib as f64 / t.as_secs_f64(),
         (exits(&vm) - e0) as f64 / rx as f64
     );
-    vm.stop();
+    vm.stop().unwrap();
 }
 
 fn main() {

@@ -25,8 +25,8 @@ fn report(what: &str, mut samples: Vec<Duration>) {
 }
 
 fn run(label: &str, vcpus: u64, cmdline: &str, cycles: usize) {
-    let (mut vm, console) = common::test_vm(vcpus, 256, cmdline);
-    vm.start().expect("starts");
+    let (vm, console) = common::test_vm(vcpus, 256, cmdline);
+    let vm = vm.start().expect("starts");
     console.wait_for("ftvm-guest: boot", Duration::from_secs(30));
     // Let every vCPU get going before measuring.
     std::thread::sleep(Duration::from_millis(50));
@@ -51,7 +51,7 @@ fn run(label: &str, vcpus: u64, cmdline: &str, cycles: usize) {
     report(&format!("{label}: pause"), pause);
     report(&format!("{label}: resume"), resume);
     report(&format!("{label}: pause+resume"), both);
-    vm.stop();
+    vm.stop().unwrap();
 }
 
 fn main() {

@@ -12,8 +12,8 @@ use vmm::vm::RestoreOptions;
 
 fn run(mem_mib: u64, encoding: checkpoint::snapshot::MemoryEncoding) {
     let cmdline = "@0:count=0 @0:interval-ms=50 @1:dirty=400,128";
-    let (mut vm, console) = common::test_vm(2, mem_mib, cmdline);
-    vm.start().unwrap();
+    let (vm, console) = common::test_vm(2, mem_mib, cmdline);
+    let vm = vm.start().unwrap();
     console.wait_for_line("vcpu1 workload dirty", Duration::from_secs(30));
     // Let the dirtying vCPU cover its working set once (128 MiB at 400 MiB/s).
     std::thread::sleep(Duration::from_millis(500));
@@ -30,7 +30,7 @@ fn run(mem_mib: u64, encoding: checkpoint::snapshot::MemoryEncoding) {
         std::fs::metadata(&path).unwrap().blocks() * 512
     };
     let written = t0.elapsed();
-    vm.stop();
+    vm.stop().unwrap();
     drop(vm);
 
     let sink = common::Console::default();
@@ -39,15 +39,15 @@ fn run(mem_mib: u64, encoding: checkpoint::snapshot::MemoryEncoding) {
         console: Box::new(sink.clone()),
         nets: None,
     };
-    let mut restored = checkpoint::snapshot::restore(&path, opts).unwrap();
+    let restored = checkpoint::snapshot::restore(&path, opts).unwrap();
     let built = t1.elapsed();
-    restored.start().unwrap();
+    let restored = restored.start().unwrap();
     let running = t1.elapsed();
     sink.wait_until("the restored guest prints", Duration::from_secs(30), |t| {
         t.contains("count")
     });
     let printing = t1.elapsed();
-    restored.stop();
+    restored.stop().unwrap();
     let _ = std::fs::remove_file(&path);
     println!(
         "{encoding:?} {mem_mib:>5} MiB: snapshot {written:>8.1?} (pause {paused:.1?}, state {:.1?}, file {:.1?}; {} KiB on disk, {} of {} pages non-zero) | restore to running {running:>8.1?} (build+load {built:.1?}), first output {printing:.1?}",

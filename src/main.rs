@@ -5,10 +5,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use vmm::vm::RestoreOptions;
-use vmm::{Kernel, Vm, VmConfig, VmEvent};
+use checkpoint::control::Ended;
+use vmm::{Kernel, Vm, VmConfig};
 
 /// The test guest, built from guest/ by build.rs.
 static TEST_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ftvm-guest.elf"));
@@ -24,7 +25,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a guest. Its serial console goes to stdout; ftvm exits when the guest powers off,
-    /// with the guest's exit status.
+    /// with the guest's exit status. SIGTERM or SIGINT stops the VM in order (vCPUs and
+    /// devices paused, disks flushed, API socket removed) and exits with 128 + the signal
+    /// (143, 130); any VMM failure exits 1 with a one-line `ftvm: error: ...`.
     Run(RunArgs),
     /// Start a VM from a snapshot file and run it like `run` does (the guest continues where
     /// it was).
@@ -167,31 +170,28 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     supervise(vm, args.api)
 }
 
-/// Starts `vm`, serves the API if asked, and maps how the guest ended to ftvm's exit status.
-fn supervise(mut vm: Vm, api: Option<PathBuf>) -> anyhow::Result<ExitCode> {
-    let server = api
-        .as_deref()
-        .map(checkpoint::api::ApiServer::start)
-        .transpose()?;
-    vm.start()?;
-    let event = checkpoint::control::run(&mut vm, server.as_ref().map(|s| &s.1));
-    vm.stop();
+/// Runs `vm` until it ends and maps how it ended to ftvm's exit status: the guest's status on
+/// power-off, 128 + the signal's number after an orderly stop on SIGTERM/SIGINT.
+fn supervise(vm: Vm, api: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let ended = checkpoint::control::supervise(vm, api.as_deref());
     std::io::stdout().flush().ok();
-    match event {
-        Some(VmEvent::PowerOff(status)) => {
+    match ended? {
+        Ended::PowerOff(status) => {
             tracing::info!(status, "guest powered off");
             Ok(ExitCode::from(u8::try_from(status).unwrap_or(1)))
         }
-        Some(VmEvent::Reset) => {
+        Ended::Reset => {
             tracing::info!("guest reset; ftvm ends the VM (reboot is not emulated)");
             Ok(ExitCode::SUCCESS)
         }
-        Some(VmEvent::SystemEvent(kind)) => {
+        Ended::SystemEvent(kind) => {
             tracing::info!(kind, "guest stopped (KVM system event)");
             Ok(ExitCode::SUCCESS)
         }
-        Some(VmEvent::Crashed { vcpu, reason }) => bail!("vCPU {vcpu} crashed: {reason}"),
-        None => bail!("The VM stopped without saying why"),
+        Ended::Signal(sig) => {
+            tracing::info!(signal = sig, "VM stopped in order after a termination signal");
+            Ok(ExitCode::from(128 + sig as u8))
+        }
     }
 }
 
@@ -226,7 +226,16 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
+    vmm::event::install_panic_hook();
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Run(_) | Command::Restore(_)) {
+        // Before any thread starts, so that every thread inherits the mask: the signals are
+        // taken by one thread and stop the VM in order.
+        if let Err(e) = vmm::signals::block_termination() {
+            eprintln!("ftvm: error: Cannot block termination signals: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Restore(args) => restore(args),

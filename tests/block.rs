@@ -65,14 +65,15 @@ fn run_to_power_off(
     cmdline: &str,
     disks: Vec<BlockConfig>,
 ) -> (u32, String, [u64; 5], u64) {
-    let (mut vm, console) = test_vm_with(vcpus, 128, cmdline, disks);
-    vm.start().unwrap();
+    let (vm, console) = test_vm_with(vcpus, 128, cmdline, disks);
+    let vm = vm.start().unwrap();
     let status = match vm.wait_event(Some(LIMIT)) {
         Some(VmEvent::PowerOff(s)) => s,
         other => panic!("guest did not power off: {other:?}\n{}", console.text()),
     };
-    vm.stop();
-    let c = &vm.block_counters()[0];
+    let c = vm.block_counters()[0].clone();
+    vm.stop().unwrap();
+    let c = &c;
     (
         status,
         console.text(),
@@ -144,8 +145,8 @@ fn a_read_only_disk_refuses_writes() {
 #[test]
 fn pausing_during_disk_traffic_loses_nothing() {
     let img = image(64);
-    let (mut vm, console) = test_vm_with(2, 128, "disk-write=48,3 chunk-kib=16", disk(&img, false));
-    vm.start().unwrap();
+    let (vm, console) = test_vm_with(2, 128, "disk-write=48,3 chunk-kib=16", disk(&img, false));
+    let vm = vm.start().unwrap();
     console.wait_for("vcpu0 workload disk-write", LIMIT);
     let mut cycles = 0;
     while !console.text().contains("disk-write ok") && cycles < 300 {
@@ -167,13 +168,14 @@ fn pausing_during_disk_traffic_loses_nothing() {
         "{}",
         console.text()
     );
-    vm.stop();
+    let counters = vm.block_counters()[0].clone();
+    vm.stop().unwrap();
     assert!(
         cycles > 10,
         "the workload ended before the test could pause it much ({cycles})"
     );
     let text = console.text();
-    assert_eq!(host_counts(&vm.block_counters()[0]), guest_counts(&text));
+    assert_eq!(host_counts(&counters), guest_counts(&text));
     let bytes = std::fs::read(img.path()).unwrap();
     let mut want = vec![0u8; 48 << 20];
     ftvm_guest_abi::fill_pattern(3, 0, &mut want);

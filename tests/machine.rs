@@ -10,14 +10,14 @@ use std::time::{Duration, Instant};
 use common::{last_count, test_vm};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::VmEvent;
-use vmm::vcpu::VcpuState;
+use vmm::vcpu::VcpuRunState as VcpuState;
 
 const LIMIT: Duration = Duration::from_secs(30);
 
 #[test]
 fn the_guest_runs_in_ring_3() {
-    let (mut vm, console) = test_vm(2, 64, "count=0 interval-ms=5");
-    vm.start().unwrap();
+    let (vm, console) = test_vm(2, 64, "count=0 interval-ms=5");
+    let vm = vm.start().unwrap();
     console.wait_until("both vCPUs counting", LIMIT, |t| {
         last_count(t, 0).is_some() && last_count(t, 1).is_some()
     });
@@ -30,14 +30,14 @@ fn the_guest_runs_in_ring_3() {
         assert_eq!(sregs.cs.l, 1, "vCPU {v} in 64-bit mode");
     }
     vm.resume();
-    vm.stop();
+    vm.stop().unwrap();
 }
 
 #[test]
 fn the_guest_computes_at_native_speed() {
     const N: u64 = 200_000_000;
-    let (mut vm, console) = test_vm(1, 64, &format!("compute={N}"));
-    vm.start().unwrap();
+    let (vm, console) = test_vm(1, 64, &format!("compute={N}"));
+    let vm = vm.start().unwrap();
     let text = console.wait_for("all 1 vcpus done", LIMIT);
     assert_eq!(vm.wait_event(Some(LIMIT)), Some(VmEvent::PowerOff(0)));
     let line = text
@@ -65,7 +65,7 @@ fn the_guest_computes_at_native_speed() {
 
 /// Pages a test can name besides the ones the guest was told to write: its stack and the
 /// console lock (the one static the guest writes when it prints).
-fn named_pages(vm: &vmm::Vm, console_text: &str) -> BTreeSet<u64> {
+fn named_pages(vm: &vmm::vm::Machine, console_text: &str) -> BTreeSet<u64> {
     let info = vm.boot_info().expect("a test guest");
     let (lo, hi) = info.stack(0);
     let lock = console_text
@@ -84,8 +84,8 @@ fn dirty_pages_are_exactly_the_pages_written() {
         .chain([(66 << 20) - 4096])
         .collect();
     let list: Vec<String> = pages.iter().map(|p| format!("{p:#x}")).collect();
-    let (mut vm, console) = test_vm(1, 128, &format!("touch={} interval-ms=5", list.join(",")));
-    vm.start().unwrap();
+    let (vm, console) = test_vm(1, 128, &format!("touch={} interval-ms=5", list.join(",")));
+    let vm = vm.start().unwrap();
     console.wait_for("vcpu0 touch round 1\n", LIMIT);
 
     // Start from a clean bitmap, then let the guest complete two whole rounds.
@@ -128,13 +128,13 @@ fn dirty_pages_are_exactly_the_pages_written() {
     let dirty: Vec<u64> = vm.take_dirty_pages().unwrap().addresses().collect();
     assert_eq!(dirty, vec![0x300_0000, 0x400_0000, 0x400_1000]);
     vm.resume();
-    vm.stop();
+    vm.stop().unwrap();
 }
 
 #[test]
 fn pause_stops_the_guest_and_resume_restarts_it() {
-    let (mut vm, console) = test_vm(2, 64, "count=0 interval-ms=2");
-    vm.start().unwrap();
+    let (vm, console) = test_vm(2, 64, "count=0 interval-ms=2");
+    let vm = vm.start().unwrap();
     let counts = |t: &str| (last_count(t, 0).unwrap_or(0), last_count(t, 1).unwrap_or(0));
     console.wait_until("both vCPUs counting", LIMIT, |t| {
         let (a, b) = counts(t);
@@ -171,15 +171,15 @@ fn pause_stops_the_guest_and_resume_restarts_it() {
         "no crash or power-off"
     );
     assert_eq!(vm.vcpu_states(), vec![VcpuState::Running; 2]);
-    vm.stop();
+    vm.stop().unwrap();
 }
 
 #[test]
 fn a_thousand_pauses_of_busy_vcpus_lose_nothing() {
     // Both vCPUs compute without exits, so every pause has to kick them out of KVM_RUN.
     const N: u64 = 3_000_000_000;
-    let (mut vm, console) = test_vm(2, 64, &format!("compute={N}"));
-    vm.start().unwrap();
+    let (vm, console) = test_vm(2, 64, &format!("compute={N}"));
+    let vm = vm.start().unwrap();
     console.wait_for("ftvm-guest: boot", LIMIT);
     for _ in 0..1000 {
         vm.pause().unwrap();
@@ -202,5 +202,5 @@ fn a_thousand_pauses_of_busy_vcpus_lose_nothing() {
         );
     }
     assert_eq!(vm.wait_event(Some(LIMIT)), Some(VmEvent::PowerOff(0)));
-    vm.stop();
+    vm.stop().unwrap();
 }

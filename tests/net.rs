@@ -36,8 +36,8 @@ fn the_guest_answers_pings_serves_a_file_and_counts_exactly() {
         mac: None,
     }];
     let cmdline = format!("ip={}/24 tcp-echo tcp-stream http-file=12,5", ns.guest_ip());
-    let (mut vm, console) = test_vm_full(1, 128, &cmdline, Vec::new(), nets);
-    vm.start().unwrap();
+    let (vm, console) = test_vm_full(1, 128, &cmdline, Vec::new(), nets);
+    let vm = vm.start().unwrap();
     let text = console.wait_for_line("vcpu0 workload net ", LIMIT);
     let counters_addr = text
         .split_whitespace()
@@ -142,7 +142,7 @@ fn the_guest_answers_pings_serves_a_file_and_counts_exactly() {
     ] {
         assert_eq!(v.load(Ordering::Relaxed), 0, "{name}");
     }
-    vm.stop();
+    vm.stop().unwrap();
 }
 
 #[test]

@@ -12,7 +12,7 @@ use vmm::vm::{MachineState, RestoreOptions};
 
 const LIMIT: Duration = Duration::from_secs(30);
 
-fn dump(vm: &Vm) -> Vec<(GuestAddress, Vec<u8>)> {
+fn dump(vm: &vmm::vm::Machine) -> Vec<(GuestAddress, Vec<u8>)> {
     vm.memory()
         .iter()
         .map(|r| {
@@ -62,8 +62,8 @@ fn comparable(state: &MachineState) -> String {
 
 #[test]
 fn a_restored_guest_continues_counting_where_it_was() {
-    let (mut vm, console) = test_vm(2, 64, "count=0 interval-ms=5");
-    vm.start().unwrap();
+    let (vm, console) = test_vm(2, 64, "count=0 interval-ms=5");
+    let vm = vm.start().unwrap();
     console.wait_until("both vCPUs counting", LIMIT, |t| {
         last_count(t, 0) >= Some(3) && last_count(t, 1) >= Some(3)
     });
@@ -75,11 +75,10 @@ fn a_restored_guest_continues_counting_where_it_was() {
         last_count(&before, 0).unwrap(),
         last_count(&before, 1).unwrap(),
     );
-    vm.stop();
-    drop(vm);
+    vm.stop().unwrap();
 
-    let (mut restored, console) = restore(state, memory);
-    restored.start().unwrap();
+    let (restored, console) = restore(state, memory);
+    let restored = restored.start().unwrap();
     let text = console.wait_until("counting on", LIMIT, |t| {
         let all = format!("{before}{t}");
         last_count(&all, 0) > Some(a + 2) && last_count(&all, 1) > Some(b + 2)
@@ -87,28 +86,27 @@ fn a_restored_guest_continues_counting_where_it_was() {
     common::assert_counts_continue(&before, &text, 0);
     common::assert_counts_continue(&before, &text, 1);
     assert_eq!(restored.wait_event(Some(Duration::ZERO)), None);
-    restored.stop();
+    restored.stop().unwrap();
 }
 
 #[test]
 fn save_restore_save_gives_the_same_state() {
-    let (mut vm, console) = test_vm(2, 64, "count=0 interval-ms=5");
-    vm.start().unwrap();
+    let (vm, console) = test_vm(2, 64, "count=0 interval-ms=5");
+    let vm = vm.start().unwrap();
     console.wait_for("vcpu1 count 2\n", LIMIT);
     vm.pause().unwrap();
     let first = vm.save_state().unwrap();
     let text1 = comparable(&first);
     let memory = dump(&vm);
-    vm.stop();
-    drop(vm);
+    vm.stop().unwrap();
 
-    let (mut restored, _console) = restore(first, memory.clone());
+    let (restored, _console) = restore(first, memory.clone());
     // Started paused: a second save straight after the restore, before any guest code runs.
-    restored.start_paused().unwrap();
+    let restored = restored.start_paused().unwrap();
     let second = restored.save_state().unwrap();
     assert_eq!(text1, comparable(&second));
     assert_eq!(dump(&restored), memory, "memory identical");
-    restored.stop();
+    restored.stop().unwrap();
 }
 
 /// Flips one byte of the state section of a valid snapshot file and fixes the CRC, so that
@@ -129,15 +127,14 @@ fn mutate(bytes: &[u8], seed: u64) -> Vec<u8> {
 
 #[test]
 fn damaged_state_never_panics_the_vmm() {
-    let (mut vm, console) = test_vm(1, 32, "count=0 interval-ms=5");
-    vm.start().unwrap();
+    let (vm, console) = test_vm(1, 32, "count=0 interval-ms=5");
+    let vm = vm.start().unwrap();
     console.wait_for("vcpu0 count 2\n", LIMIT);
     vm.pause().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good.snap");
     checkpoint::snapshot::write(&good, &vm.save_state().unwrap(), vm.memory()).unwrap();
-    vm.stop();
-    drop(vm);
+    vm.stop().unwrap();
     let bytes = std::fs::read(&good).unwrap();
     let (mut refused, mut restored) = (0, 0);
     for seed in 0..60u64 {
@@ -149,11 +146,11 @@ fn damaged_state_never_panics_the_vmm() {
                 nets: None,
             };
             match checkpoint::snapshot::restore(&path, opts) {
-                Ok(mut vm) => {
+                Ok(vm) => {
                     // Whatever the damage did to the guest, the VMM runs it and stops it.
-                    vm.start().expect("a restored VM starts");
+                    let vm = vm.start().expect("a restored VM starts");
                     let _ = vm.wait_event(Some(Duration::from_millis(20)));
-                    vm.stop();
+                    vm.stop().unwrap();
                     true
                 }
                 Err(e) => {
@@ -174,8 +171,8 @@ fn damaged_state_never_panics_the_vmm() {
 
 #[test]
 fn a_raw_snapshot_restores_by_mapping_and_the_file_stays_untouched() {
-    let (mut vm, console) = test_vm(2, 64, "count=0 interval-ms=5");
-    vm.start().unwrap();
+    let (vm, console) = test_vm(2, 64, "count=0 interval-ms=5");
+    let vm = vm.start().unwrap();
     console.wait_until("both vCPUs counting", LIMIT, |t| {
         last_count(t, 0) >= Some(3) && last_count(t, 1) >= Some(3)
     });
@@ -186,8 +183,7 @@ fn a_raw_snapshot_restores_by_mapping_and_the_file_stays_untouched() {
     checkpoint::snapshot::write_with(&path, &vm.save_state().unwrap(), vm.memory(), encoding)
         .unwrap();
     let before = console.text();
-    vm.stop();
-    drop(vm);
+    vm.stop().unwrap();
     let file = std::fs::read(&path).unwrap();
 
     let restored_console = Console::default();
@@ -195,8 +191,8 @@ fn a_raw_snapshot_restores_by_mapping_and_the_file_stays_untouched() {
         console: Box::new(restored_console.clone()),
         nets: None,
     };
-    let mut restored = checkpoint::snapshot::restore(&path, opts).unwrap();
-    restored.start().unwrap();
+    let restored = checkpoint::snapshot::restore(&path, opts).unwrap();
+    let restored = restored.start().unwrap();
     let (a, b) = (
         last_count(&before, 0).unwrap(),
         last_count(&before, 1).unwrap(),
@@ -213,5 +209,5 @@ fn a_raw_snapshot_restores_by_mapping_and_the_file_stays_untouched() {
         file,
         "the guest's writes reached the snapshot file"
     );
-    restored.stop();
+    restored.stop().unwrap();
 }

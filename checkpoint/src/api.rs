@@ -6,16 +6,42 @@
 //! | `PUT /pause`, `PUT /resume` | pauses or resumes the VM |
 //! | `PUT /snapshot` `{"path": "...", "raw": false}` | pauses, writes a snapshot file (raw: mappable memory), resumes if it was running |
 //!
-//! The server thread only parses requests; the thread that owns the VM executes them (see
-//! `crate::control`), so the API never races the VM's own life cycle.
+//! HTTP is hyper's, on a single-threaded tokio runtime in the `api` thread: every client is
+//! served concurrently, and none can hold up another. Input is bounded: the request head
+//! (request line and headers) to [`MAX_HEAD`] bytes and [`HEAD_TIMEOUT`], the body to
+//! [`MAX_BODY`] bytes and [`BODY_TIMEOUT`]; errors are short and never echo the input.
+//! `GET /status` is answered from the VM's [`RunState`] at once; the other commands are
+//! executed by the thread that owns the VM (see `crate::control`), so the API never races the
+//! VM's own life cycle.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, channel};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request as HttpRequest, Response, StatusCode};
+use serde::Deserialize;
 use serde_json::{Value, json};
+use vmm::event::{self, Reporter, ThreadError};
+use vmm::vm::RunState;
+
+/// The most bytes of a request line and headers together (hyper's smallest buffer).
+pub const MAX_HEAD: usize = 8192;
+/// The most bytes of a request body.
+pub const MAX_BODY: usize = 64 * 1024;
+/// How long a client may take to send the request line and headers.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client may take to send the body once the headers are in.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a command may take on the VM's thread before the client is told it timed out
+/// (the command itself still completes).
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// What a client asked for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,8 +61,103 @@ pub enum Command {
     },
 }
 
-/// A command and where its answer goes: Ok(JSON) or Err(message).
-pub type Request = (Command, Sender<Result<Value, String>>);
+/// Where the answer to a command goes: Ok(JSON) or Err(message).
+pub type Reply = tokio::sync::oneshot::Sender<Result<Value, String>>;
+
+/// A command for the VM's thread and where its answer goes.
+pub type Request = (Command, Reply);
+
+/// Why a request was refused before it reached the VM (the HTTP status is
+/// [`RequestError::status`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// No such path.
+    #[error("No such request (the API has GET /status, PUT /pause, PUT /resume, PUT /snapshot)")]
+    NotFound,
+    /// The path exists with another method.
+    #[error("Wrong method for this path (GET /status; PUT /pause, /resume, /snapshot)")]
+    Method,
+    /// The body is not what the request takes.
+    #[error("Bad request body: {0}")]
+    Body(String),
+    /// The body is larger than [`MAX_BODY`].
+    #[error("Request body too large (at most {MAX_BODY} bytes)")]
+    TooLarge,
+    /// The body did not arrive within [`BODY_TIMEOUT`].
+    #[error("Request body incomplete after {BODY_TIMEOUT:?}")]
+    Timeout,
+}
+
+impl RequestError {
+    /// The HTTP status this error is answered with.
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::NotFound => 404,
+            Self::Method => 405,
+            Self::Body(_) => 400,
+            Self::TooLarge => 413,
+            Self::Timeout => 408,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotBody {
+    path: PathBuf,
+    #[serde(default)]
+    raw: bool,
+}
+
+/// Turns a request into a command (untrusted input: every field checked, nothing echoed).
+pub fn parse_command(method: &str, path: &str, body: &[u8]) -> Result<Command, RequestError> {
+    let (want, command) = match path {
+        "/status" => ("GET", Command::Status),
+        "/pause" => ("PUT", Command::Pause),
+        "/resume" => ("PUT", Command::Resume),
+        "/snapshot" => {
+            if method != "PUT" {
+                return Err(RequestError::Method);
+            }
+            let b: SnapshotBody = serde_json::from_slice(body).map_err(|e| {
+                RequestError::Body(format!(
+                    "PUT /snapshot takes {{\"path\": \"/abs/file\", \"raw\": false}} ({})",
+                    e.classify_text()
+                ))
+            })?;
+            if !b.path.is_absolute() {
+                return Err(RequestError::Body(
+                    "the snapshot path must be absolute".into(),
+                ));
+            }
+            return Ok(Command::Snapshot {
+                path: b.path,
+                raw: b.raw,
+            });
+        }
+        _ => return Err(RequestError::NotFound),
+    };
+    if method != want {
+        return Err(RequestError::Method);
+    }
+    Ok(command)
+}
+
+trait ClassifyText {
+    fn classify_text(&self) -> &'static str;
+}
+
+impl ClassifyText for serde_json::Error {
+    /// What is wrong, without the input's text (serde's messages quote unknown fields).
+    fn classify_text(&self) -> &'static str {
+        use serde_json::error::Category;
+        match self.classify() {
+            Category::Io | Category::Eof => "incomplete JSON",
+            Category::Syntax => "not JSON",
+            Category::Data => "wrong fields or types",
+        }
+    }
+}
 
 /// Errors of the API.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +170,18 @@ pub enum ApiError {
         /// Why.
         #[source]
         source: std::io::Error,
+    },
+    /// Something that is not a socket is at the path: it is left alone.
+    #[error("Cannot use {path} as the API socket: it exists and is not a socket (nothing was removed)")]
+    NotASocket {
+        /// The path.
+        path: PathBuf,
+    },
+    /// Another process serves the socket.
+    #[error("Cannot use {path} as the API socket: another process is serving it")]
+    InUse {
+        /// The path.
+        path: PathBuf,
     },
     /// The VMM cannot be reached.
     #[error("Cannot reach ftvm's API at {path}")]
@@ -67,115 +200,248 @@ pub enum ApiError {
     Malformed(String),
 }
 
-/// The listening side; removes its socket when dropped.
-pub struct ApiServer {
+/// A socket this process created; removed on drop only if the path still is that socket.
+struct OwnSocket {
     path: PathBuf,
+    dev: u64,
+    ino: u64,
 }
 
-impl Drop for ApiServer {
+impl Drop for OwnSocket {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(m) if m.dev() == self.dev && m.ino() == self.ino => {
+                if let Err(e) = std::fs::remove_file(&self.path) {
+                    tracing::warn!(path = %self.path.display(), "cannot remove the API socket: {e}");
+                }
+            }
+            _ => tracing::warn!(
+                path = %self.path.display(),
+                "the API socket was replaced by something else; left alone"
+            ),
+        }
     }
 }
 
-impl ApiServer {
-    /// Listens on `path` (replacing a stale socket) and returns the server and the stream of
-    /// requests for the VM's thread.
-    pub fn start(path: &Path) -> Result<(Self, Receiver<Request>), ApiError> {
-        let listen = |source| ApiError::Listen {
-            path: path.to_path_buf(),
-            source,
-        };
-        if path.exists() {
-            std::fs::remove_file(path).map_err(listen)?;
-        }
-        let listener = UnixListener::bind(path).map_err(listen)?;
-        let (tx, rx) = channel();
-        std::thread::Builder::new()
-            .name("api".into())
-            .spawn(move || {
-                for stream in listener.incoming().map_while(Result::ok) {
-                    if let Err(e) = serve(stream, &tx) {
-                        tracing::debug!("API connection: {e}");
-                    }
-                }
-            })
-            .map_err(listen)?;
-        Ok((
-            Self {
+/// A socket bound (and checked) before the VM starts, served once it runs.
+pub struct BoundApi {
+    listener: UnixListener,
+    socket: OwnSocket,
+}
+
+/// Binds the API socket at `path`. A path that exists is used only if it is a socket that no
+/// process answers on (a stale one from a VMM that died): anything else is refused and left
+/// as it is.
+pub fn bind(path: &Path) -> Result<BoundApi, ApiError> {
+    let listen = |source| ApiError::Listen {
+        path: path.to_path_buf(),
+        source,
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_socket() => {
+            return Err(ApiError::NotASocket {
                 path: path.to_path_buf(),
+            });
+        }
+        Ok(_) => match UnixStream::connect(path) {
+            Ok(_) => {
+                return Err(ApiError::InUse {
+                    path: path.to_path_buf(),
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                tracing::info!(path = %path.display(), "removing a stale API socket");
+                std::fs::remove_file(path).map_err(listen)?;
+            }
+            Err(e) => return Err(listen(e)),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(listen(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(listen)?;
+    let m = std::fs::symlink_metadata(path).map_err(listen)?;
+    listener.set_nonblocking(true).map_err(listen)?;
+    Ok(BoundApi {
+        listener,
+        socket: OwnSocket {
+            path: path.to_path_buf(),
+            dev: m.dev(),
+            ino: m.ino(),
+        },
+    })
+}
+
+/// The running API server: its thread, and the socket it removes when stopped.
+pub struct ApiServer {
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<Result<(), String>>>,
+    _socket: OwnSocket,
+}
+
+impl BoundApi {
+    /// Serves the API in a thread named `api` (its failure is reported through `reporter`);
+    /// returns the server and the stream of commands for the VM's thread.
+    pub fn serve(
+        self,
+        state: Arc<RunState>,
+        reporter: &Reporter,
+    ) -> Result<(ApiServer, Receiver<Request>), ApiError> {
+        let (tx, rx) = channel();
+        let (shutdown, stop) = tokio::sync::oneshot::channel();
+        let listener = self.listener;
+        let path = self.socket.path.clone();
+        let thread = reporter
+            .spawn("api", move || serve_all(listener, state, tx, stop))
+            .map_err(|source| ApiError::Listen { path, source })?;
+        Ok((
+            ApiServer {
+                shutdown: Some(shutdown),
+                thread: Some(thread),
+                _socket: self.socket,
             },
             rx,
         ))
     }
 }
 
-/// Reads one HTTP request: (method, path, body).
-fn read_request(stream: &UnixStream) -> std::io::Result<(String, String, Vec<u8>)> {
-    let mut r = BufReader::new(stream);
-    let mut line = String::new();
-    r.read_line(&mut line)?;
-    let mut parts = line.split_whitespace();
-    let (method, path) = (
-        parts.next().unwrap_or("").to_string(),
-        parts.next().unwrap_or("").to_string(),
+impl ApiServer {
+    /// Stops serving, waits for the thread and removes the socket; a thread that had failed
+    /// says so.
+    pub fn stop(mut self) -> Result<(), ThreadError> {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Result<(), ThreadError> {
+        if let Some(s) = self.shutdown.take() {
+            let _ = s.send(());
+        }
+        match self.thread.take() {
+            Some(t) => event::join("api", t),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        if let Err(e) = self.finish() {
+            tracing::error!("{e}");
+        }
+    }
+}
+
+fn serve_all(
+    listener: UnixListener,
+    state: Arc<RunState>,
+    tx: Sender<Request>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> Result<(), String> {
+    event::check_fault("api")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the API runtime: {e}"))?;
+    rt.block_on(async move {
+        let listener = tokio::net::UnixListener::from_std(listener)
+            .map_err(|e| format!("cannot serve the API socket: {e}"))?;
+        loop {
+            let stream = tokio::select! {
+                _ = &mut stop => return Ok(()),
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    // Out of descriptors and the like: this client is lost, the next may not be.
+                    Err(e) => {
+                        tracing::warn!("API accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                },
+            };
+            let (state, tx) = (state.clone(), tx.clone());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let (state, tx) = (state.clone(), tx.clone());
+                    async move { Ok::<_, std::convert::Infallible>(answer(req, &state, &tx).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEAD_TIMEOUT)
+                    .max_buf_size(MAX_HEAD)
+                    .keep_alive(false)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                if let Err(e) = conn.await {
+                    tracing::debug!("API connection: {e}");
+                }
+            });
+        }
+    })
+}
+
+fn json_response(code: u16, body: &Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
     );
-    let mut len = 0usize;
-    loop {
-        let mut h = String::new();
-        if r.read_line(&mut h)? == 0 || h.trim().is_empty() {
-            break;
-        }
-        if let Some((k, v)) = h.split_once(':')
-            && k.trim().eq_ignore_ascii_case("content-length")
-        {
-            len = v.trim().parse().unwrap_or(0).min(1 << 20);
-        }
+    r
+}
+
+fn refuse(e: &RequestError) -> Response<Full<Bytes>> {
+    json_response(e.status(), &json!({ "error": e.to_string() }))
+}
+
+/// The JSON of `GET /status`.
+pub fn status_json(state: &RunState) -> Value {
+    json!({ "state": state.name(), "vcpus": state.vcpus() })
+}
+
+async fn read_body(body: Incoming, declared: Option<u64>) -> Result<Bytes, RequestError> {
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(RequestError::TooLarge);
     }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body)?;
-    Ok((method, path, body))
+    match tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, MAX_BODY).collect()).await {
+        Err(_) => Err(RequestError::Timeout),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(RequestError::TooLarge),
+        Ok(Err(_)) => Err(RequestError::Body("the body could not be read".into())),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+    }
 }
 
-fn respond(mut stream: &UnixStream, code: u16, body: &Value) -> std::io::Result<()> {
-    let text = body.to_string();
-    let reason = if code == 200 { "OK" } else { "Error" };
-    write!(
-        stream,
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
-        text.len()
-    )
-}
-
-fn serve(stream: UnixStream, tx: &Sender<Request>) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let (method, path, body) = read_request(&stream)?;
-    let command = match (method.as_str(), path.as_str()) {
-        ("GET", "/status") => Ok(Command::Status),
-        ("PUT", "/pause") => Ok(Command::Pause),
-        ("PUT", "/resume") => Ok(Command::Resume),
-        ("PUT", "/snapshot") => serde_json::from_slice::<Value>(&body)
-            .ok()
-            .and_then(|v| {
-                let path = PathBuf::from(v.get("path")?.as_str()?);
-                let raw = v.get("raw").and_then(Value::as_bool).unwrap_or(false);
-                Some(Command::Snapshot { path, raw })
-            })
-            .ok_or_else(|| "PUT /snapshot wants {\"path\": \"...\", \"raw\": false}".to_string()),
-        _ => Err(format!("no such request: {method} {path}")),
+async fn answer(
+    req: HttpRequest<Incoming>,
+    state: &RunState,
+    tx: &Sender<Request>,
+) -> Response<Full<Bytes>> {
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    if method == Method::GET && path == "/status" {
+        return json_response(200, &status_json(state));
+    }
+    let declared = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let body = match read_body(req.into_body(), declared).await {
+        Ok(b) => b,
+        Err(e) => return refuse(&e),
     };
-    let command = match command {
+    let command = match parse_command(method.as_str(), &path, &body) {
         Ok(c) => c,
-        Err(e) => return respond(&stream, 400, &json!({ "error": e })),
+        Err(e) => return refuse(&e),
     };
-    let (reply_tx, reply_rx) = channel();
+    let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
     if tx.send((command, reply_tx)).is_err() {
-        return respond(&stream, 503, &json!({ "error": "the VM is gone" }));
+        return json_response(503, &json!({ "error": "The VM is gone" }));
     }
-    match reply_rx.recv() {
-        Ok(Ok(v)) => respond(&stream, 200, &v),
-        Ok(Err(e)) => respond(&stream, 500, &json!({ "error": e })),
-        Err(_) => respond(&stream, 503, &json!({ "error": "the VM is gone" })),
+    match tokio::time::timeout(COMMAND_TIMEOUT, reply_rx).await {
+        Ok(Ok(Ok(v))) => json_response(200, &v),
+        Ok(Ok(Err(e))) => json_response(500, &json!({ "error": e })),
+        Ok(Err(_)) => json_response(503, &json!({ "error": "The VM is gone" })),
+        Err(_) => json_response(
+            504,
+            &json!({ "error": format!("No answer from the VM within {COMMAND_TIMEOUT:?}") }),
+        ),
     }
 }
 
@@ -198,11 +464,13 @@ pub fn call(
         body.len()
     )
     .map_err(io)?;
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).map_err(io)?;
+    let mut answer = Vec::new();
+    // A well-behaved server answers in a few hundred bytes; never hold more than that cap.
+    s.take(1 << 20).read_to_end(&mut answer).map_err(io)?;
+    let answer = String::from_utf8_lossy(&answer);
     let (head, text) = answer
         .split_once("\r\n\r\n")
-        .ok_or_else(|| ApiError::Malformed(answer.clone()))?;
+        .ok_or_else(|| ApiError::Malformed("no HTTP header".into()))?;
     let code: u16 = head
         .split_whitespace()
         .nth(1)
@@ -219,4 +487,63 @@ pub fn call(
         return Err(ApiError::Refused(msg));
     }
     Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_and_methods() {
+        assert_eq!(parse_command("GET", "/status", b""), Ok(Command::Status));
+        assert_eq!(parse_command("PUT", "/pause", b""), Ok(Command::Pause));
+        assert_eq!(parse_command("PUT", "/resume", b""), Ok(Command::Resume));
+        assert_eq!(
+            parse_command("PUT", "/status", b""),
+            Err(RequestError::Method)
+        );
+        assert_eq!(
+            parse_command("GET", "/snapshot", b""),
+            Err(RequestError::Method)
+        );
+        assert_eq!(parse_command("GET", "/nope", b""), Err(RequestError::NotFound));
+    }
+
+    #[test]
+    fn snapshot_bodies_are_strict() {
+        assert_eq!(
+            parse_command("PUT", "/snapshot", br#"{"path":"/a/b"}"#),
+            Ok(Command::Snapshot {
+                path: "/a/b".into(),
+                raw: false
+            })
+        );
+        assert_eq!(
+            parse_command("PUT", "/snapshot", br#"{"path":"/a/b","raw":true}"#),
+            Ok(Command::Snapshot {
+                path: "/a/b".into(),
+                raw: true
+            })
+        );
+        for bad in [
+            &br#"{"path":"/a/b","raw":"yes"}"#[..],
+            br#"{"path":"/a/b","raw":1}"#,
+            br#"{"path":"/a/b","compress":true}"#,
+            br#"{"path":"relative"}"#,
+            br#"{"path":""}"#,
+            br#"{"raw":true}"#,
+            br#"{"path":"/a/b""#,
+            b"\xff\xfe",
+            b"",
+        ] {
+            let e = parse_command("PUT", "/snapshot", bad).unwrap_err();
+            assert_eq!(e.status(), 400, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn errors_do_not_echo_the_input() {
+        let e = parse_command("PUT", "/snapshot", br#"{"secretfield":1}"#).unwrap_err();
+        assert!(!e.to_string().contains("secretfield"), "{e}");
+    }
 }

@@ -1,46 +1,145 @@
-//! The thread that owns a running VM: waits for it to end while executing API commands.
+//! The thread that owns a running VM: starts it, executes API commands, waits for it to end,
+//! and stops it in order — whatever ended it (the guest, a failed thread, a signal).
 
-use std::sync::mpsc::Receiver;
+use std::panic::AssertUnwindSafe;
+use std::path::Path;
+use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use vmm::vcpu::VcpuState;
-use vmm::{Vm, VmEvent};
+use vmm::event::{self, ThreadError, error_chain};
+use vmm::{RunningVm, Vm, VmError, VmEvent};
 
-use crate::api::{Command, Request};
+use crate::api::{self, ApiError, Command, Request};
 use crate::snapshot;
 
 /// How often the VM's thread looks for API commands while the guest runs.
-const POLL: Duration = Duration::from_millis(10);
+const POLL: Duration = Duration::from_millis(5);
+
+/// How a supervised VM ended without a failure.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// The guest powered off with this status.
+    PowerOff(u32),
+    /// The guest reset (ftvm does not emulate reboot).
+    Reset,
+    /// KVM reported a system event of this type.
+    SystemEvent(u32),
+    /// A termination signal stopped the VM in order: vCPUs and devices paused, disks
+    /// flushed, the API socket removed.
+    Signal(i32),
+}
+
+/// Why a supervised VM failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The API socket could not be set up.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    /// Starting or stopping the VM failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// A vCPU crashed.
+    #[error("vCPU {vcpu} crashed: {reason}")]
+    Crashed {
+        /// The vCPU.
+        vcpu: u8,
+        /// What happened.
+        reason: String,
+    },
+    /// A VMM thread panicked or failed.
+    #[error(transparent)]
+    Thread(#[from] ThreadError),
+    /// Termination signals could not be taken over.
+    #[error("Cannot handle termination signals")]
+    Signals(#[source] std::io::Error),
+    /// Every event source is gone without an event.
+    #[error("The VM stopped without saying why")]
+    Vanished,
+}
+
+/// Starts `vm`, serves the API on `api` if given, and runs until the VM ends; then stops it in
+/// order. The API socket is bound (and checked) before any guest code runs.
+pub fn supervise(vm: Vm, api: Option<&Path>) -> Result<Ended, ControlError> {
+    let bound = api.map(api::bind).transpose()?;
+    vmm::signals::watch(&vm.reporter()).map_err(ControlError::Signals)?;
+    let vm = vm.start()?;
+    let (server, requests) = match bound {
+        Some(b) => {
+            let (server, rx) = b.serve(vm.run_state().clone(), &vm.reporter())?;
+            (Some(server), Some(rx))
+        }
+        None => (None, None),
+    };
+    let event = std::panic::catch_unwind(AssertUnwindSafe(|| run(&vm, requests.as_ref())))
+        .unwrap_or_else(|payload| VmEvent::ThreadFailed {
+            thread: "control".into(),
+            cause: event::panic_cause(payload.as_ref()),
+        });
+    let outcome = match event {
+        VmEvent::PowerOff(status) => Ok(Ended::PowerOff(status)),
+        VmEvent::Reset => Ok(Ended::Reset),
+        VmEvent::SystemEvent(kind) => Ok(Ended::SystemEvent(kind)),
+        VmEvent::Signal(sig) => {
+            tracing::info!(signal = sig, "stopping the VM in order");
+            match vm.pause().and_then(|()| vm.flush_disks()) {
+                Ok(()) => Ok(Ended::Signal(sig)),
+                Err(e) => Err(e.into()),
+            }
+        }
+        VmEvent::Crashed { vcpu, reason } => Err(ControlError::Crashed { vcpu, reason }),
+        VmEvent::ThreadFailed { thread, cause } => {
+            Err(ControlError::Thread(ThreadError { thread, cause }))
+        }
+    };
+    // Every thread is joined; a failure found here that was not the reason the VM ended is
+    // still an error.
+    let stopped = vm.stop();
+    let api_stopped = server.map(api::ApiServer::stop).transpose();
+    let outcome = outcome?;
+    stopped?;
+    api_stopped?;
+    Ok(outcome)
+}
 
 /// Runs until the VM ends; returns why.
-pub fn run(vm: &mut Vm, api: Option<&Receiver<Request>>) -> Option<VmEvent> {
+fn run(vm: &RunningVm, api: Option<&Receiver<Request>>) -> VmEvent {
+    if let Err(cause) = event::check_fault("control") {
+        return VmEvent::ThreadFailed {
+            thread: "control".into(),
+            cause,
+        };
+    }
     let Some(api) = api else {
-        return vm.wait_event(None);
+        return vm.wait_event(None).unwrap_or(VmEvent::ThreadFailed {
+            thread: "control".into(),
+            cause: "every VM event source is gone".into(),
+        });
     };
     loop {
         if let Some(event) = vm.wait_event(Some(POLL)) {
-            return Some(event);
+            return event;
         }
-        while let Ok((command, reply)) = api.try_recv() {
-            let _ = reply.send(execute(vm, command));
+        loop {
+            match api.try_recv() {
+                Ok((command, reply)) => {
+                    // The client may have given up (timeout); the command has been done.
+                    let _ = reply.send(execute(vm, command));
+                }
+                Err(TryRecvError::Empty) => break,
+                // The API thread ended: its failure arrives as an event.
+                Err(TryRecvError::Disconnected) => break,
+            }
         }
     }
 }
 
-fn paused(vm: &Vm) -> bool {
-    vm.vcpu_states().iter().all(|s| *s != VcpuState::Running)
-}
-
 /// Executes one API command on the VM.
-pub fn execute(vm: &mut Vm, command: Command) -> Result<Value, String> {
+pub fn execute(vm: &RunningVm, command: Command) -> Result<Value, String> {
     match command {
-        Command::Status => Ok(json!({
-            "state": if paused(vm) { "paused" } else { "running" },
-            "vcpus": vm.vcpu_states().len(),
-        })),
+        Command::Status => Ok(api::status_json(vm.run_state())),
         Command::Pause => {
-            vm.pause().map_err(|e| format!("{e:#}"))?;
+            vm.pause().map_err(|e| error_chain(&e))?;
             tracing::info!("VM paused");
             Ok(json!({ "state": "paused" }))
         }
@@ -55,21 +154,16 @@ pub fn execute(vm: &mut Vm, command: Command) -> Result<Value, String> {
             } else {
                 snapshot::MemoryEncoding::Compressed
             };
-            let was_running = !paused(vm);
             let start = Instant::now();
-            vm.pause().map_err(|e| e.to_string())?;
-            let paused_at = start.elapsed();
-            let result = vm
-                .save_state()
-                .map_err(|e| e.to_string())
-                .and_then(|state| {
+            let mut paused_at = Duration::ZERO;
+            let stats = vm
+                .with_paused(|vm| {
+                    paused_at = start.elapsed();
+                    let state = vm.save_state().map_err(|e| error_chain(&e))?;
                     snapshot::write_with(&path, &state, vm.memory(), encoding)
                         .map_err(|e| error_chain(&e))
-                });
-            if was_running {
-                vm.resume();
-            }
-            let stats = result?;
+                })
+                .map_err(|e| error_chain(&e))??;
             let ms = start.elapsed().as_secs_f64() * 1000.0;
             tracing::info!(path = %path.display(), ms, "snapshot written");
             Ok(json!({
@@ -83,15 +177,4 @@ pub fn execute(vm: &mut Vm, command: Command) -> Result<Value, String> {
             }))
         }
     }
-}
-
-/// An error and its causes on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s += &format!(": {c}");
-        cause = c.source();
-    }
-    s
 }

@@ -5,13 +5,15 @@
 //! together with pausing the vCPUs quiesces the whole machine.
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::event::{self, Reporter, ThreadError};
 
 /// A file descriptor a handler wants to hear about.
 #[derive(Clone, Copy, Debug)]
@@ -50,6 +52,8 @@ const CONTROL_TOKEN: u64 = u64::MAX;
 
 struct Shared {
     want: AtomicU8,
+    /// The thread has ended (normally or not): nothing to wait for.
+    finished: AtomicBool,
     paused: Mutex<bool>,
     cv: Condvar,
     control: EventFd,
@@ -58,12 +62,16 @@ struct Shared {
 /// The running event loop.
 pub struct EventLoop {
     shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Result<(), String>>>,
 }
 
 impl EventLoop {
-    /// Starts the loop over `handlers`.
-    pub fn start(handlers: Vec<Box<dyn EventHandler>>) -> Result<Self, EventLoopError> {
+    /// Starts the loop over `handlers`. If the thread panics or fails, `reporter` tells the
+    /// VM's owner.
+    pub fn start(
+        handlers: Vec<Box<dyn EventHandler>>,
+        reporter: &Reporter,
+    ) -> Result<Self, EventLoopError> {
         let epoll = Epoll::new().map_err(EventLoopError::Setup)?;
         let control = EventFd::new(libc::EFD_NONBLOCK).map_err(EventLoopError::Setup)?;
         epoll
@@ -91,14 +99,14 @@ impl EventLoop {
         }
         let shared = Arc::new(Shared {
             want: AtomicU8::new(WANT_RUN),
+            finished: AtomicBool::new(false),
             paused: Mutex::new(false),
             cv: Condvar::new(),
             control,
         });
         let s = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("devices".into())
-            .spawn(move || run(epoll, handlers, s))
+        let thread = reporter
+            .spawn("devices", move || run(epoll, handlers, s))
             .map_err(EventLoopError::Setup)?;
         Ok(Self {
             shared,
@@ -125,9 +133,11 @@ impl EventLoop {
         let (paused, _) = self
             .shared
             .cv
-            .wait_timeout_while(paused, timeout, |p| !*p)
+            .wait_timeout_while(paused, timeout, |p| {
+                !*p && !self.shared.finished.load(Ordering::SeqCst)
+            })
             .unwrap_or_else(|p| p.into_inner());
-        if *paused || self.thread.as_ref().is_none_or(|t| t.is_finished()) {
+        if *paused || self.shared.finished.load(Ordering::SeqCst) {
             Ok(())
         } else {
             Err(EventLoopError::PauseTimeout(timeout))
@@ -139,29 +149,47 @@ impl EventLoop {
         self.set_want(WANT_RUN);
     }
 
-    /// Ends the thread.
-    pub fn stop(&mut self) {
+    /// Ends the thread; a thread that panicked or failed says so (once).
+    pub fn stop(&mut self) -> Result<(), ThreadError> {
         self.set_want(WANT_EXIT);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        match self.thread.take() {
+            Some(t) => event::join("devices", t),
+            None => Ok(()),
         }
     }
 }
 
 impl Drop for EventLoop {
     fn drop(&mut self) {
-        self.stop();
+        if let Err(e) = self.stop() {
+            tracing::error!("{e}");
+        }
     }
 }
 
-fn run(epoll: Epoll, mut handlers: Vec<Box<dyn EventHandler>>, shared: Arc<Shared>) {
+fn run(
+    epoll: Epoll,
+    mut handlers: Vec<Box<dyn EventHandler>>,
+    shared: Arc<Shared>,
+) -> Result<(), String> {
+    // However the thread ends, a waiter for its pause is released.
+    struct Released<'a>(&'a Shared);
+    impl Drop for Released<'_> {
+        fn drop(&mut self) {
+            let _p = self.0.paused.lock().unwrap_or_else(|p| p.into_inner());
+            self.0.finished.store(true, Ordering::SeqCst);
+            self.0.cv.notify_all();
+        }
+    }
+    let _released = Released(&shared);
+    event::check_fault("devices")?;
     let mut events = vec![EpollEvent::default(); 64];
     // Events that arrived but were not dispatched because of a pause: dispatched first after
     // it (an edge-triggered event would otherwise be lost).
     let mut deferred: Vec<u64> = Vec::new();
     loop {
         match shared.want.load(Ordering::SeqCst) {
-            WANT_EXIT => return,
+            WANT_EXIT => return Ok(()),
             WANT_PAUSE => {
                 let mut paused = shared.paused.lock().unwrap_or_else(|p| p.into_inner());
                 *paused = true;
@@ -180,10 +208,7 @@ fn run(epoll: Epoll, mut handlers: Vec<Box<dyn EventHandler>>, shared: Arc<Share
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                tracing::error!("device event loop failed: {e}");
-                return;
-            }
+            Err(e) => return Err(format!("epoll_wait failed: {e}")),
         };
         for ev in &events[..n] {
             if ev.data() == CONTROL_TOKEN {

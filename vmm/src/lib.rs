@@ -11,13 +11,16 @@ pub mod boot;
 pub mod bus;
 pub mod device_manager;
 pub mod devices;
+pub mod event;
 pub mod event_loop;
 pub mod linux;
 pub mod loader;
 pub mod memory;
+pub mod signals;
 pub mod state;
 pub mod vcpu;
 pub mod vm;
 pub mod x86;
 
-pub use vm::{Kernel, Vm, VmConfig, VmError, VmEvent};
+pub use event::{Reporter, VmEvent};
+pub use vm::{Kernel, RunState, RunningVm, Vm, VmConfig, VmError};

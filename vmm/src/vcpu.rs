@@ -9,7 +9,7 @@
 //! state is read from a thread that does not own the fd.
 
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::mpsc::{Sender, sync_channel};
+use std::sync::mpsc::sync_channel;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -19,7 +19,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
 
 use crate::bus::{Bus, MmioAddress, PioAddress, VcpuAction};
-use crate::vm::VmEvent;
+use crate::event::{self, Reporter, ThreadError, VmEvent};
 
 /// Why a vCPU left KVM_RUN; the label of `ftvm_vcpu_exits_total{reason}`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,7 +134,7 @@ impl VcpuCounters {
 
 /// Where a vCPU thread is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum VcpuState {
+pub enum VcpuRunState {
     /// Running guest code (or waiting on the guest's behalf).
     Running,
     /// Stopped at an instruction boundary with no I/O pending; state may be read.
@@ -150,7 +150,7 @@ const WANT_EXIT: u8 = 2;
 type Job = Box<dyn FnOnce(&mut VcpuFd) + Send>;
 
 struct Ctl {
-    state: VcpuState,
+    state: VcpuRunState,
     job: Option<Job>,
     /// The vCPU's `kvm_run` page while the thread owns a live fd; null otherwise.
     kvm_run: *mut kvm_run,
@@ -228,7 +228,7 @@ pub struct VcpuHandle {
     index: u8,
     shared: Arc<Shared>,
     counters: Arc<VcpuCounters>,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Result<(), String>>>,
 }
 
 /// What the vCPU thread needs besides its fd.
@@ -237,17 +237,24 @@ pub struct VcpuContext {
     pub pio: Arc<Bus<PioAddress>>,
     /// MMIO bus.
     pub mmio: Arc<Bus<MmioAddress>>,
-    /// Where VM-level events go.
-    pub events: Sender<VmEvent>,
+    /// Where VM-level events go; also reports the thread's failure.
+    pub events: Reporter,
 }
 
 impl VcpuHandle {
-    /// Starts vCPU `index` on its own thread, running (or paused, if `paused`).
-    pub fn spawn(index: u8, fd: VcpuFd, ctx: VcpuContext, paused: bool) -> Result<Self, VcpuError> {
+    /// Starts vCPU `index` on its own thread, running (or paused, if `paused`), counting into
+    /// `counters`. A panic of the thread reaches the VM's owner as [`VmEvent::ThreadFailed`].
+    pub fn spawn(
+        index: u8,
+        fd: VcpuFd,
+        ctx: VcpuContext,
+        counters: Arc<VcpuCounters>,
+        paused: bool,
+    ) -> Result<Self, VcpuError> {
         install_kick_handler()?;
         let shared = Arc::new(Shared {
             ctl: Mutex::new(Ctl {
-                state: VcpuState::Running,
+                state: VcpuRunState::Running,
                 job: None,
                 kvm_run: std::ptr::null_mut(),
                 wake: false,
@@ -255,7 +262,6 @@ impl VcpuHandle {
             cv: Condvar::new(),
             want: AtomicU8::new(if paused { WANT_PAUSE } else { WANT_RUN }),
         });
-        let counters = Arc::new(VcpuCounters::default());
         let runner = Runner {
             index,
             fd,
@@ -265,9 +271,9 @@ impl VcpuHandle {
             pending_io: false,
             halted: false,
         };
-        let thread = std::thread::Builder::new()
-            .name(format!("vcpu{index}"))
-            .spawn(move || runner.run())
+        let reporter = runner.ctx.events.clone();
+        let thread = reporter
+            .spawn(&format!("vcpu{index}"), move || runner.run())
             .map_err(|e| VcpuError::Spawn(index, e))?;
         Ok(Self {
             index,
@@ -283,14 +289,14 @@ impl VcpuHandle {
     }
 
     /// Where the vCPU is now.
-    pub fn state(&self) -> VcpuState {
+    pub fn state(&self) -> VcpuRunState {
         self.shared.lock().state
     }
 
     fn set_want(&self, want: u8) {
         let mut ctl = self.shared.lock();
         self.shared.want.store(want, Ordering::SeqCst);
-        let running = ctl.state == VcpuState::Running;
+        let running = ctl.state == VcpuRunState::Running;
         if running && !ctl.kvm_run.is_null() {
             // SAFETY: the pointer is live while set (see Ctl); immediate_exit is a plain byte
             // the kernel reads on entry to KVM_RUN.
@@ -317,10 +323,10 @@ impl VcpuHandle {
         let (ctl, _) = self
             .shared
             .cv
-            .wait_timeout_while(ctl, timeout, |c| c.state == VcpuState::Running)
+            .wait_timeout_while(ctl, timeout, |c| c.state == VcpuRunState::Running)
             .unwrap_or_else(|p| p.into_inner());
         match ctl.state {
-            VcpuState::Running => Err(VcpuError::PauseTimeout(self.index, timeout)),
+            VcpuRunState::Running => Err(VcpuError::PauseTimeout(self.index, timeout)),
             _ => Ok(()),
         }
     }
@@ -344,9 +350,9 @@ impl VcpuHandle {
         {
             let mut ctl = self.shared.lock();
             match ctl.state {
-                VcpuState::Paused => {}
-                VcpuState::Exited => return Err(VcpuError::Exited(self.index)),
-                VcpuState::Running => return Err(VcpuError::NotPaused(self.index)),
+                VcpuRunState::Paused => {}
+                VcpuRunState::Exited => return Err(VcpuError::Exited(self.index)),
+                VcpuRunState::Running => return Err(VcpuError::NotPaused(self.index)),
             }
             ctl.job = Some(Box::new(move |fd| {
                 let _ = tx.send(job(fd));
@@ -356,18 +362,38 @@ impl VcpuHandle {
         rx.recv().map_err(|_| VcpuError::Exited(self.index))
     }
 
-    /// Stops the thread and waits for it.
-    pub fn exit(&mut self) {
+    /// Stops the thread and waits for it; a thread that panicked or failed says so (once).
+    pub fn exit(&mut self) -> Result<(), ThreadError> {
         self.set_want(WANT_EXIT);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        match self.thread.take() {
+            Some(thread) => event::join(&format!("vcpu{}", self.index), thread),
+            None => Ok(()),
         }
     }
 }
 
 impl Drop for VcpuHandle {
     fn drop(&mut self) {
-        self.exit();
+        if let Err(e) = self.exit() {
+            // Already reported as a VmEvent when it happened; this is the last trace of it.
+            tracing::error!("{e}");
+        }
+    }
+}
+
+/// Marks the vCPU exited however its thread ends, unwinding included, so nobody waits for a
+/// dead vCPU to pause.
+struct ExitGuard<'a>(&'a Shared);
+
+impl Drop for ExitGuard<'_> {
+    fn drop(&mut self) {
+        let mut ctl = self.0.lock();
+        ctl.kvm_run = std::ptr::null_mut();
+        ctl.state = VcpuRunState::Exited;
+        // A job waiting for this vCPU gets its channel closed (Exited) instead of waiting.
+        ctl.job = None;
+        drop(ctl);
+        self.0.cv.notify_all();
     }
 }
 
@@ -392,8 +418,11 @@ struct Runner {
 }
 
 impl Runner {
-    fn run(mut self) {
+    fn run(mut self) -> Result<(), String> {
+        let shared = self.shared.clone();
+        let _exited = ExitGuard(&shared);
         self.shared.lock().kvm_run = self.fd.get_kvm_run();
+        event::check_fault(&format!("vcpu{}", self.index))?;
         loop {
             if self.shared.want.load(Ordering::SeqCst) != WANT_RUN {
                 if !self.serve() {
@@ -410,15 +439,11 @@ impl Runner {
                 Step::Wait(limit) => self.park(limit),
                 Step::Stop(event) => {
                     self.halted = true;
-                    let _ = self.ctx.events.send(event);
+                    self.ctx.events.send(event);
                 }
             }
         }
-        let mut ctl = self.shared.lock();
-        ctl.kvm_run = std::ptr::null_mut();
-        ctl.state = VcpuState::Exited;
-        drop(ctl);
-        self.shared.cv.notify_all();
+        Ok(())
     }
 
     /// Blocks while the controller wants the vCPU paused, running its jobs. Returns false when
@@ -437,13 +462,13 @@ impl Runner {
             match self.shared.want.load(Ordering::SeqCst) {
                 WANT_EXIT => return false,
                 WANT_RUN => {
-                    ctl.state = VcpuState::Running;
+                    ctl.state = VcpuRunState::Running;
                     return true;
                 }
                 _ => {}
             }
-            if ctl.state != VcpuState::Paused {
-                ctl.state = VcpuState::Paused;
+            if ctl.state != VcpuRunState::Paused {
+                ctl.state = VcpuRunState::Paused;
                 self.shared.cv.notify_all();
             }
             if let Some(job) = ctl.job.take() {

@@ -11,7 +11,9 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{SavedConfig, Vm, VmError, VmEvent, kvm_err};
+use super::{Machine, SavedConfig, Vm, VmError, VmEvent, kvm_err};
+use crate::event::Reporter;
+use crate::vcpu::VcpuCounters;
 use crate::acpi::pm;
 use crate::boot::Boot;
 use crate::bus::{Bus, MmioAddress, PioAddress, SharedDevice};
@@ -40,29 +42,28 @@ pub(super) struct Parts {
 
 impl Parts {
     /// The finished VM, not started.
-    pub(super) fn into_vm(
-        self,
-        layout: Option<Boot>,
-        saved: SavedConfig,
-        counters: Option<Vec<Vec<u64>>>,
-    ) -> Vm {
+    pub(super) fn into_vm(self, layout: Option<Boot>, saved: SavedConfig) -> Vm {
         Vm {
-            vcpus: Vec::new(),
-            pending_vcpus: self.vcpu_fds,
-            pending_counters: counters,
-            event_loop: None,
-            devices: self.devices,
-            events_tx: self.events_tx,
-            events: self.events,
-            pio: Arc::new(self.pio),
-            mmio: Arc::new(self.mmio),
-            serial: self.serial,
-            console: self.console,
-            layout,
-            saved,
-            fd: self.fd,
-            memory: self.memory,
-            kvm: self.kvm,
+            vcpu_counters: self
+                .vcpu_fds
+                .iter()
+                .map(|_| Arc::new(VcpuCounters::default()))
+                .collect(),
+            vcpu_fds: self.vcpu_fds,
+            machine: Machine {
+                devices: self.devices,
+                reporter: Reporter::new(self.events_tx),
+                events: self.events,
+                pio: Arc::new(self.pio),
+                mmio: Arc::new(self.mmio),
+                serial: self.serial,
+                console: self.console,
+                layout,
+                saved,
+                fd: self.fd,
+                memory: self.memory,
+                kvm: self.kvm,
+            },
         }
     }
 }

@@ -1,9 +1,11 @@
 //! The machine: KVM VM, memory, buses, devices and vCPUs, with pause/resume and dirty pages.
 
 use std::io::Write;
+use std::ops::Deref;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, Sender};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_sregs};
@@ -15,10 +17,13 @@ use crate::device_manager::{DeviceError, DeviceManager};
 use crate::devices::serial::{ConsoleOut, SerialCounters};
 use crate::devices::virtio::block::{BlockConfig, BlockCounters};
 use crate::devices::virtio::net::{NetConfig, NetCounters};
+use crate::event::{Reporter, ThreadError};
 use crate::event_loop::{EventLoop, EventLoopError};
 use crate::memory::{self, DirtyPages, GuestMemoryMmap, MemoryError};
-use crate::vcpu::{VcpuContext, VcpuCounters, VcpuError, VcpuHandle, VcpuState};
+use crate::vcpu::{VcpuContext, VcpuCounters, VcpuError, VcpuHandle, VcpuRunState};
 use crate::x86::cpuid;
+
+pub use crate::event::VmEvent;
 
 mod build;
 mod snapshot;
@@ -61,24 +66,6 @@ pub struct VmConfig {
     pub disks: Vec<BlockConfig>,
     /// Network cards, in the order the guest sees them (after the disks).
     pub nets: Vec<NetConfig>,
-}
-
-/// Something that happened to the VM as a whole.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VmEvent {
-    /// The guest powered off with this status (0 = success).
-    PowerOff(u32),
-    /// KVM reported a system event (shutdown or reset) of this type.
-    SystemEvent(u32),
-    /// The guest asked for a reset (reboot); ftvm treats it as the end of the VM.
-    Reset,
-    /// A vCPU hit something it cannot continue from.
-    Crashed {
-        /// The vCPU.
-        vcpu: u8,
-        /// What happened, with the guest's instruction pointer.
-        reason: String,
-    },
 }
 
 /// Errors of building and running a VM.
@@ -149,23 +136,28 @@ pub enum VmError {
     /// Guest memory could not be filled from a snapshot.
     #[error("Cannot load guest memory")]
     LoadMemory(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A disk could not be flushed.
+    #[error("Cannot flush disk image {path}")]
+    FlushDisk {
+        /// The image.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A VMM thread of the VM panicked or failed.
+    #[error(transparent)]
+    Thread(#[from] ThreadError),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
-/// A virtual machine.
-pub struct Vm {
-    // Field order is drop order: vCPU threads stop first, the VM fd closes before its memory
-    // is unmapped.
-    vcpus: Vec<VcpuHandle>,
-    pending_vcpus: Vec<VcpuFd>,
-    /// Saved vCPU counters to load when the vCPU threads start (restore).
-    pending_counters: Option<Vec<Vec<u64>>>,
-    event_loop: Option<EventLoop>,
+/// What a built and a running VM share: KVM VM, memory, buses, devices and their counters.
+pub struct Machine {
     devices: DeviceManager,
-    events_tx: Sender<VmEvent>,
+    reporter: Reporter,
     events: Receiver<VmEvent>,
     pio: Arc<Bus<PioAddress>>,
     mmio: Arc<Bus<MmioAddress>>,
@@ -174,9 +166,70 @@ pub struct Vm {
     /// How the guest was loaded (None for a VM restored from a snapshot).
     layout: Option<Boot>,
     saved: SavedConfig,
+    // Field order is drop order: the VM fd closes before its memory is unmapped.
     fd: VmFd,
     memory: GuestMemoryMmap,
     kvm: Kvm,
+}
+
+/// A virtual machine that is built (guest loaded or state restored) and not started.
+/// [`Vm::start`] consumes it and returns the [`RunningVm`]: a machine starts once.
+pub struct Vm {
+    // Field order is drop order: the vCPU fds close before the VM's.
+    vcpu_fds: Vec<VcpuFd>,
+    vcpu_counters: Vec<Arc<VcpuCounters>>,
+    machine: Machine,
+}
+
+/// The run state that was asked for (by the API, a snapshot, the epoch loop), which is what the
+/// VM reports and what an operation that pauses restores — never a thread's last report, which
+/// lags behind.
+#[derive(Debug)]
+pub struct RunState {
+    paused: AtomicBool,
+    vcpus: usize,
+}
+
+impl RunState {
+    /// Whether the VM was last asked to pause (and the pause completed).
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    /// "running" or "paused".
+    pub fn name(&self) -> &'static str {
+        if self.is_paused() { "paused" } else { "running" }
+    }
+
+    /// The number of vCPUs.
+    pub fn vcpus(&self) -> usize {
+        self.vcpus
+    }
+}
+
+/// A started virtual machine: vCPU threads and the device event loop exist until
+/// [`RunningVm::stop`] (or drop).
+pub struct RunningVm {
+    // Field order is drop order: vCPU threads stop first, then the device thread, then the
+    // machine itself.
+    vcpus: Vec<VcpuHandle>,
+    event_loop: EventLoop,
+    run_state: Arc<RunState>,
+    machine: Machine,
+}
+
+impl Deref for Vm {
+    type Target = Machine;
+    fn deref(&self) -> &Machine {
+        &self.machine
+    }
+}
+
+impl Deref for RunningVm {
+    type Target = Machine;
+    fn deref(&self) -> &Machine {
+        &self.machine
+    }
 }
 
 /// The configuration a snapshot needs to rebuild the machine.
@@ -275,119 +328,188 @@ impl Vm {
             boot::setup_vcpu(vcpu, &layout, i as u8).map_err(kvm_err("set up a vCPU"))?;
         }
 
-        Ok(parts.into_vm(Some(layout), saved, None))
+        Ok(parts.into_vm(Some(layout), saved))
     }
 
-    /// Starts every vCPU.
-    pub fn start(&mut self) -> Result<(), VmError> {
+    /// Starts every vCPU and the device event loop.
+    pub fn start(self) -> Result<RunningVm, VmError> {
         self.spawn(false)
     }
 
     /// Starts the machine paused: vCPU threads and devices exist, no guest code runs until
-    /// [`Vm::resume`]. A restored machine can be saved again this way before it runs.
-    pub fn start_paused(&mut self) -> Result<(), VmError> {
-        self.spawn(true)?;
-        self.pause()
+    /// [`RunningVm::resume`]. A restored machine can be saved again this way before it runs.
+    pub fn start_paused(self) -> Result<RunningVm, VmError> {
+        let vm = self.spawn(true)?;
+        vm.pause()?;
+        Ok(vm)
     }
 
-    fn spawn(&mut self, paused: bool) -> Result<(), VmError> {
-        for (i, fd) in std::mem::take(&mut self.pending_vcpus)
-            .into_iter()
-            .enumerate()
-        {
+    fn spawn(self, paused: bool) -> Result<RunningVm, VmError> {
+        let Vm {
+            vcpu_fds,
+            vcpu_counters,
+            mut machine,
+        } = self;
+        let mut vcpus = Vec::with_capacity(vcpu_fds.len());
+        for (i, (fd, counters)) in vcpu_fds.into_iter().zip(vcpu_counters).enumerate() {
             let ctx = VcpuContext {
-                pio: self.pio.clone(),
-                mmio: self.mmio.clone(),
-                events: self.events_tx.clone(),
+                pio: machine.pio.clone(),
+                mmio: machine.mmio.clone(),
+                events: machine.reporter.clone(),
             };
-            self.vcpus
-                .push(VcpuHandle::spawn(i as u8, fd, ctx, paused)?);
+            vcpus.push(VcpuHandle::spawn(i as u8, fd, ctx, counters, paused)?);
         }
-        if let Some(saved) = self.pending_counters.take() {
-            for (v, values) in self.vcpus.iter().zip(&saved) {
-                v.counters().load_values(values)?;
-            }
-        }
-        self.devices
+        machine
+            .devices
             .wakers
-            .set(self.vcpus.iter().map(|v| v.waker()).collect());
-        let handlers = std::mem::take(&mut self.devices.handlers);
-        self.event_loop = Some(EventLoop::start(handlers)?);
+            .set(vcpus.iter().map(|v| v.waker()).collect());
+        let handlers = std::mem::take(&mut machine.devices.handlers);
+        let event_loop = EventLoop::start(handlers, &machine.reporter)?;
+        // Paused vCPU threads still count as running until `pause` has waited for them.
+        let run_state = Arc::new(RunState {
+            paused: AtomicBool::new(false),
+            vcpus: vcpus.len(),
+        });
+        Ok(RunningVm {
+            vcpus,
+            event_loop,
+            run_state,
+            machine,
+        })
+    }
+
+    /// Counters of each vCPU (restored ones already hold their saved values).
+    pub fn vcpu_counters(&self) -> &[Arc<VcpuCounters>] {
+        &self.vcpu_counters
+    }
+}
+
+impl RunningVm {
+    /// Pauses every vCPU and the device event loop (at a request boundary), and returns once
+    /// the machine is quiet: no guest code running, no I/O in flight, no device working.
+    ///
+    /// If the machine does not become quiet in time, it is let run again as it was and the
+    /// error says which part did not stop.
+    pub fn pause(&self) -> Result<(), VmError> {
+        self.quiesce()?;
+        self.run_state.paused.store(true, Ordering::SeqCst);
         Ok(())
     }
 
-    /// Pauses every vCPU and the device event loop (at a request boundary), and returns once
-    /// the machine is quiet: no guest code running, no I/O in flight, no device working.
-    pub fn pause(&self) -> Result<(), VmError> {
+    /// Stops every vCPU and the device thread and waits until they are quiet; on failure lets
+    /// them run again.
+    fn quiesce(&self) -> Result<(), VmError> {
         // All at once: the device thread stops between two handler calls, and a queue
         // notification a still-running vCPU makes meanwhile stays pending in its eventfd.
         for v in &self.vcpus {
             v.request_pause();
         }
-        if let Some(l) = &self.event_loop {
-            l.request_pause();
+        self.event_loop.request_pause();
+        if let Err(e) = self.wait_quiet() {
+            if !self.is_paused() {
+                self.release();
+            }
+            return Err(e);
         }
+        // Whatever the guest printed before the pause is out, even a partial line.
+        self.machine.console.sync();
+        Ok(())
+    }
+
+    fn wait_quiet(&self) -> Result<(), VmError> {
         let deadline = Instant::now() + PAUSE_TIMEOUT;
         for v in &self.vcpus {
             v.wait_paused(deadline.saturating_duration_since(Instant::now()))?;
         }
-        if let Some(l) = &self.event_loop {
-            l.wait_paused(deadline.saturating_duration_since(Instant::now()))?;
-        }
-        // Whatever the guest printed before the pause is out, even a partial line.
-        self.console.sync();
+        self.event_loop
+            .wait_paused(deadline.saturating_duration_since(Instant::now()))?;
         Ok(())
     }
 
     /// Lets the devices and then every vCPU run again.
     pub fn resume(&self) {
-        if let Some(l) = &self.event_loop {
-            l.resume();
-        }
+        self.run_state.paused.store(false, Ordering::SeqCst);
+        self.release();
+    }
+
+    fn release(&self) {
+        self.event_loop.resume();
         for v in &self.vcpus {
             v.resume();
         }
     }
 
-    /// The state of each vCPU.
-    pub fn vcpu_states(&self) -> Vec<VcpuState> {
+    /// The run state that was asked for; shared, so that other threads (the API) can read it.
+    pub fn run_state(&self) -> &Arc<RunState> {
+        &self.run_state
+    }
+
+    /// Runs `f` on the quiesced machine — paused if it was running, as it was if it was
+    /// paused — and then leaves the machine exactly as it found it. The run state that the
+    /// API reports does not change.
+    pub fn with_paused<R>(&self, f: impl FnOnce(&Self) -> R) -> Result<R, VmError> {
+        let was_paused = self.is_paused();
+        if !was_paused {
+            self.quiesce()?;
+        }
+        let result = f(self);
+        if !was_paused {
+            self.release();
+        }
+        Ok(result)
+    }
+
+    /// Writes every writable disk's data to stable storage (`fsync`); call it paused.
+    pub fn flush_disks(&self) -> Result<(), VmError> {
+        for disk in self.machine.saved.disks.iter().filter(|d| !d.read_only) {
+            let flush = |source| VmError::FlushDisk {
+                path: disk.path.clone(),
+                source,
+            };
+            // fsync flushes the file, whichever descriptor asks.
+            std::fs::File::open(&disk.path)
+                .and_then(|f| f.sync_all())
+                .map_err(flush)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the VM was last asked to pause (see [`RunState`]).
+    pub fn is_paused(&self) -> bool {
+        self.run_state.is_paused()
+    }
+
+    /// Where each vCPU thread is now (it lags [`RunningVm::is_paused`] after a request).
+    pub fn vcpu_states(&self) -> Vec<VcpuRunState> {
         self.vcpus.iter().map(|v| v.state()).collect()
     }
 
     /// Waits up to `timeout` (forever if `None`) for the next VM event.
     pub fn wait_event(&self, timeout: Option<Duration>) -> Option<VmEvent> {
         match timeout {
-            None => self.events.recv().ok(),
-            Some(t) => self.events.recv_timeout(t).ok(),
+            None => self.machine.events.recv().ok(),
+            Some(t) => self.machine.events.recv_timeout(t).ok(),
         }
     }
 
-    /// Stops every vCPU thread.
-    pub fn stop(&mut self) {
+    /// Stops every vCPU thread and the device thread and waits for them; the first thread that
+    /// had panicked or failed is the error (each was also reported as a [`VmEvent`]).
+    pub fn stop(mut self) -> Result<(), VmError> {
         for v in &self.vcpus {
             v.request_pause();
         }
+        let mut first = Ok(());
         for v in &mut self.vcpus {
-            v.exit();
+            if let Err(e) = v.exit() {
+                tracing::error!("{e}");
+                first = first.and(Err(e));
+            }
         }
-        if let Some(mut l) = self.event_loop.take() {
-            l.stop();
+        if let Err(e) = self.event_loop.stop() {
+            tracing::error!("{e}");
+            first = first.and(Err(e));
         }
-    }
-
-    /// Counters of each disk, in configuration order.
-    pub fn block_counters(&self) -> &[Arc<BlockCounters>] {
-        &self.devices.block_counters
-    }
-
-    /// Counters of each network card, in configuration order.
-    pub fn net_counters(&self) -> &[Arc<NetCounters>] {
-        &self.devices.net_counters
-    }
-
-    /// Pages written since the previous call (KVM's log OR the VMM's own writes), clearing both.
-    pub fn take_dirty_pages(&self) -> Result<DirtyPages, VmError> {
-        Ok(memory::take_dirty(&self.fd, &self.memory)?)
+        Ok(first?)
     }
 
     /// Special registers of a paused vCPU.
@@ -406,6 +528,29 @@ impl Vm {
     /// Counters of each vCPU.
     pub fn vcpu_counters(&self) -> Vec<Arc<VcpuCounters>> {
         self.vcpus.iter().map(|v| v.counters().clone()).collect()
+    }
+}
+
+impl Machine {
+    /// Sends events to the VM's owner and starts threads whose failure ends the VM (the API
+    /// server, the epoch loop, signal handling).
+    pub fn reporter(&self) -> Reporter {
+        self.reporter.clone()
+    }
+
+    /// Counters of each disk, in configuration order.
+    pub fn block_counters(&self) -> &[Arc<BlockCounters>] {
+        &self.devices.block_counters
+    }
+
+    /// Counters of each network card, in configuration order.
+    pub fn net_counters(&self) -> &[Arc<NetCounters>] {
+        &self.devices.net_counters
+    }
+
+    /// Pages written since the previous call (KVM's log OR the VMM's own writes), clearing both.
+    pub fn take_dirty_pages(&self) -> Result<DirtyPages, VmError> {
+        Ok(memory::take_dirty(&self.fd, &self.memory)?)
     }
 
     /// Counters of the serial console.

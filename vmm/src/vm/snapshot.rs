@@ -11,12 +11,12 @@ use std::io::Write;
 use serde::{Deserialize, Serialize};
 
 use super::build;
-use super::{MAX_VCPUS, SavedConfig, Vm, VmError, kvm_err};
+use super::{MAX_VCPUS, RunningVm, SavedConfig, Vm, VmError, kvm_err};
 use crate::bus::{self, Bus, BusAddress};
 use crate::devices::virtio::net::NetConfig;
 use crate::memory::{self, GuestMemoryMmap};
 use crate::state::{CountersState, DeviceState, KvmVmState, StateError, VcpuState};
-use crate::vcpu::VcpuState as RunState;
+use crate::vcpu::VcpuRunState;
 
 /// Everything about a machine except its memory.
 #[derive(Debug, Serialize, Deserialize)]
@@ -81,11 +81,11 @@ fn restore_bus<A: BusAddress>(
     Ok(())
 }
 
-impl Vm {
+impl RunningVm {
     /// Saves the state of a paused machine (memory is read separately, through
     /// [`Vm::memory`]).
     pub fn save_state(&self) -> Result<MachineState, VmError> {
-        if self.vcpu_states().contains(&RunState::Running) {
+        if self.vcpu_states().contains(&VcpuRunState::Running) {
             return Err(VmError::NotPaused);
         }
         let pio = save_bus(&self.pio)?
@@ -122,7 +122,7 @@ impl Vm {
             serial: self.serial.values(),
         };
         Ok(MachineState {
-            config: self.saved.clone(),
+            config: self.machine.saved.clone(),
             kvm,
             vcpus,
             pio,
@@ -131,8 +131,12 @@ impl Vm {
         })
     }
 
-    /// Builds a machine from `state` (untrusted: checked as it is applied) with memory from
-    /// `fill`. The machine is ready to [`Vm::start`] and continues where the saved one was.
+}
+
+impl Vm {
+    /// Builds a machine from `state` (untrusted: checked as it is applied, all of it before any
+    /// vCPU exists to run guest code) with memory from `fill`. The machine is ready to
+    /// [`Vm::start`] and continues where the saved one was.
     pub fn restore(
         state: MachineState,
         opts: RestoreOptions,
@@ -201,7 +205,10 @@ impl Vm {
             c.load_values(v)?;
         }
         parts.serial.load_values(&state.counters.serial)?;
-
-        Ok(parts.into_vm(None, config, Some(state.counters.vcpus)))
+        let vm = parts.into_vm(None, config);
+        for (c, v) in vm.vcpu_counters.iter().zip(&state.counters.vcpus) {
+            c.load_values(v)?;
+        }
+        Ok(vm)
     }
 }
