@@ -17,7 +17,7 @@ use vmm::vcpu::ExitReason;
 
 const LIMIT: Duration = Duration::from_secs(300);
 
-fn exits(vm: &vmm::Vm) -> u64 {
+fn exits(vm: &vmm::RunningVm) -> u64 {
     vm.vcpu_counters()
         .iter()
         .map(|c| ExitReason::ALL.iter().map(|&r| c.exits(r)).sum::<u64>())
@@ -33,6 +33,8 @@ fn block(label: &str, img: &std::path::Path, cmdline: &str) {
     let vm = vm.start().unwrap();
     let line = console.wait_for_line("vcpu0 disk-", LIMIT);
     assert!(line.contains(" ok "), "{line}\n{}", console.text());
+    let counters = vm.block_counters()[0].clone();
+    let all_exits = exits(&vm);
     vm.stop().unwrap();
     let field = |k: &str| -> u64 {
         line.split_whitespace()
@@ -40,14 +42,14 @@ fn block(label: &str, img: &std::path::Path, cmdline: &str) {
             .unwrap()
     };
     let (bytes, ns) = (field("bytes="), field("ns="));
-    let c = &vm.block_counters()[0];
+    let c = &counters;
     let requests = c.read_requests.load(std::sync::atomic::Ordering::Relaxed)
         + c.write_requests.load(std::sync::atomic::Ordering::Relaxed);
     println!(
         "{label:<34} {:>8.1} MiB/s {:>9.0} req/s  {:.2} exits/request",
         bytes as f64 / (1 << 20) as f64 / (ns as f64 / 1e9),
         requests as f64 / (ns as f64 / 1e9),
-        exits(&vm) as f64 / requests as f64
+        all_exits as f64 / requests as f64
     );
 }
 

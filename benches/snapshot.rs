@@ -31,7 +31,6 @@ fn run(mem_mib: u64, encoding: checkpoint::snapshot::MemoryEncoding) {
     };
     let written = t0.elapsed();
     vm.stop().unwrap();
-    drop(vm);
 
     let sink = common::Console::default();
     let t1 = Instant::now();

@@ -6,9 +6,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
+use checkpoint::control::Ended;
 use clap::{Parser, Subcommand};
 use vmm::vm::RestoreOptions;
-use checkpoint::control::Ended;
 use vmm::{Kernel, Vm, VmConfig};
 
 /// The test guest, built from guest/ by build.rs.
@@ -189,7 +189,10 @@ fn supervise(vm: Vm, api: Option<PathBuf>) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Ended::Signal(sig) => {
-            tracing::info!(signal = sig, "VM stopped in order after a termination signal");
+            tracing::info!(
+                signal = sig,
+                "VM stopped in order after a termination signal"
+            );
             Ok(ExitCode::from(128 + sig as u8))
         }
     }

@@ -172,7 +172,9 @@ pub enum ApiError {
         source: std::io::Error,
     },
     /// Something that is not a socket is at the path: it is left alone.
-    #[error("Cannot use {path} as the API socket: it exists and is not a socket (nothing was removed)")]
+    #[error(
+        "Cannot use {path} as the API socket: it exists and is not a socket (nothing was removed)"
+    )]
     NotASocket {
         /// The path.
         path: PathBuf,
@@ -506,7 +508,10 @@ mod tests {
             parse_command("GET", "/snapshot", b""),
             Err(RequestError::Method)
         );
-        assert_eq!(parse_command("GET", "/nope", b""), Err(RequestError::NotFound));
+        assert_eq!(
+            parse_command("GET", "/nope", b""),
+            Err(RequestError::NotFound)
+        );
     }
 
     #[test]

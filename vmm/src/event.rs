@@ -70,7 +70,7 @@ impl Reporter {
                     Err(payload) => Err(panic_cause(payload.as_ref())),
                 };
                 if let Err(cause) = &outcome {
-                    tracing::error!(thread = %thread, "VMM thread failed: {cause}");
+                    tracing::debug!(thread = %thread, "VMM thread failed: {cause}");
                     reporter.send(VmEvent::ThreadFailed {
                         thread,
                         cause: cause.clone(),
@@ -175,7 +175,9 @@ pub const FAULT_ENV: &str = "FTVM_INJECT_FAULT";
 /// The fault asked for `point`, if any (the variable is read once per process).
 pub fn injected_fault(point: &str) -> Option<Fault> {
     static SPEC: OnceLock<Option<String>> = OnceLock::new();
-    let spec = SPEC.get_or_init(|| std::env::var(FAULT_ENV).ok()).as_deref()?;
+    let spec = SPEC
+        .get_or_init(|| std::env::var(FAULT_ENV).ok())
+        .as_deref()?;
     match spec.split_once(':') {
         Some((p, "error")) if p == point => Some(Fault::Error),
         None if spec == point => Some(Fault::Panic),

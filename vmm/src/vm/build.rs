@@ -12,8 +12,6 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{Machine, SavedConfig, Vm, VmError, VmEvent, kvm_err};
-use crate::event::Reporter;
-use crate::vcpu::VcpuCounters;
 use crate::acpi::pm;
 use crate::boot::Boot;
 use crate::bus::{Bus, MmioAddress, PioAddress, SharedDevice};
@@ -23,7 +21,9 @@ use crate::devices::pvctl::PvControl;
 use crate::devices::serial::{
     ConsoleOut, SERIAL_IRQ, SERIAL_PORT_LEN, SerialConsole, SerialCounters,
 };
+use crate::event::Reporter;
 use crate::memory::{self, GuestMemoryMmap};
+use crate::vcpu::VcpuCounters;
 
 /// The pieces of a machine before its guest is loaded or restored.
 pub(super) struct Parts {

@@ -198,7 +198,11 @@ impl RunState {
 
     /// "running" or "paused".
     pub fn name(&self) -> &'static str {
-        if self.is_paused() { "paused" } else { "running" }
+        if self.is_paused() {
+            "paused"
+        } else {
+            "running"
+        }
     }
 
     /// The number of vCPUs.
@@ -501,12 +505,12 @@ impl RunningVm {
         let mut first = Ok(());
         for v in &mut self.vcpus {
             if let Err(e) = v.exit() {
-                tracing::error!("{e}");
+                tracing::debug!("{e}");
                 first = first.and(Err(e));
             }
         }
         if let Err(e) = self.event_loop.stop() {
-            tracing::error!("{e}");
+            tracing::debug!("{e}");
             first = first.and(Err(e));
         }
         Ok(first?)

@@ -130,7 +130,6 @@ impl RunningVm {
             counters,
         })
     }
-
 }
 
 impl Vm {
