@@ -100,7 +100,10 @@ fn damaged_files_are_refused() {
         damaged(|b| b.truncate(20)),
         SnapshotError::Truncated { .. }
     ));
-    assert!(matches!(damaged(|b| b.push(0)), SnapshotError::Checksum(_)));
+    assert!(matches!(
+        damaged(|b| b.push(0)),
+        SnapshotError::Trailing { extra: 1, .. }
+    ));
     assert!(matches!(
         damaged(|b| b[0] = b'X'),
         SnapshotError::BadMagic(_)
@@ -235,12 +238,26 @@ fn a_symlink_or_file_at_the_old_partial_name_is_untouched() {
     std::fs::write(d.join("notes.partial"), b"my notes").unwrap();
     snapshot::write(&d.join("vm.snap"), &state(), &memory()).unwrap();
     snapshot::write(&d.join("notes.snap"), &state(), &memory()).unwrap();
-    assert_eq!(std::fs::read(d.join("victim")).unwrap(), b"the operator's file");
-    assert!(d.join("vm.partial").symlink_metadata().unwrap().is_symlink());
+    assert_eq!(
+        std::fs::read(d.join("victim")).unwrap(),
+        b"the operator's file"
+    );
+    assert!(
+        d.join("vm.partial")
+            .symlink_metadata()
+            .unwrap()
+            .is_symlink()
+    );
     assert_eq!(std::fs::read(d.join("notes.partial")).unwrap(), b"my notes");
     assert_eq!(
         names(d),
-        ["notes.partial", "notes.snap", "victim", "vm.partial", "vm.snap"],
+        [
+            "notes.partial",
+            "notes.snap",
+            "victim",
+            "vm.partial",
+            "vm.snap"
+        ],
         "no temporary file is left"
     );
     snapshot::read::<State>(&d.join("vm.snap")).unwrap();
@@ -411,7 +428,10 @@ fn a_fifo_input_is_refused_at_once() {
         .expect("reading a FIFO with no writer returns")
         .expect("and fails");
     assert!(e.contains("is a FIFO"), "{e}");
-    let e = snapshot::read::<State>(dir.path()).err().unwrap().to_string();
+    let e = snapshot::read::<State>(dir.path())
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("is a directory"), "{e}");
 }
 
@@ -446,4 +466,86 @@ fn an_oversized_state_length_is_reported_as_a_length() {
         matches!(e, SnapshotError::StateTooLong { len, .. } if len == crate::codec::MAX_STATE_LEN as u64 + 1),
         "{e}"
     );
+}
+
+#[test]
+fn a_failed_write_keeps_the_old_file_and_leaves_no_temporary() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for name in ["vm.snap", "x.partial"] {
+        let path = d.join(name);
+        snapshot::write(&path, &state(), &memory()).unwrap();
+        let old = std::fs::read(&path).unwrap();
+        let other = blank();
+        other.write_slice(&[7u8; 8192], GuestAddress(0)).unwrap();
+        for encoding in [
+            snapshot::MemoryEncoding::Compressed,
+            snapshot::MemoryEncoding::Raw,
+        ] {
+            // Fails in the header, in the state, and in memory (at its last byte).
+            let probe = d.join("probe");
+            let stats = snapshot::write_with(&probe, &state(), &other, encoding).unwrap();
+            let written = stats.state_bytes + stats.memory_bytes; // Raw: its holes too.
+            std::fs::remove_file(&probe).unwrap();
+            let last = match encoding {
+                snapshot::MemoryEncoding::Compressed => 40 + written - 1,
+                snapshot::MemoryEncoding::Raw => 4096 + 8192 - 1,
+            };
+            for limit in [10, 40 + stats.state_bytes / 2, last] {
+                let e = snapshot::write_limited(&path, &state(), &other, encoding, Some(limit))
+                    .expect_err("the write fails");
+                assert!(
+                    matches!(&e, SnapshotError::Io { source, .. }
+                        if source.raw_os_error() == Some(libc::ENOSPC)),
+                    "{e:?}"
+                );
+                assert_eq!(std::fs::read(&path).unwrap(), old, "{name} is unchanged");
+            }
+        }
+        snapshot::read::<State>(&path).unwrap();
+    }
+    assert_eq!(names(d), ["vm.snap", "x.partial"], "no temporary is left");
+}
+
+/// Rewrites a current file as format 1.1 wrote it: minor 1, zero in bytes 36..40.
+fn as_format_1_1(b: &mut [u8]) {
+    b[10..12].copy_from_slice(&1u16.to_le_bytes());
+    b[36..40].fill(0);
+    let mut h = crc32fast::Hasher::new();
+    h.update(&b[..32]);
+    h.update(&b[40..]);
+    b[32..36].copy_from_slice(&h.finalize().to_le_bytes());
+}
+
+#[test]
+fn format_1_1_files_are_still_read_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = written(dir.path());
+    let mut b = std::fs::read(&path).unwrap();
+    as_format_1_1(&mut b);
+    std::fs::write(&path, &b).unwrap();
+    let snap = snapshot::read::<State>(&path).unwrap();
+    assert_eq!(snap.state, state());
+    // Their unchecked bytes had to be zero.
+    for at in 36..40 {
+        let mut d = b.clone();
+        d[at] = 1;
+        std::fs::write(&path, &d).unwrap();
+        assert!(matches!(
+            snapshot::read::<State>(&path),
+            Err(SnapshotError::Checksum(_))
+        ));
+    }
+}
+
+#[test]
+fn unknown_flags_in_a_sound_header_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = written(dir.path());
+    let mut b = std::fs::read(&path).unwrap();
+    b[12] |= 4;
+    crate::snapshot::seal_header_for_tests(&mut b);
+    std::fs::write(&path, &b).unwrap();
+    let e = snapshot::read::<State>(&path).err().unwrap();
+    assert!(matches!(e, SnapshotError::Flags { flags: 4, .. }), "{e}");
 }
