@@ -5,6 +5,7 @@
 pub mod api;
 pub mod codec;
 pub mod control;
+pub mod files;
 pub mod snapshot;
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! header   magic "FTVMSNAP" | major u16 | minor u16 | flags u32 | state_len u64
-//!          | memory_len u64 | crc32 u32 | 0 u32          (40 bytes, little endian)
+//!          | memory_len u64 | crc32 u32 | header_crc32 u32     (40 bytes, little endian)
 //! state    state_len bytes (see codec)
 //! memory   compressed (flags bit 0 clear): memory_len bytes, one zstd stream of, per RAM range,
 //!            start u64 | pages u64 | per group of 64 pages: mask u64, then each page whose bit
@@ -11,13 +11,16 @@
 //!          raw (flags bit 0 set): zero padding to a 4 KiB boundary, then each RAM range's
 //!            bytes in order; zero pages are holes (a sparse file), memory_len covers them all
 //! ```
-//! The CRC covers the header's first 32 bytes and everything after the header — except raw
+//! `crc32` covers the header's first 32 bytes and everything after the header — except raw
 //! memory, which a restore maps copy-on-write instead of reading (reading it to check it would
-//! undo the point of mapping it). A file is written to a temporary name and renamed, so a crash
-//! never leaves half a snapshot under the final name.
+//! undo the point of mapping it). `header_crc32` (since 1.2) covers the header's first 36
+//! bytes, so that every header byte is checked; files of 1.0 and 1.1 have zero there, and
+//! readers of 1.1 ignore it. Files are written through a temporary and renamed, and replace
+//! only a regular file nobody holds locked (see [`crate::files`]); a crash never leaves half a
+//! snapshot under the final name. A raw snapshot is shared-locked for as long as it is mapped.
 
 use std::fs::File;
-use std::io::{BufWriter, Read, Write};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -32,13 +35,14 @@ use vm_memory::{
 use vmm::memory::GuestMemoryMmap;
 
 use crate::codec::{self, CodecError};
+use crate::files::{self, FileError, NewFile};
 
 /// First bytes of every snapshot file.
 pub const MAGIC: [u8; 8] = *b"FTVMSNAP";
 /// Format major version: files of another major version are refused.
 pub const FORMAT_MAJOR: u16 = 1;
-/// Format minor version (compatible additions: 1 added raw memory).
-pub const FORMAT_MINOR: u16 = 1;
+/// Format minor version (compatible additions: 1 added raw memory, 2 the header checksum).
+pub const FORMAT_MINOR: u16 = 2;
 /// Header flag: memory is raw and page-aligned (mappable), not compressed.
 pub const FLAG_RAW_MEMORY: u32 = 1;
 const HEADER_LEN: usize = 40;
@@ -77,15 +81,54 @@ pub enum SnapshotError {
         /// Bytes present.
         have: u64,
     },
+    /// Longer than its header says.
+    #[error("{path} has {extra} bytes after the snapshot its header describes")]
+    Trailing {
+        /// The file.
+        path: PathBuf,
+        /// Bytes beyond the end.
+        extra: u64,
+    },
+    /// The header announces more state than any snapshot may have.
+    #[error("{path} announces {len} bytes of state, more than the limit of {limit}")]
+    StateTooLong {
+        /// The file.
+        path: PathBuf,
+        /// The announced length.
+        len: u64,
+        /// The most accepted.
+        limit: u64,
+    },
+    /// Flags this ftvm does not know.
+    #[error("{path} uses features this ftvm does not know (flags {flags:#x})")]
+    Flags {
+        /// The file.
+        path: PathBuf,
+        /// The header's flags.
+        flags: u32,
+    },
     /// The checksum does not match.
     #[error("{0} is corrupt (checksum mismatch)")]
     Checksum(PathBuf),
+    /// The file cannot be opened, replaced or locked as a snapshot file must be.
+    #[error(transparent)]
+    File(FileError),
     /// The state cannot be encoded or decoded.
     #[error("Snapshot state")]
     Codec(#[from] CodecError),
     /// The memory section is malformed or does not fit the machine.
     #[error("Snapshot memory section is invalid: {0}")]
     Memory(String),
+}
+
+impl From<FileError> for SnapshotError {
+    /// A plain I/O failure reads as any other on a snapshot file.
+    fn from(e: FileError) -> Self {
+        match e {
+            FileError::Io { path, source } => SnapshotError::Io { path, source },
+            e => SnapshotError::File(e),
+        }
+    }
 }
 
 /// What a written snapshot holds.
@@ -130,6 +173,7 @@ pub enum MemoryEncoding {
     Raw,
 }
 
+/// A header; its own checksum (bytes 36..40) is set by [`seal_header`].
 fn header(flags: u32, state_len: u64, memory_len: u64, crc: u32) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[..8].copy_from_slice(&MAGIC);
@@ -139,7 +183,25 @@ fn header(flags: u32, state_len: u64, memory_len: u64, crc: u32) -> [u8; HEADER_
     h[16..24].copy_from_slice(&state_len.to_le_bytes());
     h[24..32].copy_from_slice(&memory_len.to_le_bytes());
     h[32..36].copy_from_slice(&crc.to_le_bytes());
+    seal_header(&mut h);
     h
+}
+
+/// The checksum of a header's first 36 bytes.
+fn header_crc(h: &[u8]) -> u32 {
+    crc32fast::hash(&h[..36])
+}
+
+/// Sets bytes 36..40 of a header to the checksum of the rest.
+fn seal_header(h: &mut [u8]) {
+    let crc = header_crc(h);
+    h[36..40].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Lets tests forge a header that passes the header check.
+#[cfg(test)]
+pub(crate) fn seal_header_for_tests(h: &mut [u8]) {
+    seal_header(h)
 }
 
 /// Writes `state` and `memory` to `path`, memory compressed.
@@ -156,21 +218,68 @@ fn raw_memory_offset(state_len: u64) -> u64 {
     (HEADER_LEN as u64 + state_len).next_multiple_of(PAGE as u64)
 }
 
-/// Writes `state` and `memory` to `path` (through a temporary file and a rename).
+/// Writes `state` and `memory` to `path` through a new temporary file and a rename: `path`
+/// must be absent or a regular file that no other open file holds a lock on (a disk image or
+/// a raw snapshot in use); on failure it is left as it was, and no temporary remains.
 pub fn write_with<T: Serialize>(
     path: &Path,
     state: &T,
     memory: &GuestMemoryMmap,
     encoding: MemoryEncoding,
 ) -> Result<SnapshotStats, SnapshotError> {
+    write_limited(path, state, memory, encoding, None)
+}
+
+/// The temporary file being written; with `left`, writes fail once that many bytes are
+/// written, as on a full disk (how tests make a write fail halfway).
+struct Out<'a> {
+    file: &'a File,
+    left: Option<u64>,
+}
+
+impl Write for Out<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = match self.left {
+            Some(0) => return Err(std::io::Error::from_raw_os_error(libc::ENOSPC)),
+            Some(left) => buf.len().min(left.try_into().unwrap_or(usize::MAX)),
+            None => buf.len(),
+        };
+        let n = self.file.write(&buf[..n])?;
+        if let Some(left) = &mut self.left {
+            *left -= n as u64;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Seek for Out<'_> {
+    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+        self.file.seek(pos)
+    }
+}
+
+/// [`write_with`], failing after `limit` bytes when given one.
+pub(crate) fn write_limited<T: Serialize>(
+    path: &Path,
+    state: &T,
+    memory: &GuestMemoryMmap,
+    encoding: MemoryEncoding,
+    limit: Option<u64>,
+) -> Result<SnapshotStats, SnapshotError> {
     let io = |source| SnapshotError::Io {
         path: path.to_path_buf(),
         source,
     };
     let state_bytes = codec::encode(state)?;
-    let tmp = path.with_extension("partial");
-    let file = File::create(&tmp).map_err(io)?;
-    let mut out = BufWriter::new(file);
+    // Dropped on any error below, which removes the temporary.
+    let new = NewFile::create(path)?;
+    let mut out = BufWriter::new(Out {
+        file: new.file(),
+        left: limit,
+    });
     out.write_all(&[0u8; HEADER_LEN]).map_err(io)?;
     out.write_all(&state_bytes).map_err(io)?;
     let mut stats = SnapshotStats {
@@ -211,23 +320,20 @@ pub fn write_with<T: Serialize>(
             file
         }
     };
-    use std::io::{Seek, SeekFrom};
     out.seek(SeekFrom::Start(0)).map_err(io)?;
     let h = header(flags, stats.state_bytes, stats.memory_bytes, crc.finalize());
     out.write_all(&h).map_err(io)?;
-    out.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)?;
+    new.commit()?;
     Ok(stats)
 }
 
 /// Writes each RAM range's pages at consecutive offsets from the file's current position,
 /// skipping zero pages (holes); returns the bytes the memory section spans.
 fn write_raw_memory(
-    file: &mut File,
+    file: &mut Out<'_>,
     memory: &GuestMemoryMmap,
     stats: &mut SnapshotStats,
 ) -> std::io::Result<u64> {
-    use std::io::{Seek, SeekFrom};
     let start = file.stream_position()?;
     let mut chunk = vec![0u8; 64 * PAGE];
     let mut offset = start;
@@ -260,7 +366,7 @@ fn write_raw_memory(
         offset += len;
     }
     // The file ends where memory ends, even when its last pages are holes.
-    file.set_len(offset)?;
+    file.file.set_len(offset)?;
     Ok(offset - start)
 }
 
@@ -326,13 +432,15 @@ pub struct Snapshot<T> {
     memory: MemoryImage,
 }
 
-/// Reads and checks the snapshot at `path` (untrusted input). Raw memory is not read.
+/// Reads and checks the snapshot at `path` (untrusted input). Raw memory is not read; the file
+/// stays shared-locked while the snapshot or a mapping of it lives, so that no snapshot written
+/// here replaces it meanwhile.
 pub fn read<T: DeserializeOwned>(path: &Path) -> Result<Snapshot<T>, SnapshotError> {
     let io = |source| SnapshotError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let mut file = File::open(path).map_err(io)?;
+    let mut file = files::open_input(path)?;
     let file_len = file.metadata().map_err(io)?.len();
     let mut head = Vec::with_capacity(HEADER_LEN);
     (&mut file)
@@ -357,13 +465,28 @@ pub fn read<T: DeserializeOwned>(path: &Path) -> Result<Snapshot<T>, SnapshotErr
             found: major,
         });
     }
-    let flags = u32::from_le_bytes(head[12..16].try_into().expect("4 bytes"));
+    let minor = u16::from_le_bytes([head[10], head[11]]);
+    let u32_at = |o: usize| u32::from_le_bytes(head[o..o + 4].try_into().expect("4 bytes"));
     let u64_at = |o: usize| u64::from_le_bytes(head[o..o + 8].try_into().expect("8 bytes"));
-    let (state_len, memory_len) = (u64_at(16), u64_at(24));
-    let crc = u32::from_le_bytes(head[32..36].try_into().expect("4 bytes"));
     let corrupt = || SnapshotError::Checksum(path.to_path_buf());
-    if flags & !FLAG_RAW_MEMORY != 0 || state_len > crate::codec::MAX_STATE_LEN as u64 {
+    // Since 1.2 the header checks itself; before, its last 4 bytes were zero.
+    let header_check = if minor >= 2 { header_crc(&head) } else { 0 };
+    if u32_at(36) != header_check {
         return Err(corrupt());
+    }
+    let (flags, state_len, memory_len, crc) = (u32_at(12), u64_at(16), u64_at(24), u32_at(32));
+    if flags & !FLAG_RAW_MEMORY != 0 {
+        return Err(SnapshotError::Flags {
+            path: path.to_path_buf(),
+            flags,
+        });
+    }
+    if state_len > codec::MAX_STATE_LEN as u64 {
+        return Err(SnapshotError::StateTooLong {
+            path: path.to_path_buf(),
+            len: state_len,
+            limit: codec::MAX_STATE_LEN as u64,
+        });
     }
     let raw = flags & FLAG_RAW_MEMORY != 0;
     let memory_start = if raw {
@@ -371,12 +494,15 @@ pub fn read<T: DeserializeOwned>(path: &Path) -> Result<Snapshot<T>, SnapshotErr
     } else {
         HEADER_LEN as u64 + state_len
     };
-    let want = memory_start.checked_add(memory_len).ok_or_else(corrupt)?;
+    let want = memory_start.saturating_add(memory_len);
     if file_len < want {
         return Err(truncated(want));
     }
     if file_len > want {
-        return Err(corrupt());
+        return Err(SnapshotError::Trailing {
+            path: path.to_path_buf(),
+            extra: file_len - want,
+        });
     }
     // What the CRC covers: everything after the header up to the memory, and compressed memory.
     let checked_len = if raw { memory_start } else { want } - HEADER_LEN as u64;

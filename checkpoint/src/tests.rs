@@ -100,7 +100,10 @@ fn damaged_files_are_refused() {
         damaged(|b| b.truncate(20)),
         SnapshotError::Truncated { .. }
     ));
-    assert!(matches!(damaged(|b| b.push(0)), SnapshotError::Checksum(_)));
+    assert!(matches!(
+        damaged(|b| b.push(0)),
+        SnapshotError::Trailing { extra: 1, .. }
+    ));
     assert!(matches!(
         damaged(|b| b[0] = b'X'),
         SnapshotError::BadMagic(_)
@@ -191,4 +194,358 @@ fn raw_snapshot_headers_and_state_are_checked() {
         check(&|b| b.truncate(b.len() - 4096)),
         SnapshotError::Truncated { .. }
     ));
+}
+
+// --- Snapshot files never clobber what they did not create ---
+
+/// The names in `dir`, sorted.
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Takes an open-file-description lock on `file`: `F_WRLCK` as a read-write disk in use,
+/// `F_RDLCK` as a read-only one.
+fn ofd_lock(file: &std::fs::File, kind: libc::c_int) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: an all-zero flock is valid; the fields we need are set below.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: fcntl on an open fd with a valid flock that outlives the call.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
+    assert_eq!(r, 0, "lock: {}", std::io::Error::last_os_error());
+}
+
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+}
+
+#[test]
+fn a_symlink_or_file_at_the_old_partial_name_is_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // root once overwrote an unrelated file through a symlink at PATH.partial.
+    std::fs::write(d.join("victim"), b"the operator's file").unwrap();
+    std::os::unix::fs::symlink(d.join("victim"), d.join("vm.partial")).unwrap();
+    // And an unrelated notes.partial was destroyed by a snapshot to notes.snap.
+    std::fs::write(d.join("notes.partial"), b"my notes").unwrap();
+    snapshot::write(&d.join("vm.snap"), &state(), &memory()).unwrap();
+    snapshot::write(&d.join("notes.snap"), &state(), &memory()).unwrap();
+    assert_eq!(
+        std::fs::read(d.join("victim")).unwrap(),
+        b"the operator's file"
+    );
+    assert!(
+        d.join("vm.partial")
+            .symlink_metadata()
+            .unwrap()
+            .is_symlink()
+    );
+    assert_eq!(std::fs::read(d.join("notes.partial")).unwrap(), b"my notes");
+    assert_eq!(
+        names(d),
+        [
+            "notes.partial",
+            "notes.snap",
+            "victim",
+            "vm.partial",
+            "vm.snap"
+        ],
+        "no temporary file is left"
+    );
+    snapshot::read::<State>(&d.join("vm.snap")).unwrap();
+    snapshot::read::<State>(&d.join("notes.snap")).unwrap();
+}
+
+#[test]
+fn a_destination_named_partial_is_written_through_a_temporary() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.partial");
+    snapshot::write(&path, &state(), &memory()).unwrap();
+    let snap = snapshot::read::<State>(&path).unwrap();
+    assert_eq!(snap.state, state());
+    assert_eq!(names(dir.path()), ["x.partial"]);
+}
+
+/// Snapshots into one directory at once, to different and to the same names, each complete.
+#[test]
+fn concurrent_snapshots_never_meet() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let big = || {
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+        for i in 0..(8 << 20) / 4096u64 {
+            m.write_slice(&i.to_le_bytes(), GuestAddress(i * 4096))
+                .unwrap();
+        }
+        m
+    };
+    let targets = [
+        ("vm.snap", snapshot::MemoryEncoding::Compressed),
+        ("vm.raw", snapshot::MemoryEncoding::Raw),
+        ("same.snap", snapshot::MemoryEncoding::Compressed),
+        ("same.snap", snapshot::MemoryEncoding::Raw),
+        ("same.snap", snapshot::MemoryEncoding::Compressed),
+    ];
+    for _round in 0..3 {
+        let barrier = std::sync::Barrier::new(targets.len());
+        std::thread::scope(|s| {
+            for (name, encoding) in targets {
+                let (path, barrier) = (d.join(name), &barrier);
+                s.spawn(move || {
+                    let m = big();
+                    barrier.wait();
+                    snapshot::write_with(&path, &state(), &m, encoding).unwrap();
+                });
+            }
+        });
+        for name in ["vm.snap", "vm.raw", "same.snap"] {
+            let snap = snapshot::read::<State>(&d.join(name)).unwrap();
+            let fresh = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+            snap.fill(&fresh).unwrap();
+            assert!(same(&fresh, &big()), "{name} holds one whole snapshot");
+        }
+        assert_eq!(names(d), ["same.snap", "vm.raw", "vm.snap"]);
+    }
+}
+
+/// What a refused write must leave: the destination as it was and no temporary file.
+fn refused(dir: &Path, name: &str) -> String {
+    let path = dir.join(name);
+    let before = names(dir);
+    let err = snapshot::write(&path, &state(), &memory())
+        .err()
+        .unwrap_or_else(|| panic!("a snapshot to {name} is refused"));
+    assert_eq!(names(dir), before, "nothing created or removed");
+    crate::control::error_chain(&err)
+}
+
+#[test]
+fn destinations_that_are_not_regular_files_are_refused() {
+    use std::os::unix::fs::FileTypeExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir(d.join("adir")).unwrap();
+    std::fs::write(d.join("adir/inside"), b"kept").unwrap();
+    let e = refused(d, "adir");
+    assert!(e.contains("is a directory"), "{e}");
+    assert_eq!(std::fs::read(d.join("adir/inside")).unwrap(), b"kept");
+
+    mkfifo(&d.join("fifo"));
+    let e = refused(d, "fifo");
+    assert!(e.contains("is a FIFO"), "{e}");
+    assert!(d.join("fifo").metadata().unwrap().file_type().is_fifo());
+
+    // A device node like /dev/null (made here, as root; elsewhere /dev/null itself, which
+    // only root could replace).
+    let dev = d.join("null");
+    let c = std::ffi::CString::new(dev.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mknod with a valid NUL-terminated path.
+    let made = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) } == 0;
+    let (dev_dir, dev_name) = if made {
+        (d, "null")
+    } else {
+        (Path::new("/dev"), "null")
+    };
+    let e = refused(dev_dir, dev_name);
+    assert!(e.contains("is a character device"), "{e}");
+    let dev = dev_dir.join(dev_name);
+    assert!(dev.metadata().unwrap().file_type().is_char_device());
+
+    // A symlink is refused, not replaced and not written through.
+    std::fs::write(d.join("target"), b"pointed at").unwrap();
+    std::os::unix::fs::symlink("target", d.join("link")).unwrap();
+    let e = refused(d, "link");
+    assert!(e.contains("symbolic link"), "{e}");
+    assert_eq!(std::fs::read(d.join("link")).unwrap(), b"pointed at");
+}
+
+#[test]
+fn a_destination_locked_by_another_open_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for (name, kind) in [("rw.img", libc::F_WRLCK), ("ro.img", libc::F_RDLCK)] {
+        std::fs::write(d.join(name), b"a disk image in use").unwrap();
+        let disk = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(d.join(name))
+            .unwrap();
+        ofd_lock(&disk, kind as libc::c_int);
+        let e = refused(d, name);
+        assert!(e.contains("in use"), "{e}");
+        assert_eq!(std::fs::read(d.join(name)).unwrap(), b"a disk image in use");
+        drop(disk);
+        // Unlocked, it is an ordinary old file and is replaced.
+        snapshot::write(&d.join(name), &state(), &memory()).unwrap();
+        snapshot::read::<State>(&d.join(name)).unwrap();
+    }
+}
+
+#[test]
+fn a_raw_snapshot_that_backs_guest_memory_is_not_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm.raw");
+    let raw = snapshot::MemoryEncoding::Raw;
+    snapshot::write_with(&path, &state(), &memory(), raw).unwrap();
+    let before = std::fs::read(&path).unwrap();
+    let snap = snapshot::read::<State>(&path).unwrap();
+    let mapped = snap
+        .map(&[
+            (GuestAddress(0), 1 << 20),
+            (GuestAddress(1 << 32), 256 << 10),
+        ])
+        .unwrap();
+    drop(snap);
+    // Only the mapping holds the file now; it still may not be replaced.
+    let e = refused(dir.path(), "vm.raw");
+    assert!(e.contains("in use"), "{e}");
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+    assert!(same(&mapped, &memory()));
+    drop(mapped);
+    snapshot::write_with(&path, &state(), &blank(), raw).unwrap();
+}
+
+#[test]
+fn a_fifo_input_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("in.snap");
+    mkfifo(&fifo);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let p = fifo.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(snapshot::read::<State>(&p).err().map(|e| e.to_string()));
+    });
+    let e = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("reading a FIFO with no writer returns")
+        .expect("and fails");
+    assert!(e.contains("is a FIFO"), "{e}");
+    let e = snapshot::read::<State>(dir.path())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("is a directory"), "{e}");
+}
+
+// --- The header is covered whole, and lengths are reported as lengths ---
+
+#[test]
+fn damage_anywhere_in_the_header_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = written(dir.path());
+    let good = std::fs::read(&path).unwrap();
+    for at in 0..40 {
+        let mut b = good.clone();
+        b[at] ^= 0x10;
+        std::fs::write(&path, &b).unwrap();
+        assert!(
+            snapshot::read::<State>(&path).is_err(),
+            "a flipped bit at header byte {at} is noticed"
+        );
+    }
+}
+
+#[test]
+fn an_oversized_state_length_is_reported_as_a_length() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = written(dir.path());
+    let mut b = std::fs::read(&path).unwrap();
+    b[16..24].copy_from_slice(&(crate::codec::MAX_STATE_LEN as u64 + 1).to_le_bytes());
+    crate::snapshot::seal_header_for_tests(&mut b);
+    std::fs::write(&path, &b).unwrap();
+    let e = snapshot::read::<State>(&path).err().unwrap();
+    assert!(
+        matches!(e, SnapshotError::StateTooLong { len, .. } if len == crate::codec::MAX_STATE_LEN as u64 + 1),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_failed_write_keeps_the_old_file_and_leaves_no_temporary() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for name in ["vm.snap", "x.partial"] {
+        let path = d.join(name);
+        snapshot::write(&path, &state(), &memory()).unwrap();
+        let old = std::fs::read(&path).unwrap();
+        let other = blank();
+        other.write_slice(&[7u8; 8192], GuestAddress(0)).unwrap();
+        for encoding in [
+            snapshot::MemoryEncoding::Compressed,
+            snapshot::MemoryEncoding::Raw,
+        ] {
+            // Fails in the header, in the state, and in memory (at its last byte).
+            let probe = d.join("probe");
+            let stats = snapshot::write_with(&probe, &state(), &other, encoding).unwrap();
+            let written = stats.state_bytes + stats.memory_bytes; // Raw: its holes too.
+            std::fs::remove_file(&probe).unwrap();
+            let last = match encoding {
+                snapshot::MemoryEncoding::Compressed => 40 + written - 1,
+                snapshot::MemoryEncoding::Raw => 4096 + 8192 - 1,
+            };
+            for limit in [10, 40 + stats.state_bytes / 2, last] {
+                let e = snapshot::write_limited(&path, &state(), &other, encoding, Some(limit))
+                    .expect_err("the write fails");
+                assert!(
+                    matches!(&e, SnapshotError::Io { source, .. }
+                        if source.raw_os_error() == Some(libc::ENOSPC)),
+                    "{e:?}"
+                );
+                assert_eq!(std::fs::read(&path).unwrap(), old, "{name} is unchanged");
+            }
+        }
+        snapshot::read::<State>(&path).unwrap();
+    }
+    assert_eq!(names(d), ["vm.snap", "x.partial"], "no temporary is left");
+}
+
+/// Rewrites a current file as format 1.1 wrote it: minor 1, zero in bytes 36..40.
+fn as_format_1_1(b: &mut [u8]) {
+    b[10..12].copy_from_slice(&1u16.to_le_bytes());
+    b[36..40].fill(0);
+    let mut h = crc32fast::Hasher::new();
+    h.update(&b[..32]);
+    h.update(&b[40..]);
+    b[32..36].copy_from_slice(&h.finalize().to_le_bytes());
+}
+
+#[test]
+fn format_1_1_files_are_still_read_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = written(dir.path());
+    let mut b = std::fs::read(&path).unwrap();
+    as_format_1_1(&mut b);
+    std::fs::write(&path, &b).unwrap();
+    let snap = snapshot::read::<State>(&path).unwrap();
+    assert_eq!(snap.state, state());
+    // Their unchecked bytes had to be zero.
+    for at in 36..40 {
+        let mut d = b.clone();
+        d[at] = 1;
+        std::fs::write(&path, &d).unwrap();
+        assert!(matches!(
+            snapshot::read::<State>(&path),
+            Err(SnapshotError::Checksum(_))
+        ));
+    }
+}
+
+#[test]
+fn unknown_flags_in_a_sound_header_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = written(dir.path());
+    let mut b = std::fs::read(&path).unwrap();
+    b[12] |= 4;
+    crate::snapshot::seal_header_for_tests(&mut b);
+    std::fs::write(&path, &b).unwrap();
+    let e = snapshot::read::<State>(&path).err().unwrap();
+    assert!(matches!(e, SnapshotError::Flags { flags: 4, .. }), "{e}");
 }
