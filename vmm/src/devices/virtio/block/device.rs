@@ -14,6 +14,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::Bytes;
 
 use super::request::{MAX_DATA_LEN, Op, Request};
+use crate::devices::counters::counters;
 use crate::devices::virtio::chain;
 use crate::devices::virtio::{ActivateError, Interrupt, VirtioDevice, read_config_bytes};
 use crate::memory::GuestMemoryMmap;
@@ -71,28 +72,29 @@ pub enum BlockError {
     TooSmall(PathBuf),
 }
 
-/// Block counters: monotonic, never reset on read.
-#[derive(Debug, Default)]
-pub struct BlockCounters {
-    /// Completed reads.
-    pub read_requests: AtomicU64,
-    /// Bytes read.
-    pub read_bytes: AtomicU64,
-    /// Completed writes.
-    pub write_requests: AtomicU64,
-    /// Bytes written.
-    pub write_bytes: AtomicU64,
-    /// Completed flushes.
-    pub flush_requests: AtomicU64,
-    /// Completed GET_ID requests.
-    pub get_id_requests: AtomicU64,
-    /// Requests answered with IOERR (bad request or I/O failure).
-    pub errors: AtomicU64,
-    /// Requests answered with UNSUPP.
-    pub unsupported: AtomicU64,
-    /// Chains dropped without a status (no place to put one).
-    pub invalid_chains: AtomicU64,
-}
+counters!(
+    /// Block counters: monotonic, never reset on read.
+    pub struct BlockCounters {
+        /// Completed reads.
+        read_requests,
+        /// Bytes read.
+        read_bytes,
+        /// Completed writes.
+        write_requests,
+        /// Bytes written.
+        write_bytes,
+        /// Completed flushes.
+        flush_requests,
+        /// Completed GET_ID requests.
+        get_id_requests,
+        /// Requests answered with IOERR (bad request or I/O failure).
+        errors,
+        /// Requests answered with UNSUPP.
+        unsupported,
+        /// Chains dropped without a status (no place to put one).
+        invalid_chains,
+    }
+);
 
 fn add(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
