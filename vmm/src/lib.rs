@@ -12,6 +12,7 @@ pub mod bus;
 pub mod device_manager;
 pub mod devices;
 pub mod event_loop;
+pub mod hostfile;
 pub mod linux;
 pub mod loader;
 pub mod memory;
