@@ -12,7 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::device::MAX_FRAME;
 use super::{Net, NetBackend, NetConfig, NetCounters};
-use crate::devices::virtio::test_driver::TestQueue;
+use crate::devices::virtio::test_driver::{Desc, TestQueue};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::memory::GuestMemoryMmap;
 
@@ -158,7 +158,7 @@ fn frames_come_in_behind_a_header_and_wait_for_buffers() {
 fn hostile_transmit_chains_are_dropped_and_counted() {
     let mut r = rig();
     let far = MEM as u64 + 0x1000;
-    let bad: &[(&str, &[(u64, u32, u16, u16)])] = &[
+    let bad: &[(&str, &[Desc])] = &[
         ("device-writable buffer", &[(BUF, 100, DESC_F_WRITE, 0)]),
         ("header only", &[(BUF, NET_HDR_LEN as u32, 0, 0)]),
         ("outside guest memory", &[(far, 100, 0, 0)]),
