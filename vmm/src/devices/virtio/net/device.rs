@@ -13,6 +13,7 @@ use vm_memory::Bytes;
 use crate::devices::virtio::chain::{self, Chain};
 use crate::devices::virtio::{ActivateError, Interrupt, VirtioDevice, read_config_bytes};
 use crate::memory::GuestMemoryMmap;
+use crate::state::{StateError, VirtioDeviceState};
 
 /// Size of each queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -355,6 +356,22 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
             .chain(self.tx.iter())
             .map(|q| q.state())
             .collect()
+    }
+
+    fn save_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Net { mac: self.mac }
+    }
+
+    fn check_state(&self, state: &VirtioDeviceState) -> Result<(), StateError> {
+        match *state {
+            VirtioDeviceState::Net { mac } if mac == self.mac => Ok(()),
+            VirtioDeviceState::Net { .. } => Err(StateError::Invalid(
+                "a network card's MAC address differs from the snapshot's (give the same mac=)",
+            )),
+            _ => Err(StateError::Invalid(
+                "a network card was given another device's state",
+            )),
+        }
     }
 }
 
