@@ -13,6 +13,7 @@ pub mod device_manager;
 pub mod devices;
 pub mod event;
 pub mod event_loop;
+pub mod hostfile;
 pub mod linux;
 pub mod loader;
 pub mod memory;

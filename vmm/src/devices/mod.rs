@@ -1,5 +1,6 @@
 //! Devices of the machine.
 
+pub(crate) mod counters;
 pub mod legacy;
 pub mod pvctl;
 pub mod serial;

@@ -1,7 +1,7 @@
 //! The 8250/16550 console on COM1 (vm-superio), its output going to a host writer.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use vm_superio::serial::SerialEvents;
@@ -26,14 +26,15 @@ impl Trigger for IrqTrigger {
     }
 }
 
-/// Console counters: monotonic, never reset.
-#[derive(Debug, Default)]
-pub struct SerialCounters {
-    /// Bytes the guest wrote to the console.
-    pub tx_bytes: AtomicU64,
-    /// Bytes that could not be written to the host side (or were lost by the UART).
-    pub tx_errors: AtomicU64,
-}
+super::counters::counters!(
+    /// Console counters: monotonic, never reset.
+    pub struct SerialCounters {
+        /// Bytes the guest wrote to the console.
+        tx_bytes,
+        /// Bytes that could not be written to the host side (or were lost by the UART).
+        tx_errors,
+    }
+);
 
 struct Events(Arc<SerialCounters>);
 

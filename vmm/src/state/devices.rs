@@ -93,8 +93,26 @@ impl From<QueueState> for virtio_queue::QueueState {
     }
 }
 
-/// A virtio-mmio transport: its registers and its device's queues.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// What a virtio device itself was to the guest (its transport and queues are saved in
+/// [`VirtioState`]); checked against the device it is restored into.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VirtioDeviceState {
+    /// A disk.
+    Block {
+        /// Capacity in sectors, as the guest was told.
+        sectors: u64,
+        /// Whether the guest was told it is read-only.
+        read_only: bool,
+    },
+    /// A network card.
+    Net {
+        /// Its MAC address, as the guest was told.
+        mac: [u8; 6],
+    },
+}
+
+/// A virtio-mmio transport: its registers, its device's queues and the device's own state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VirtioState {
     /// Device type (checked against the device being restored).
     pub device_type: u32,
@@ -114,4 +132,6 @@ pub struct VirtioState {
     pub activated: bool,
     /// The queues as the transport holds them (before activation) or the device uses them.
     pub queues: Vec<QueueState>,
+    /// The device's own state.
+    pub device: VirtioDeviceState,
 }

@@ -13,7 +13,7 @@ use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 
 pub use counters::CountersState;
-pub use devices::{DeviceState, QueueState, SerialState, VirtioState};
+pub use devices::{DeviceState, QueueState, SerialState, VirtioDeviceState, VirtioState};
 pub use vcpu::VcpuState;
 
 /// Errors of saving and restoring state.

@@ -112,3 +112,63 @@ where
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use ftvm_guest_abi::virtio::{DESC_F_NEXT, DESC_F_WRITE};
+    use virtio_queue::QueueT;
+    use vm_memory::GuestAddress;
+
+    use super::*;
+    use crate::devices::virtio::test_driver::{Desc, TestQueue};
+    use crate::memory::GuestMemoryMmap;
+
+    const MEM: usize = 1 << 20;
+    const BUF: u64 = 0x1_0000;
+
+    fn walk(descs: &[Desc], max_len: u64) -> Result<Chain, ChainError> {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+        let (mut t, mut q) = TestQueue::new(&mem, 0, 16);
+        t.publish(descs);
+        let head = q.pop_descriptor_chain(&mem).expect("a chain");
+        collect(head, max_len)
+    }
+
+    #[test]
+    fn the_total_length_limit_is_inclusive_across_buffers() {
+        let two = |a, b| [(BUF, a, DESC_F_NEXT, 1), (BUF + 0x1000, b, DESC_F_WRITE, 0)];
+        for (a, b, ok) in [
+            (100, 99, true),
+            (100, 100, true),
+            (100, 101, false),
+            (201, 1, false),
+        ] {
+            let r = walk(&two(a, b), 200);
+            assert_eq!(r.is_ok(), ok, "{a}+{b}: {r:?}");
+            if let Ok(c) = r {
+                assert_eq!((c.readable_len(), c.writable_len()), (100, u64::from(b)));
+            } else {
+                assert_eq!(r.unwrap_err(), ChainError::TooLong);
+            }
+        }
+    }
+
+    #[test]
+    fn buffers_must_lie_in_memory_to_the_last_byte() {
+        let end = MEM as u64;
+        for (addr, len, ok) in [
+            (end - 100, 100, true),
+            (end - 100, 101, false),
+            (end, 1, false),
+            (u64::MAX, 2, false),
+        ] {
+            let r = walk(&[(addr, len, 0, 0)], u64::MAX);
+            let want = if ok {
+                Ok(())
+            } else {
+                Err(ChainError::OutOfMemory)
+            };
+            assert_eq!(r.map(|_| ()), want, "{addr:#x}+{len}");
+        }
+    }
+}

@@ -280,6 +280,7 @@ impl BusDevice for MmioTransport {
             interrupt_status: self.interrupt.status(),
             activated: self.activated,
             queues: queues.into_iter().map(Into::into).collect(),
+            device: self.device().save_state(),
         }))
     }
 
@@ -294,6 +295,7 @@ impl BusDevice for MmioTransport {
                 "saved virtio device differs from the configured one",
             ));
         }
+        self.device().check_state(&s.device)?;
         let build = || -> Result<Vec<Queue>, StateError> {
             s.queues
                 .iter()

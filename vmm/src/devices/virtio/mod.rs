@@ -93,6 +93,14 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// The device's live queues (empty before activation).
     fn queue_states(&self) -> Vec<virtio_queue::QueueState>;
+    /// What the device was to the guest, saved with its transport.
+    fn save_state(&self) -> crate::state::VirtioDeviceState;
+    /// Checks that this device can stand in for the saved one (same kind, same capacity or
+    /// address); changes nothing.
+    fn check_state(
+        &self,
+        state: &crate::state::VirtioDeviceState,
+    ) -> Result<(), crate::state::StateError>;
 }
 
 /// Copies `src` (a device's configuration bytes) into `data` from `offset`, zero-filling what

@@ -21,6 +21,7 @@ pub struct TestQueue {
     size: u16,
     next_desc: u16,
     seen_used: u16,
+    last_head: u16,
 }
 
 impl TestQueue {
@@ -36,6 +37,7 @@ impl TestQueue {
             size,
             next_desc: 0,
             seen_used: 0,
+            last_head: 0,
         };
         (t, q)
     }
@@ -43,6 +45,7 @@ impl TestQueue {
     /// Publishes one chain; returns its head index. Descriptor indices wrap around the table.
     pub fn publish(&mut self, descs: &[Desc]) -> u16 {
         let base = self.next_desc;
+        self.last_head = base;
         self.next_desc = (self.next_desc + descs.len() as u16) % self.size;
         for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
             let idx = (base + i as u16) % self.size;
@@ -58,6 +61,11 @@ impl TestQueue {
             .write_obj(idx.wrapping_add(1), GuestAddress(self.avail + 2))
             .unwrap();
         base
+    }
+
+    /// Head index of the chain most recently published.
+    pub fn last_head(&self) -> u16 {
+        self.last_head
     }
 
     /// Used entries the device added since the last call: (head, length).

@@ -1,6 +1,6 @@
 //! The block device: queue processing and the image file.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,10 +13,13 @@ use ftvm_guest_abi::virtio::{
 use virtio_queue::{Queue, QueueT};
 use vm_memory::Bytes;
 
-use super::request::{MAX_DATA_LEN, Op, Request};
+use super::request::{MAX_DATA_LEN, Op, Request, RequestError};
+use crate::devices::counters::counters;
 use crate::devices::virtio::chain;
 use crate::devices::virtio::{ActivateError, Interrupt, VirtioDevice, read_config_bytes};
+use crate::hostfile::{self, HostFileError, InputKind};
 use crate::memory::GuestMemoryMmap;
+use crate::state::{StateError, VirtioDeviceState};
 
 /// Queue size offered to the driver.
 pub const QUEUE_SIZE: u16 = 256;
@@ -33,7 +36,8 @@ pub struct BlockConfig {
 impl std::str::FromStr for BlockConfig {
     type Err = String;
 
-    /// Parses `PATH[,readonly]` (the `--disk` syntax).
+    /// Parses `PATH[,readonly]` (the `--disk` syntax); `ro` is short for `readonly`, and an
+    /// option may be given once.
     fn from_str(s: &str) -> Result<Self, String> {
         let mut parts = s.split(',');
         let path = parts
@@ -43,6 +47,9 @@ impl std::str::FromStr for BlockConfig {
         let mut read_only = false;
         for opt in parts {
             match opt {
+                "readonly" | "ro" if read_only => {
+                    return Err(format!("Disk option '{opt}' is given twice"));
+                }
                 "readonly" | "ro" => read_only = true,
                 other => return Err(format!("Unknown disk option '{other}' (known: readonly)")),
             }
@@ -54,45 +61,82 @@ impl std::str::FromStr for BlockConfig {
     }
 }
 
+/// What the operator's files are called in messages.
+const WHAT: &str = "disk image";
+
 /// Errors of opening a disk.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
-    /// The image cannot be opened.
-    #[error("Cannot open disk image {path}")]
-    Open {
-        /// The image.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    /// The image cannot be opened, is not a file or block device, or is in use.
+    #[error(transparent)]
+    Host(#[from] HostFileError),
     /// The image is smaller than one sector.
     #[error("Disk image {0} is smaller than one 512-byte sector")]
     TooSmall(PathBuf),
 }
 
-/// Block counters: monotonic, never reset on read.
-#[derive(Debug, Default)]
-pub struct BlockCounters {
-    /// Completed reads.
-    pub read_requests: AtomicU64,
-    /// Bytes read.
-    pub read_bytes: AtomicU64,
-    /// Completed writes.
-    pub write_requests: AtomicU64,
-    /// Bytes written.
-    pub write_bytes: AtomicU64,
-    /// Completed flushes.
-    pub flush_requests: AtomicU64,
-    /// Completed GET_ID requests.
-    pub get_id_requests: AtomicU64,
-    /// Requests answered with IOERR (bad request or I/O failure).
-    pub errors: AtomicU64,
-    /// Requests answered with UNSUPP.
-    pub unsupported: AtomicU64,
-    /// Chains dropped without a status (no place to put one).
-    pub invalid_chains: AtomicU64,
+/// The host failed a request the guest made correctly: the image's read, write or flush.
+#[derive(Debug, thiserror::Error)]
+#[error("Cannot {op} disk image {path} at byte {offset}")]
+pub struct HostIoError {
+    op: &'static str,
+    path: PathBuf,
+    offset: u64,
+    #[source]
+    source: std::io::Error,
 }
+
+/// How a request ended, for its status byte and counters.
+enum Outcome {
+    /// Done; the data bytes written into guest buffers.
+    Done(u32),
+    /// An operation the device does not know.
+    Unsupported,
+    /// The guest asked for something it may not (the request is refused, nothing changes).
+    Refused(RequestError),
+    /// The host failed a valid request.
+    Host(HostIoError),
+}
+
+/// An error and its causes, as one line.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
+
+counters!(
+    /// Block counters: monotonic, never reset on read.
+    pub struct BlockCounters {
+        /// Completed reads.
+        read_requests,
+        /// Bytes read.
+        read_bytes,
+        /// Completed writes.
+        write_requests,
+        /// Bytes written.
+        write_bytes,
+        /// Completed flushes.
+        flush_requests,
+        /// Completed GET_ID requests.
+        get_id_requests,
+        /// Requests refused with IOERR because the guest asked wrongly (bad header, range,
+        /// direction or length, a write to a read-only disk).
+        errors,
+        /// Requests answered with UNSUPP.
+        unsupported,
+        /// Chains dropped without a status (no place to put one).
+        invalid_chains,
+        /// Valid requests answered with IOERR because the host's read, write or flush of the
+        /// image failed.
+        host_errors,
+    }
+);
 
 fn add(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
@@ -111,27 +155,27 @@ pub struct Block {
 }
 
 impl Block {
-    /// Opens the image of `config`.
+    /// Opens the image of `config` (a regular file or a block device) and locks it: shared
+    /// when read-only, else exclusive, so that no other VMM writes it while this one uses it.
     pub fn new(
         config: BlockConfig,
         mem: GuestMemoryMmap,
         interrupt: Arc<Interrupt>,
     ) -> Result<Self, BlockError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!config.read_only)
-            .open(&config.path)
-            .map_err(|source| BlockError::Open {
-                path: config.path.clone(),
-                source,
-            })?;
-        let len = file
-            .metadata()
-            .map_err(|source| BlockError::Open {
-                path: config.path.clone(),
-                source,
-            })?
-            .len();
+        let writable = !config.read_only;
+        let file = hostfile::open_input(&config.path, WHAT, InputKind::Disk { writable })?;
+        hostfile::lock(&file, writable, &config.path, WHAT)?;
+        Self::with_file(config, file, mem, interrupt)
+    }
+
+    /// A device over `file`, already opened (and locked) for `config`.
+    pub(super) fn with_file(
+        config: BlockConfig,
+        file: File,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<Self, BlockError> {
+        let len = hostfile::input_size(&file, &config.path, WHAT)?;
         let sectors = len / SECTOR_SIZE;
         if sectors == 0 {
             return Err(BlockError::TooSmall(config.path));
@@ -200,18 +244,30 @@ impl Block {
             add(&self.counters.invalid_chains, 1);
             return 0;
         };
-        let (status, written) = match request {
+        let outcome = match request {
             Ok(req) => self.execute(&req),
-            Err(e) => {
+            Err(e) => Outcome::Refused(e),
+        };
+        let (status, written) = match outcome {
+            Outcome::Done(written) => (BLK_S_OK, written),
+            Outcome::Unsupported => {
+                add(&self.counters.unsupported, 1);
+                (BLK_S_UNSUPP, 0)
+            }
+            Outcome::Refused(e) => {
                 tracing::debug!("virtio-blk: {e}");
+                add(&self.counters.errors, 1);
+                (BLK_S_IOERR, 0)
+            }
+            Outcome::Host(e) => {
+                let n = self.counters.host_errors.fetch_add(1, Ordering::Relaxed) + 1;
+                // A failing disk fails every request: log the 1st, 2nd, 4th, 8th... only.
+                if n.is_power_of_two() {
+                    tracing::warn!(host_errors = n, "virtio-blk: {}", with_causes(&e));
+                }
                 (BLK_S_IOERR, 0)
             }
         };
-        match status {
-            BLK_S_OK => {}
-            BLK_S_UNSUPP => add(&self.counters.unsupported, 1),
-            _ => add(&self.counters.errors, 1),
-        }
         if self.mem.write_obj(status, status_addr).is_err() {
             add(&self.counters.invalid_chains, 1);
             return 0;
@@ -219,33 +275,33 @@ impl Block {
         written + 1
     }
 
-    /// Runs a well-formed request; returns the status and the data bytes written to the guest.
-    fn execute(&mut self, req: &Request) -> (u8, u32) {
+    /// Runs a well-formed request.
+    fn execute(&mut self, req: &Request) -> Outcome {
         let len = req.data_len();
         match req.op {
-            Op::Read => match self.read(req) {
-                Ok(()) => {
+            Op::Read => {
+                let result = self.read(req);
+                if matches!(result, Outcome::Done(_)) {
                     add(&self.counters.read_requests, 1);
                     add(&self.counters.read_bytes, len);
-                    (BLK_S_OK, len as u32)
                 }
-                Err(()) => (BLK_S_IOERR, 0),
-            },
-            Op::Write if self.config.read_only => (BLK_S_IOERR, 0),
-            Op::Write => match self.write(req) {
-                Ok(()) => {
+                result
+            }
+            Op::Write if self.config.read_only => Outcome::Refused(RequestError::ReadOnly),
+            Op::Write => {
+                let result = self.write(req);
+                if matches!(result, Outcome::Done(_)) {
                     add(&self.counters.write_requests, 1);
                     add(&self.counters.write_bytes, len);
-                    (BLK_S_OK, 0)
                 }
-                Err(()) => (BLK_S_IOERR, 0),
-            },
+                result
+            }
             Op::Flush => match self.file.sync_data() {
                 Ok(()) => {
                     add(&self.counters.flush_requests, 1);
-                    (BLK_S_OK, 0)
+                    Outcome::Done(0)
                 }
-                Err(_) => (BLK_S_IOERR, 0),
+                Err(source) => Outcome::Host(self.host_error("flush", 0, source)),
             },
             Op::GetId => {
                 let mut left = &self.id[..];
@@ -253,39 +309,62 @@ impl Block {
                 for b in &req.data {
                     let n = left.len().min(b.len as usize);
                     if self.mem.write_slice(&left[..n], b.addr).is_err() {
-                        return (BLK_S_IOERR, 0);
+                        return Outcome::Refused(RequestError::Memory);
                     }
                     left = &left[n..];
                     written += n as u32;
                 }
                 add(&self.counters.get_id_requests, 1);
-                (BLK_S_OK, written)
+                Outcome::Done(written)
             }
-            Op::Unsupported(_) => (BLK_S_UNSUPP, 0),
+            Op::Unsupported(_) => Outcome::Unsupported,
         }
     }
 
-    fn read(&self, req: &Request) -> Result<(), ()> {
-        let mut offset = req.offset_within(self.sectors).map_err(|_| ())?;
+    fn host_error(&self, op: &'static str, offset: u64, source: std::io::Error) -> HostIoError {
+        HostIoError {
+            op,
+            path: self.config.path.clone(),
+            offset,
+            source,
+        }
+    }
+
+    fn read(&self, req: &Request) -> Outcome {
+        let mut offset = match req.offset_within(self.sectors) {
+            Ok(o) => o,
+            Err(e) => return Outcome::Refused(e),
+        };
         for b in &req.data {
             let mut buf = vec![0u8; b.len as usize];
-            self.file.read_exact_at(&mut buf, offset).map_err(|_| ())?;
+            if let Err(source) = self.file.read_exact_at(&mut buf, offset) {
+                return Outcome::Host(self.host_error("read", offset, source));
+            }
             // Through vm-memory, so the page is marked in the dirty bitmap.
-            self.mem.write_slice(&buf, b.addr).map_err(|_| ())?;
+            if self.mem.write_slice(&buf, b.addr).is_err() {
+                return Outcome::Refused(RequestError::Memory);
+            }
             offset += u64::from(b.len);
         }
-        Ok(())
+        Outcome::Done(req.data_len() as u32)
     }
 
-    fn write(&self, req: &Request) -> Result<(), ()> {
-        let mut offset = req.offset_within(self.sectors).map_err(|_| ())?;
+    fn write(&self, req: &Request) -> Outcome {
+        let mut offset = match req.offset_within(self.sectors) {
+            Ok(o) => o,
+            Err(e) => return Outcome::Refused(e),
+        };
         for b in &req.data {
             let mut buf = vec![0u8; b.len as usize];
-            self.mem.read_slice(&mut buf, b.addr).map_err(|_| ())?;
-            self.file.write_all_at(&buf, offset).map_err(|_| ())?;
+            if self.mem.read_slice(&mut buf, b.addr).is_err() {
+                return Outcome::Refused(RequestError::Memory);
+            }
+            if let Err(source) = self.file.write_all_at(&buf, offset) {
+                return Outcome::Host(self.host_error("write", offset, source));
+            }
             offset += u64::from(b.len);
         }
-        Ok(())
+        Outcome::Done(0)
     }
 }
 
@@ -319,5 +398,29 @@ impl VirtioDevice for Block {
 
     fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
         self.queue.iter().map(|q| q.state()).collect()
+    }
+
+    fn save_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Block {
+            sectors: self.sectors,
+            read_only: self.config.read_only,
+        }
+    }
+
+    fn check_state(&self, state: &VirtioDeviceState) -> Result<(), StateError> {
+        match *state {
+            VirtioDeviceState::Block { sectors, .. } if sectors != self.sectors => Err(
+                StateError::Invalid("a disk image's size differs from its size in the snapshot"),
+            ),
+            VirtioDeviceState::Block { read_only, .. } if read_only != self.config.read_only => {
+                Err(StateError::Invalid(
+                    "a disk is read-only in the snapshot and writable here, or the reverse",
+                ))
+            }
+            VirtioDeviceState::Block { .. } => Ok(()),
+            _ => Err(StateError::Invalid(
+                "a disk was given another device's state",
+            )),
+        }
     }
 }

@@ -6,6 +6,6 @@ mod request;
 #[cfg(test)]
 mod tests;
 
-pub use device::{Block, BlockConfig, BlockCounters, BlockError, QUEUE_SIZE};
+pub use device::{Block, BlockConfig, BlockCounters, BlockError, HostIoError, QUEUE_SIZE};
 pub use event_handler::BlockHandler;
-pub use request::{MAX_DATA_LEN, Op};
+pub use request::{MAX_DATA_LEN, Op, RequestError};

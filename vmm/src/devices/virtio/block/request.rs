@@ -59,6 +59,12 @@ pub enum RequestError {
     /// The sector range lies beyond the disk.
     #[error("Request is beyond the end of the disk")]
     Range,
+    /// A write to a read-only disk.
+    #[error("Request writes to a read-only disk")]
+    ReadOnly,
+    /// A data buffer cannot be accessed (the chain was checked, so this should not happen).
+    #[error("Request buffer cannot be accessed")]
+    Memory,
 }
 
 impl Request {

@@ -13,7 +13,7 @@ use ftvm_guest_abi::virtio::{
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Block, BlockConfig};
+use super::{Block, BlockConfig, MAX_DATA_LEN};
 use crate::devices::virtio::test_driver::{Desc, TestQueue};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::memory::GuestMemoryMmap;
@@ -33,19 +33,41 @@ struct Rig {
 }
 
 fn rig(read_only: bool) -> Rig {
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+    rig_sized(read_only, DISK_SECTORS)
+}
+
+/// The first DISK_SECTORS hold a pattern, the rest (if any) are sparse zeros.
+fn image(sectors: u64) -> tempfile::NamedTempFile {
     let mut image = tempfile::NamedTempFile::new().unwrap();
     let pattern: Vec<u8> = (0..DISK_SECTORS * 512).map(|i| (i % 251) as u8).collect();
     image.write_all(&pattern).unwrap();
-    let irq = Arc::new(Interrupt::new(
+    image.as_file().set_len(sectors * 512).unwrap();
+    image
+}
+
+fn interrupt() -> Arc<Interrupt> {
+    Arc::new(Interrupt::new(
         EventFd::new(libc::EFD_NONBLOCK).unwrap(),
         Arc::new(|| {}),
-    ));
+    ))
+}
+
+fn rig_sized(read_only: bool, sectors: u64) -> Rig {
+    let image = image(sectors);
     let config = BlockConfig {
         path: image.path().to_path_buf(),
         read_only,
     };
-    let mut block = Block::new(config, mem.clone(), irq.clone()).unwrap();
+    rig_with(image, |mem, irq| Block::new(config, mem, irq).unwrap())
+}
+
+fn rig_with(
+    image: tempfile::NamedTempFile,
+    make: impl FnOnce(GuestMemoryMmap, Arc<Interrupt>) -> Block,
+) -> Rig {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+    let irq = interrupt();
+    let mut block = make(mem.clone(), irq.clone());
     let (queue, q) = TestQueue::new(&mem, 0, 64);
     block.activate(0, vec![q]).unwrap();
     Rig {
@@ -318,4 +340,383 @@ fn a_missing_image_is_a_clear_error() {
     };
     let err = Block::new(config, mem, irq).err().expect("refused");
     assert!(err.to_string().contains("/nonexistent/disk.img"), "{err}");
+}
+
+/// Where large transfers go: past the other fixed addresses, with room for 32 MiB + 1.
+const BIG: u64 = 0x40_0000;
+
+impl Rig {
+    /// A read of `len` bytes in one buffer at BIG; returns (status, used length).
+    fn big(&mut self, kind: u32, sector: u64, len: u32, flags: u16) -> (u8, u32) {
+        self.header(kind, sector);
+        let (_, used) = self.run(&[
+            (HDR, 16, DESC_F_NEXT, 1),
+            (BIG, len, flags | DESC_F_NEXT, 2),
+            (STATUS, 1, DESC_F_WRITE, 0),
+        ]);
+        (self.status(), used)
+    }
+
+    fn image_bytes(&self) -> Vec<u8> {
+        std::fs::read(self._image.path()).unwrap()
+    }
+}
+
+#[test]
+fn transfer_lengths_at_the_request_limit() {
+    let max = MAX_DATA_LEN as u32;
+    let mut r = rig_sized(false, 2 * MAX_DATA_LEN / 512);
+    for (len, ok) in [
+        (max - 512, true),
+        (max, true),
+        (max + 1, false),
+        (max + 512, false),
+    ] {
+        for (kind, flags) in [(BLK_T_IN, DESC_F_WRITE), (BLK_T_OUT, 0)] {
+            let what = format!("type {kind}, {len} bytes");
+            let before = (r.counter(|c| &c.errors), r.image_bytes());
+            r.mem.write_slice(&[0xaa; 4096], GuestAddress(BIG)).unwrap();
+            let (status, used) = r.big(kind, 0, len, flags);
+            if ok {
+                assert_eq!(status, BLK_S_OK, "{what}");
+                let data = if kind == BLK_T_IN { len } else { 0 };
+                assert_eq!(used, data + 1, "{what}");
+            } else {
+                assert_eq!((status, used), (BLK_S_IOERR, 1), "{what}");
+                assert_eq!(r.counter(|c| &c.errors), before.0 + 1, "{what}");
+                let mut mem = [0u8; 4096];
+                r.mem.read_slice(&mut mem, GuestAddress(BIG)).unwrap();
+                assert!(mem.iter().all(|&b| b == 0xaa), "{what}: memory untouched");
+                assert!(r.image_bytes() == before.1, "{what}: image untouched");
+            }
+            still_works(&mut r);
+        }
+    }
+    assert_eq!(r.counter(|c| &c.host_errors), 0);
+}
+
+#[test]
+fn chain_lengths_at_the_chain_limit() {
+    // Chains up to 2 * MAX_DATA_LEN + header + status are parsed and refused as too large
+    // (with a status); one byte more and the chain is dropped without one.
+    let limit_data = 2 * MAX_DATA_LEN as u32; // header + data + status = the chain limit
+    let mut r = rig(false);
+    for (len, dropped) in [
+        (MAX_DATA_LEN as u32 + 1, false),
+        (limit_data - 1, false),
+        (limit_data, false),
+        (limit_data + 1, true),
+    ] {
+        let before = (r.counter(|c| &c.errors), r.counter(|c| &c.invalid_chains));
+        let (status, used) = r.big(BLK_T_IN, 0, len, DESC_F_WRITE);
+        if dropped {
+            assert_eq!((status, used), (0xff, 0), "{len}: dropped, no status");
+            assert_eq!(r.counter(|c| &c.invalid_chains), before.1 + 1, "{len}");
+        } else {
+            assert_eq!((status, used), (BLK_S_IOERR, 1), "{len}: refused");
+            assert_eq!(r.counter(|c| &c.errors), before.0 + 1, "{len}");
+        }
+        still_works(&mut r);
+    }
+}
+
+#[test]
+fn header_status_and_sector_edges() {
+    let mut r = rig(false);
+    let errors = std::cell::Cell::new(0);
+    let check = |r: &mut Rig, what: &str, descs: &[Desc], want: (u8, u32)| {
+        r.header(BLK_T_IN, 0);
+        let (_, used) = r.run(descs);
+        assert_eq!((r.status(), used), want, "{what}");
+        errors.set(errors.get() + u64::from(want.0 == BLK_S_IOERR));
+        assert_eq!(r.counter(|c| &c.errors), errors.get(), "{what}");
+        still_works(r);
+    };
+    let data = |len| (DATA, len, DESC_F_WRITE | DESC_F_NEXT, 2);
+    for (hdr, ok) in [(15, false), (16, true), (17, false)] {
+        let want = if ok {
+            (BLK_S_OK, 513)
+        } else {
+            (BLK_S_IOERR, 1)
+        };
+        let descs = [
+            (HDR, hdr, DESC_F_NEXT, 1),
+            data(512),
+            (STATUS, 1, DESC_F_WRITE, 0),
+        ];
+        check(&mut r, &format!("{hdr}-byte header"), &descs, want);
+    }
+    // The status is the last byte of the last buffer; the data is what precedes it.
+    let hdr = (HDR, 16, DESC_F_NEXT, 1);
+    check(
+        &mut r,
+        "header and status only",
+        &[hdr, (STATUS, 1, DESC_F_WRITE, 0)],
+        (BLK_S_IOERR, 1),
+    );
+    check(
+        &mut r,
+        "data and status in one 513-byte buffer",
+        &[hdr, (STATUS, 513, DESC_F_WRITE, 0)],
+        (BLK_S_OK, 513),
+    );
+    r.header(BLK_T_IN, 0);
+    let (_, used) = r.run(&[hdr, (DATA, 513, DESC_F_WRITE, 0)]);
+    let status: u8 = r.mem.read_obj(GuestAddress(DATA + 512)).unwrap();
+    assert_eq!((status, used), (BLK_S_OK, 513), "status after the data");
+    for (len, what) in [(512, "511 bytes of data"), (514, "513 bytes of data")] {
+        r.header(BLK_T_IN, 0);
+        let (_, used) = r.run(&[hdr, (DATA, len, DESC_F_WRITE, 0)]);
+        let status: u8 = r
+            .mem
+            .read_obj(GuestAddress(DATA + u64::from(len) - 1))
+            .unwrap();
+        assert_eq!((status, used), (BLK_S_IOERR, 1), "{what}");
+        errors.set(errors.get() + 1);
+    }
+    // A 2-byte status buffer: its first byte is data, making 513 bytes.
+    r.header(BLK_T_IN, 0);
+    let (_, used) = r.run(&[hdr, data(512), (STATUS, 2, DESC_F_WRITE, 0)]);
+    let status: u8 = r.mem.read_obj(GuestAddress(STATUS + 1)).unwrap();
+    assert_eq!((status, used), (BLK_S_IOERR, 1), "2-byte status buffer");
+    errors.set(errors.get() + 1);
+    // The last sector, and one past it.
+    let last = DISK_SECTORS - 1;
+    for (sector, len, ok) in [
+        (last - 1, 1024, true),
+        (last, 512, true),
+        (last, 1024, false),
+        (DISK_SECTORS, 512, false),
+    ] {
+        r.header(BLK_T_IN, sector);
+        let (_, used) = r.run(&[hdr, data(len), (STATUS, 1, DESC_F_WRITE, 0)]);
+        let want = if ok {
+            (BLK_S_OK, len + 1)
+        } else {
+            (BLK_S_IOERR, 1)
+        };
+        assert_eq!((r.status(), used), want, "sector {sector}, {len} bytes");
+        errors.set(errors.get() + u64::from(!ok));
+        assert_eq!(r.counter(|c| &c.errors), errors.get());
+    }
+    // GET_ID: the id is at most 20 bytes, whatever the buffer.
+    for (len, data_written) in [(19, 19), (20, 20), (21, 20)] {
+        let (_, used) = r.request(BLK_T_GET_ID, 0, len, DESC_F_WRITE);
+        assert_eq!((r.status(), used), (BLK_S_OK, data_written + 1), "{len}");
+    }
+}
+
+/// Records the messages of warnings logged on this thread.
+#[derive(Clone, Default)]
+struct Warnings(Arc<std::sync::Mutex<Vec<String>>>);
+
+impl tracing::Subscriber for Warnings {
+    fn enabled(&self, m: &tracing::Metadata<'_>) -> bool {
+        *m.level() <= tracing::Level::WARN
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, e: &tracing::Event<'_>) {
+        struct Text(String);
+        impl tracing::field::Visit for Text {
+            fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                self.0.push_str(&format!("{}={v:?} ", f.name()));
+            }
+        }
+        let mut t = Text(String::new());
+        e.record(&mut t);
+        self.0.lock().unwrap().push(t.0);
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[test]
+fn a_failing_image_is_a_host_error_logged_with_its_cause() {
+    // The device believes the disk writable; the host's descriptor is read-only, so every
+    // write fails (EBADF) while reads still work.
+    let img = image(DISK_SECTORS);
+    let path = img.path().to_path_buf();
+    let mut r = rig_with(img, |mem, irq| {
+        let file = std::fs::File::open(&path).unwrap();
+        let config = BlockConfig {
+            path: path.clone(),
+            read_only: false,
+        };
+        Block::with_file(config, file, mem, irq).unwrap()
+    });
+    let warnings = Warnings::default();
+    let before = r.image_bytes();
+    tracing::subscriber::with_default(warnings.clone(), || {
+        for _ in 0..3 {
+            r.mem.write_slice(&[1u8; 1024], GuestAddress(DATA)).unwrap();
+            let (_, used) = r.request(BLK_T_OUT, 3, 1024, 0);
+            assert_eq!((r.status(), used), (BLK_S_IOERR, 1));
+        }
+    });
+    assert_eq!(r.counter(|c| &c.host_errors), 3);
+    assert_eq!(r.counter(|c| &c.errors), 0, "not the guest's fault");
+    assert_eq!(r.counter(|c| &c.write_requests), 0);
+    assert!(r.image_bytes() == before);
+    let logged = warnings.0.lock().unwrap().clone();
+    assert_eq!(
+        logged.len(),
+        2,
+        "the 1st and 2nd failures, not the 3rd: {logged:?}"
+    );
+    let want = format!(
+        "Cannot write disk image {} at byte 1536: Bad file descriptor",
+        path.display()
+    );
+    assert!(logged[0].contains(&want), "{logged:?}");
+    assert!(logged[0].contains("host_errors=1"), "{logged:?}");
+    still_works(&mut r);
+
+    // A read the image can no longer satisfy (it shrank under the device) is a host error
+    // too; when the image is whole again, reads work.
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.set_len(512).unwrap();
+    let (_, used) = r.request(BLK_T_IN, 8, 512, DESC_F_WRITE);
+    assert_eq!((r.status(), used), (BLK_S_IOERR, 1));
+    assert_eq!(r.counter(|c| &c.host_errors), 4);
+    assert_eq!(r.counter(|c| &c.errors), 0);
+    file.set_len(DISK_SECTORS * 512).unwrap();
+    let (_, used) = r.request(BLK_T_IN, 8, 512, DESC_F_WRITE);
+    assert_eq!((r.status(), used), (BLK_S_OK, 513));
+}
+
+#[test]
+fn disk_options_are_given_once() {
+    for (s, why) in [
+        ("/a,readonly,readonly", "'readonly' is given twice"),
+        ("/a,ro,readonly", "'readonly' is given twice"),
+        ("/a,readonly,ro", "'ro' is given twice"),
+        ("/a,", "Unknown disk option ''"),
+        ("/a,readonly=yes", "Unknown disk option 'readonly=yes'"),
+        (",readonly", "A disk needs a path"),
+    ] {
+        let e = s.parse::<BlockConfig>().unwrap_err();
+        assert!(e.contains(why), "{s}: {e}");
+    }
+    assert!("/a,ro".parse::<BlockConfig>().unwrap().read_only);
+}
+
+#[test]
+fn disks_are_locked_one_writer_or_many_readers() {
+    let img = image(DISK_SECTORS);
+    let open = |read_only| {
+        let config = BlockConfig {
+            path: img.path().to_path_buf(),
+            read_only,
+        };
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        Block::new(config, mem, interrupt())
+    };
+    let r1 = open(true).unwrap();
+    let r2 = open(true).unwrap();
+    let e = open(false)
+        .err()
+        .expect("a writer is refused while readers hold the image");
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "Disk image {} is in use by another process",
+            img.path().display()
+        )
+    );
+    drop((r1, r2));
+    let w = open(false).unwrap();
+    assert!(
+        open(true).is_err(),
+        "a reader is refused while a writer holds it"
+    );
+    assert!(open(false).is_err(), "a second writer is refused");
+    drop(w);
+    open(false).unwrap();
+}
+
+#[test]
+fn what_is_not_a_disk_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    for read_only in [true, false] {
+        let config = BlockConfig {
+            path: dir.path().to_path_buf(),
+            read_only,
+        };
+        let e = Block::new(config, mem.clone(), interrupt()).err().unwrap();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "Disk image {} is a directory, not a regular file or a block device",
+                dir.path().display()
+            )
+        );
+    }
+    // Smaller than a sector: 511 bytes are refused, 512 are one sector.
+    for (len, ok) in [(0, false), (511, false), (512, true), (1023, true)] {
+        let img = tempfile::NamedTempFile::new().unwrap();
+        img.as_file().set_len(len).unwrap();
+        let config = BlockConfig {
+            path: img.path().to_path_buf(),
+            read_only: true,
+        };
+        let b = Block::new(config, mem.clone(), interrupt());
+        assert_eq!(
+            b.as_ref().map(|b| b.sectors()).ok(),
+            ok.then_some(len / 512),
+            "{len}"
+        );
+    }
+}
+
+#[test]
+fn a_restore_onto_a_disk_of_another_size_is_refused() {
+    use crate::bus::BusDevice;
+    use crate::devices::virtio::mmio::MmioTransport;
+
+    let img = image(DISK_SECTORS);
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let transport = |read_only| {
+        let config = BlockConfig {
+            path: img.path().to_path_buf(),
+            read_only,
+        };
+        let block = Block::new(config, mem.clone(), interrupt()).unwrap();
+        let notify = vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()];
+        MmioTransport::new(
+            Arc::new(std::sync::Mutex::new(block)),
+            interrupt(),
+            mem.clone(),
+            notify,
+        )
+    };
+    let saved = transport(false).save().unwrap();
+    // A tail shorter than a sector is not part of the disk; a sector more or less is.
+    for (len, ok) in [
+        (DISK_SECTORS * 512 + 511, true),
+        (DISK_SECTORS * 512 + 512, false),
+        (DISK_SECTORS * 512 - 1, false),
+        (DISK_SECTORS * 512, true),
+    ] {
+        img.as_file().set_len(len).unwrap();
+        let mut t = transport(false);
+        let before = t.save().unwrap();
+        let result = t.restore(&saved);
+        assert_eq!(result.is_ok(), ok, "{len} bytes: {result:?}");
+        if !ok {
+            let e = result.unwrap_err().to_string();
+            assert!(e.contains("size differs"), "{e}");
+            assert_eq!(
+                t.save().unwrap(),
+                before,
+                "{len}: a refused restore changes nothing"
+            );
+        }
+    }
+    let e = transport(true).restore(&saved).unwrap_err().to_string();
+    assert!(e.contains("read-only"), "{e}");
 }

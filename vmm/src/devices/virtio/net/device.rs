@@ -4,6 +4,8 @@ use std::io::ErrorKind;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::devices::counters::counters;
+
 use ftvm_guest_abi::virtio::{ID_NET, NET_F_MAC, NET_HDR_LEN};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::Bytes;
@@ -11,11 +13,19 @@ use vm_memory::Bytes;
 use crate::devices::virtio::chain::{self, Chain};
 use crate::devices::virtio::{ActivateError, Interrupt, VirtioDevice, read_config_bytes};
 use crate::memory::GuestMemoryMmap;
+use crate::state::{StateError, VirtioDeviceState};
 
 /// Size of each queue.
 pub const QUEUE_SIZE: u16 = 256;
 /// Largest frame handled (no segmentation offloads are offered, so real frames are ≤ 1518).
 pub const MAX_FRAME: usize = 65536;
+/// The device's frame buffer: a header, the largest frame, and one byte more, so that a frame
+/// from the backend that would not fit is seen (the TAP truncates to the buffer) and dropped.
+const FRAME_BUF: usize = NET_HDR_LEN + MAX_FRAME + 1;
+/// Longest transmit chain: a header and the largest frame.
+const MAX_TX_CHAIN: usize = NET_HDR_LEN + MAX_FRAME;
+/// Longest TAP interface name (the kernel's IFNAMSIZ less its terminating zero).
+pub const MAX_TAP_NAME: usize = libc::IFNAMSIZ - 1;
 
 /// How a network card is configured (`--net tap=NAME[,mac=MAC]`).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -29,19 +39,22 @@ pub struct NetConfig {
 impl std::str::FromStr for NetConfig {
     type Err = String;
 
-    /// Parses `tap=NAME[,mac=AA:BB:CC:DD:EE:FF]`.
+    /// Parses `tap=NAME[,mac=AA:BB:CC:DD:EE:FF]`; each key at most once.
     fn from_str(s: &str) -> Result<Self, String> {
         let mut tap = None;
         let mut mac = None;
+        let mut seen = Vec::new();
         for part in s.split(',') {
-            match part.split_once('=') {
-                Some(("tap", name)) if !name.is_empty() => tap = Some(name.to_string()),
-                Some(("mac", m)) => mac = Some(parse_mac(m)?),
-                _ => {
-                    return Err(format!(
-                        "Unknown network option '{part}' (expected tap=NAME,mac=MAC)"
-                    ));
-                }
+            let unknown = || format!("Unknown network option '{part}' (expected tap=NAME,mac=MAC)");
+            let (key, value) = part.split_once('=').ok_or_else(unknown)?;
+            if seen.contains(&key) {
+                return Err(format!("Network option '{key}' is given twice"));
+            }
+            seen.push(key);
+            match key {
+                "tap" => tap = Some(parse_tap(value)?),
+                "mac" => mac = Some(parse_mac(value)?),
+                _ => return Err(unknown()),
             }
         }
         Ok(Self {
@@ -51,15 +64,40 @@ impl std::str::FromStr for NetConfig {
     }
 }
 
+fn parse_tap(name: &str) -> Result<String, String> {
+    if name.is_empty() || name.len() > MAX_TAP_NAME {
+        return Err(format!(
+            "TAP name '{name}' is empty or longer than {MAX_TAP_NAME} bytes"
+        ));
+    }
+    if name.contains(['/', ' ', '\0']) || name == "." || name == ".." {
+        return Err(format!("TAP name '{name}' is not a valid interface name"));
+    }
+    Ok(name.to_string())
+}
+
+/// Parses six groups of exactly two hex digits; refuses addresses a card cannot have.
 fn parse_mac(s: &str) -> Result<[u8; 6], String> {
-    let bad = || format!("Invalid MAC address '{s}'");
+    let bad = || format!("Invalid MAC address '{s}' (expected six hex pairs, 06:00:00:00:00:01)");
     let mut mac = [0u8; 6];
     let mut parts = s.split(':');
     for b in &mut mac {
-        *b = u8::from_str_radix(parts.next().ok_or_else(bad)?, 16).map_err(|_| bad())?;
+        let p = parts.next().ok_or_else(bad)?;
+        if p.len() != 2 || !p.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return Err(bad());
+        }
+        *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
     }
     if parts.next().is_some() {
         return Err(bad());
+    }
+    if mac == [0; 6] {
+        return Err(format!("MAC address '{s}' is all zeros"));
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!(
+            "MAC address '{s}' is a multicast or broadcast address, not a card's"
+        ));
     }
     Ok(mac)
 }
@@ -81,25 +119,27 @@ impl NetBackend for super::Tap {
     }
 }
 
-/// Network counters: monotonic, never reset on read. Bytes are Ethernet frame bytes (the
-/// virtio-net header is not counted), as the TAP's own statistics count them.
-#[derive(Debug, Default)]
-pub struct NetCounters {
-    /// Frames delivered to the guest.
-    pub rx_packets: AtomicU64,
-    /// Bytes delivered to the guest.
-    pub rx_bytes: AtomicU64,
-    /// Frames the guest sent out.
-    pub tx_packets: AtomicU64,
-    /// Bytes the guest sent out.
-    pub tx_bytes: AtomicU64,
-    /// Frames from the host that did not fit the guest's buffer and were dropped.
-    pub rx_dropped: AtomicU64,
-    /// Frames from the guest the backend refused.
-    pub tx_dropped: AtomicU64,
-    /// Chains dropped as malformed.
-    pub invalid_chains: AtomicU64,
-}
+counters!(
+    /// Network counters: monotonic, never reset on read. Bytes are Ethernet frame bytes (the
+    /// virtio-net header is not counted), as the TAP's own statistics count them.
+    pub struct NetCounters {
+        /// Frames delivered to the guest.
+        rx_packets,
+        /// Bytes delivered to the guest.
+        rx_bytes,
+        /// Frames the guest sent out.
+        tx_packets,
+        /// Bytes the guest sent out.
+        tx_bytes,
+        /// Frames from the host that did not fit the guest's buffer (or the device's) and were
+        /// dropped.
+        rx_dropped,
+        /// Frames from the guest the backend refused.
+        tx_dropped,
+        /// Chains dropped as malformed.
+        invalid_chains,
+    }
+);
 
 fn add(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
@@ -130,7 +170,7 @@ impl<B: NetBackend> Net<B> {
             rx: None,
             tx: None,
             pending: None,
-            frame: vec![0; MAX_FRAME],
+            frame: vec![0; FRAME_BUF],
             counters: Arc::new(NetCounters::default()),
         }
     }
@@ -168,17 +208,21 @@ impl<B: NetBackend> Net<B> {
     }
 
     fn transmit(&mut self, head: DescriptorChain<&GuestMemoryMmap>) {
-        let c = match chain::collect(head, (MAX_FRAME + NET_HDR_LEN) as u64) {
+        // A chain of at most MAX_TX_CHAIN bytes fits the frame buffer (FRAME_BUF is larger).
+        let c = match chain::collect(head, MAX_TX_CHAIN as u64) {
             Ok(c) if c.writable_len() == 0 && c.readable_len() > NET_HDR_LEN as u64 => c,
             _ => return add(&self.counters.invalid_chains, 1),
         };
         let mut at = 0;
         for b in &c.buffers {
-            let dst = &mut self.frame[at..at + b.len as usize];
+            let end = at + b.len as usize;
+            let Some(dst) = self.frame.get_mut(at..end) else {
+                return add(&self.counters.invalid_chains, 1);
+            };
             if self.mem.read_slice(dst, b.addr).is_err() {
                 return add(&self.counters.invalid_chains, 1);
             }
-            at += b.len as usize;
+            at = end;
         }
         let frame = &self.frame[NET_HDR_LEN..at];
         match self.backend.send(frame) {
@@ -206,6 +250,11 @@ impl<B: NetBackend> Net<B> {
                 Some(len) => len,
                 None => match self.backend.recv(&mut self.frame[NET_HDR_LEN..]) {
                     Ok(0) => break,
+                    Ok(n) if n > MAX_FRAME => {
+                        // Filled the spare byte: longer than a frame, possibly truncated.
+                        add(&self.counters.rx_dropped, 1);
+                        continue;
+                    }
                     Ok(n) => n,
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                     Err(e) => {
@@ -307,6 +356,22 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
             .chain(self.tx.iter())
             .map(|q| q.state())
             .collect()
+    }
+
+    fn save_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Net { mac: self.mac }
+    }
+
+    fn check_state(&self, state: &VirtioDeviceState) -> Result<(), StateError> {
+        match *state {
+            VirtioDeviceState::Net { mac } if mac == self.mac => Ok(()),
+            VirtioDeviceState::Net { .. } => Err(StateError::Invalid(
+                "a network card's MAC address differs from the snapshot's (give the same mac=)",
+            )),
+            _ => Err(StateError::Invalid(
+                "a network card was given another device's state",
+            )),
+        }
     }
 }
 
