@@ -112,13 +112,13 @@ fn bad_snapshot_files_are_clear_errors_and_start_nothing() {
     let path = dir.path().join("bad.snap");
     std::fs::write(
         &path,
-        b"FTVMSNAP\x02\x00 not really a snapshot, and too short",
+        b"FTVMSNAP\x09\x00 not really a snapshot, and too short",
     )
     .unwrap();
     let o = common::ftvm(&["restore", "--from", path.to_str().unwrap()], LIMIT);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
-    assert!(err.contains("snapshot format 2.x"), "{err}");
+    assert!(err.contains("snapshot format 9.x"), "{err}");
     assert!(o.stdout.is_empty(), "no guest output");
     std::fs::write(&path, b"hello").unwrap();
     let o = common::ftvm(&["restore", "--from", path.to_str().unwrap()], LIMIT);

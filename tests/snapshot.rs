@@ -211,3 +211,45 @@ fn a_raw_snapshot_restores_by_mapping_and_the_file_stays_untouched() {
     );
     restored.stop().unwrap();
 }
+
+#[test]
+fn a_bad_counter_list_is_refused_before_the_guest_prints() {
+    let (vm, console) = test_vm(2, 32, "count=0 interval-ms=10");
+    let vm = vm.start().unwrap();
+    console.wait_until("counting", LIMIT, |t| last_count(t, 1) >= Some(2));
+    vm.pause().unwrap();
+    let good = vm.save_state().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, damage: &dyn Fn(&mut MachineState)| {
+        let mut state = vm.save_state().unwrap();
+        damage(&mut state);
+        let path = dir.path().join(name);
+        checkpoint::snapshot::write(&path, &state, vm.memory()).unwrap();
+        path
+    };
+    let n = good.counters.vcpus[1].len();
+    let cases = [
+        write("short.snap", &|s| {
+            s.counters.vcpus[1].pop();
+        }),
+        write("long.snap", &|s| s.counters.vcpus[1].push(1)),
+        write("missing.snap", &|s| {
+            s.counters.vcpus.pop();
+        }),
+        write("net.snap", &|s| s.counters.serial.push(0)),
+    ];
+    vm.stop().unwrap();
+    assert!(n > 2);
+    for path in cases {
+        let o = common::ftvm(&["restore", "--from", path.to_str().unwrap()], LIMIT);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{}: {err}", path.display());
+        assert!(err.contains("counters"), "{}: {err}", path.display());
+        assert!(
+            o.stdout.is_empty(),
+            "{}: the guest printed before the restore was refused: {}",
+            path.display(),
+            String::from_utf8_lossy(&o.stdout)
+        );
+    }
+}

@@ -13,9 +13,8 @@
 //! ```
 //! `crc32` covers the header's first 32 bytes and everything after the header — except raw
 //! memory, which a restore maps copy-on-write instead of reading (reading it to check it would
-//! undo the point of mapping it). `header_crc32` (since 1.2) covers the header's first 36
-//! bytes, so that every header byte is checked; files of 1.0 and 1.1 have zero there, and
-//! readers of 1.1 ignore it. Files are written through a temporary and renamed, and replace
+//! undo the point of mapping it). `header_crc32` covers the header's first 36
+//! bytes, so that every header byte is checked. Files are written through a temporary and renamed, and replace
 //! only a regular file nobody holds locked (see [`crate::files`]); a crash never leaves half a
 //! snapshot under the final name. A raw snapshot is shared-locked for as long as it is mapped.
 
@@ -39,10 +38,12 @@ use crate::files::{self, FileError, NewFile};
 
 /// First bytes of every snapshot file.
 pub const MAGIC: [u8; 8] = *b"FTVMSNAP";
-/// Format major version: files of another major version are refused.
-pub const FORMAT_MAJOR: u16 = 1;
-/// Format minor version (compatible additions: 1 added raw memory, 2 the header checksum).
-pub const FORMAT_MINOR: u16 = 2;
+/// Format major version: files of another major version are refused. 2: the device state
+/// carries each virtio device's identity (capacity, MAC) and the block counters gained
+/// `host_errors`; the header checks itself.
+pub const FORMAT_MAJOR: u16 = 2;
+/// Format minor version (compatible additions within a major version).
+pub const FORMAT_MINOR: u16 = 0;
 /// Header flag: memory is raw and page-aligned (mappable), not compressed.
 pub const FLAG_RAW_MEMORY: u32 = 1;
 const HEADER_LEN: usize = 40;
@@ -465,13 +466,11 @@ pub fn read<T: DeserializeOwned>(path: &Path) -> Result<Snapshot<T>, SnapshotErr
             found: major,
         });
     }
-    let minor = u16::from_le_bytes([head[10], head[11]]);
     let u32_at = |o: usize| u32::from_le_bytes(head[o..o + 4].try_into().expect("4 bytes"));
     let u64_at = |o: usize| u64::from_le_bytes(head[o..o + 8].try_into().expect("8 bytes"));
     let corrupt = || SnapshotError::Checksum(path.to_path_buf());
-    // Since 1.2 the header checks itself; before, its last 4 bytes were zero.
-    let header_check = if minor >= 2 { header_crc(&head) } else { 0 };
-    if u32_at(36) != header_check {
+    // The header checks itself (bytes 36..40: CRC-32 of bytes 0..36).
+    if u32_at(36) != header_crc(&head) {
         return Err(corrupt());
     }
     let (flags, state_len, memory_len, crc) = (u32_at(12), u64_at(16), u64_at(24), u32_at(32));

@@ -113,7 +113,8 @@ fn damaged_files_are_refused() {
         matches!(v2, SnapshotError::Version { found, .. } if found == FORMAT_MAJOR + 1),
         "{v2}"
     );
-    assert!(v2.to_string().contains("format 2.x"), "{v2}");
+    let want = format!("format {}.x", FORMAT_MAJOR + 1);
+    assert!(v2.to_string().contains(&want), "{v2}");
     let missing = snapshot::read::<State>(Path::new("/nonexistent/vm.snap"))
         .err()
         .unwrap();
@@ -324,7 +325,7 @@ fn refused(dir: &Path, name: &str) -> String {
         .err()
         .unwrap_or_else(|| panic!("a snapshot to {name} is refused"));
     assert_eq!(names(dir), before, "nothing created or removed");
-    crate::control::error_chain(&err)
+    vmm::event::error_chain(&err)
 }
 
 #[test]
@@ -505,37 +506,6 @@ fn a_failed_write_keeps_the_old_file_and_leaves_no_temporary() {
         snapshot::read::<State>(&path).unwrap();
     }
     assert_eq!(names(d), ["vm.snap", "x.partial"], "no temporary is left");
-}
-
-/// Rewrites a current file as format 1.1 wrote it: minor 1, zero in bytes 36..40.
-fn as_format_1_1(b: &mut [u8]) {
-    b[10..12].copy_from_slice(&1u16.to_le_bytes());
-    b[36..40].fill(0);
-    let mut h = crc32fast::Hasher::new();
-    h.update(&b[..32]);
-    h.update(&b[40..]);
-    b[32..36].copy_from_slice(&h.finalize().to_le_bytes());
-}
-
-#[test]
-fn format_1_1_files_are_still_read_and_checked() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = written(dir.path());
-    let mut b = std::fs::read(&path).unwrap();
-    as_format_1_1(&mut b);
-    std::fs::write(&path, &b).unwrap();
-    let snap = snapshot::read::<State>(&path).unwrap();
-    assert_eq!(snap.state, state());
-    // Their unchecked bytes had to be zero.
-    for at in 36..40 {
-        let mut d = b.clone();
-        d[at] = 1;
-        std::fs::write(&path, &d).unwrap();
-        assert!(matches!(
-            snapshot::read::<State>(&path),
-            Err(SnapshotError::Checksum(_))
-        ));
-    }
 }
 
 #[test]

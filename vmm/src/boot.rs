@@ -1,8 +1,6 @@
 //! What kind of guest an image is, and how each kind is loaded and its vCPUs set up: the
 //! ring-3 test guest (ELF with the FTVM note) or Linux (bzImage or vmlinux).
 
-use std::path::PathBuf;
-
 use ftvm_guest_abi::VirtioSlot;
 use ftvm_guest_abi::virtio::MMIO_STRIDE;
 use kvm_bindings::{KVM_MP_STATE_RUNNABLE, kvm_mp_state};
@@ -27,15 +25,6 @@ pub enum BootError {
     /// A Linux image problem.
     #[error(transparent)]
     Linux(#[from] LinuxError),
-    /// The initrd cannot be read.
-    #[error("Cannot read initrd {path}")]
-    ReadInitrd {
-        /// The path given.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
     /// An initrd for a guest that has no use for one.
     #[error("--initrd applies to Linux kernels only; {0} is an ftvm test guest")]
     InitrdForTestGuest(String),

@@ -19,6 +19,7 @@ use crate::devices::virtio::block::{BlockConfig, BlockCounters};
 use crate::devices::virtio::net::{NetConfig, NetCounters};
 use crate::event::{Reporter, ThreadError};
 use crate::event_loop::{EventLoop, EventLoopError};
+use crate::hostfile::{self, HostFileError, MappedFile};
 use crate::memory::{self, DirtyPages, GuestMemoryMmap, MemoryError};
 use crate::vcpu::{VcpuContext, VcpuCounters, VcpuError, VcpuHandle, VcpuRunState};
 use crate::x86::cpuid;
@@ -82,15 +83,9 @@ pub enum VmError {
     /// Bad memory size or allocation failure.
     #[error(transparent)]
     Memory(#[from] MemoryError),
-    /// The kernel file could not be read.
-    #[error("Cannot read kernel image {path}")]
-    ReadKernel {
-        /// The path given.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    /// The kernel or initrd file cannot be used.
+    #[error(transparent)]
+    Input(#[from] HostFileError),
     /// The guest image could not be loaded.
     #[error(transparent)]
     Boot(#[from] BootError),
@@ -249,15 +244,29 @@ pub struct SavedConfig {
     pub nets: Vec<NetConfig>,
 }
 
-fn read_kernel(kernel: Kernel) -> Result<(String, Arc<[u8]>), VmError> {
+/// A guest image in memory: embedded bytes, or a file mapped read-only (never copied, and
+/// checked for type and size before anything of it is read).
+enum Image {
+    Bytes(Arc<[u8]>),
+    Mapped(MappedFile),
+}
+
+impl Deref for Image {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Image::Bytes(b) => b,
+            Image::Mapped(m) => m,
+        }
+    }
+}
+
+fn read_kernel(kernel: Kernel, max_len: u64) -> Result<(String, Image), VmError> {
     match kernel {
-        Kernel::Bytes { name, image } => Ok((name, image)),
+        Kernel::Bytes { name, image } => Ok((name, Image::Bytes(image))),
         Kernel::File(path) => {
-            let image = std::fs::read(&path).map_err(|source| VmError::ReadKernel {
-                path: path.clone(),
-                source,
-            })?;
-            Ok((path.display().to_string(), image.into()))
+            let image = hostfile::map_input(&path, "kernel image", max_len)?;
+            Ok((path.display().to_string(), Image::Mapped(image)))
         }
     }
 }
@@ -278,13 +287,11 @@ impl Vm {
             }
         };
         let ram = memory::ram_ranges(config.mem_size)?;
-        let (name, image) = read_kernel(config.kernel)?;
+        // Neither image can be larger than the guest's memory: refused before reading a byte.
+        let (name, image) = read_kernel(config.kernel, config.mem_size)?;
         let kind = boot::classify(&name, &image)?;
         let initrd = match &config.initrd {
-            Some(path) => Some(std::fs::read(path).map_err(|source| BootError::ReadInitrd {
-                path: path.clone(),
-                source,
-            })?),
+            Some(path) => Some(hostfile::map_input(path, "initrd", config.mem_size)?),
             None => None,
         };
 

@@ -160,7 +160,15 @@ impl Vm {
                 )
                 .into());
             }
-            config.nets = nets;
+            // A card given without a MAC keeps the one the guest knows.
+            config.nets = nets
+                .into_iter()
+                .zip(&config.nets)
+                .map(|(mut new, saved)| {
+                    new.mac = new.mac.or(saved.mac);
+                    new
+                })
+                .collect();
         }
         if state.counters.vcpus.len() != state.vcpus.len()
             || state.counters.blocks.len() != config.disks.len()
