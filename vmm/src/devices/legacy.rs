@@ -5,8 +5,8 @@ use std::sync::mpsc::Sender;
 
 use crate::acpi::pm::{PmRequest, pm_request};
 use crate::bus::{BusDevice, VcpuAction};
+use crate::event::VmEvent;
 use crate::state::{DeviceState, StateError, expect_stateless};
-use crate::vm::VmEvent;
 
 /// First port of the i8042 (data port; the command/status port is 0x64).
 pub const I8042_PORT: u16 = 0x60;

@@ -7,8 +7,8 @@ use std::time::Duration;
 use ftvm_guest_abi::{PV_POWER_OFF, PV_WAIT_US};
 
 use crate::bus::{BusDevice, VcpuAction};
+use crate::event::VmEvent;
 use crate::state::{DeviceState, StateError, expect_stateless};
-use crate::vm::VmEvent;
 
 /// The control device.
 pub struct PvControl {
