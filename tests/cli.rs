@@ -302,7 +302,10 @@ fn bad_linux_inputs_are_clear_errors() {
     );
     assert_clear_error(
         &o,
-        &["The initrd (41943040 bytes) does not fit in guest memory"],
+        &[
+            "Initrd",
+            "is 41943040 bytes, more than the 33554432 allowed",
+        ],
     );
 
     // A missing initrd, and an initrd for the test guest.
@@ -316,10 +319,7 @@ fn bad_linux_inputs_are_clear_errors() {
         ],
         LIMIT,
     );
-    assert_clear_error(
-        &o,
-        &["Cannot read initrd /nonexistent/initrd", "No such file"],
-    );
+    assert_clear_error(&o, &["initrd /nonexistent/initrd", "No such file"]);
     let o = ftvm(&["run", "--initrd", &path("initrd"), "--vcpus", "1"], LIMIT);
     assert_clear_error(&o, &["--initrd applies to Linux kernels only"]);
 }

@@ -62,6 +62,9 @@ pub enum FileError {
         /// The path.
         path: PathBuf,
     },
+    /// An input that cannot be used (missing, not a regular file).
+    #[error(transparent)]
+    Input(#[from] vmm::hostfile::HostFileError),
 }
 
 fn io_err(path: &Path) -> impl Fn(io::Error) -> FileError + '_ {
@@ -176,25 +179,7 @@ fn lock(file: &File, exclusive: bool, path: &Path) -> Result<(), FileError> {
 /// file (and anything sharing its open file description, such as a mapping's `Arc<File>`)
 /// lives, so that no writer here replaces it meanwhile.
 pub(crate) fn open_input(path: &Path) -> Result<File, FileError> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-        .map_err(io_err(path))?;
-    let st = fstat(&file).map_err(io_err(path))?;
-    if let Some(kind) = kind(st.st_mode) {
-        return Err(FileError::NotRegular {
-            path: path.to_path_buf(),
-            kind,
-        });
-    }
-    let fd = file.as_raw_fd();
-    // SAFETY: F_GETFL on a valid fd takes no argument and returns plain flags.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    // SAFETY: F_SETFL on a valid fd takes plain flags.
-    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
-        return Err(io_err(path)(io::Error::last_os_error()));
-    }
+    let file = vmm::hostfile::open_input(path, "snapshot", vmm::hostfile::InputKind::Image)?;
     lock(&file, false, path)?;
     Ok(file)
 }

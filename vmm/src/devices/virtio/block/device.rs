@@ -98,18 +98,6 @@ enum Outcome {
     Host(HostIoError),
 }
 
-/// An error and its causes, as one line.
-fn with_causes(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cause = c.source();
-    }
-    s
-}
-
 counters!(
     /// Block counters: monotonic, never reset on read.
     pub struct BlockCounters {
@@ -263,7 +251,11 @@ impl Block {
                 let n = self.counters.host_errors.fetch_add(1, Ordering::Relaxed) + 1;
                 // A failing disk fails every request: log the 1st, 2nd, 4th, 8th... only.
                 if n.is_power_of_two() {
-                    tracing::warn!(host_errors = n, "virtio-blk: {}", with_causes(&e));
+                    tracing::warn!(
+                        host_errors = n,
+                        "virtio-blk: {}",
+                        crate::event::error_chain(&e)
+                    );
                 }
                 (BLK_S_IOERR, 0)
             }
