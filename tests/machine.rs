@@ -182,6 +182,13 @@ fn a_thousand_pauses_of_busy_vcpus_lose_nothing() {
     let vm = vm.start().unwrap();
     console.wait_for("ftvm-guest: boot", LIMIT);
     for _ in 0..1000 {
+        // Each pause finds the vCPUs back on their way into the guest (on a loaded host a
+        // resume-then-pause could otherwise catch them before they ever left the pause).
+        let deadline = std::time::Instant::now() + LIMIT;
+        while vm.vcpu_states().iter().any(|s| *s != VcpuState::Running) {
+            assert!(std::time::Instant::now() < deadline, "vCPUs did not resume");
+            std::thread::yield_now();
+        }
         vm.pause().unwrap();
         vm.resume();
     }
