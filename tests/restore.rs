@@ -124,8 +124,9 @@ fn bad_snapshot_files_are_clear_errors_and_start_nothing() {
     let o = common::ftvm(&["restore", "--from", path.to_str().unwrap()], LIMIT);
     assert!(String::from_utf8_lossy(&o.stderr).contains("is not an ftvm snapshot"));
     let o = common::ftvm(&["restore", "--from", "/nonexistent/vm.snap"], LIMIT);
+    let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        String::from_utf8_lossy(&o.stderr)
-            .contains("Cannot access snapshot file /nonexistent/vm.snap")
+        err.contains("Cannot open snapshot /nonexistent/vm.snap") && err.contains("No such file"),
+        "{err}"
     );
 }
