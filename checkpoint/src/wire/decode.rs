@@ -16,12 +16,24 @@ use crate::codec;
 const WINDOW_LOG_MAX: u32 = 23;
 
 /// Pages of an epoch: ascending frame numbers and their contents, 4096 bytes each.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Pages {
     /// Guest page frame numbers, strictly ascending.
     pub gfns: Vec<u64>,
     /// Their contents, in the same order.
     pub data: Vec<u8>,
+}
+
+impl std::fmt::Debug for Pages {
+    /// Counts, not megabytes of contents.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pages")
+            .field("pages", &self.gfns.len())
+            .field("first", &self.gfns.first())
+            .field("last", &self.gfns.last())
+            .field("data_bytes", &self.data.len())
+            .finish()
+    }
 }
 
 /// A frame decoded and checked completely, not yet applied.
@@ -102,7 +114,7 @@ impl Decoder {
         let mut zeros = vec![0u8; (header.page_count as usize).div_ceil(8)];
         read(&mut zeros)?;
         let page_count = header.page_count as usize;
-        if page_count % 8 != 0 && zeros[page_count / 8] >> (page_count % 8) != 0 {
+        if !page_count.is_multiple_of(8) && zeros[page_count / 8] >> (page_count % 8) != 0 {
             return Err(malformed(
                 "the zero-page bitmap has bits past its last page",
             ));

@@ -35,6 +35,8 @@ mod decode;
 mod encode;
 mod frame;
 mod shape;
+#[cfg(test)]
+mod tests;
 
 pub use decode::{DecodedEpoch, Decoder, Pages, apply, check_order};
 pub use encode::{Encoder, EncoderOptions, FrameStats};
