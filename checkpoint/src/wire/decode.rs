@@ -130,6 +130,9 @@ impl Decoder {
         let mut state = vec![0u8; header.state_len as usize];
         read(&mut state)?;
         let state: MachineState = codec::decode(&state).map_err(WireError::Codec)?;
+        if MachineShape::of(&state).ok().as_ref() != Some(&self.shape) {
+            return Err(malformed("its machine state describes another machine"));
+        }
 
         // Zero-filled by the allocator: pages left zero cost nothing until written.
         let mut data = vec![0u8; page_count * PAGE_SIZE];

@@ -101,6 +101,11 @@ impl Encoder {
         out: &mut Vec<u8>,
     ) -> Result<FrameStats, WireError> {
         let runs = self.runs(gfns, data)?;
+        if MachineShape::of(state).ok().as_ref() != Some(&self.shape) {
+            return Err(WireError::Input(
+                "the machine state describes another machine".into(),
+            ));
+        }
         let state = codec::encode(state).map_err(WireError::Codec)?;
         let state_len = u32::try_from(state.len())
             .map_err(|_| WireError::Input("the machine state is too large".into()))?;

@@ -58,12 +58,19 @@ fn shape() -> MachineShape {
     MachineShape::of(&machine(MIB16, 2)).unwrap()
 }
 
-/// A machine with RAM on both sides of a hole: 1 MiB at 0, 256 KiB at 4 GiB.
+/// RAM on both sides of the MMIO hole: 3 GiB at 0, 2 MiB at 4 GiB.
+const HOLED: u64 = (3 << 30) + (2 << 20);
+/// First page of the hole, first page above it.
+const HOLE: u64 = 0xC0000;
+const HIGH: u64 = 0x10_0000;
+
 fn holed() -> MachineShape {
-    MachineShape {
-        ram: vec![(0, 1 << 20), (1 << 32, 256 << 10)],
-        ..shape()
-    }
+    MachineShape::of(&machine(HOLED, 2)).unwrap()
+}
+
+/// A state of the machine `shape` describes.
+fn state_of(shape: &MachineShape) -> MachineState {
+    machine(shape.mem_size(), u64::from(shape.vcpus))
 }
 
 struct Rng(u64);
@@ -119,7 +126,7 @@ fn contents(m: &GuestMemoryMmap) -> Vec<u8> {
 
 fn encode(shape: &MachineShape, epoch: u64, kind: FrameKind, gfns: &[u64], data: &[u8]) -> Vec<u8> {
     let mut enc = Encoder::new(shape.clone(), EncoderOptions::default()).unwrap();
-    enc.encode(epoch, kind, gfns, data, &machine(MIB16, 2))
+    enc.encode(epoch, kind, gfns, data, &state_of(shape))
         .unwrap()
 }
 
@@ -155,7 +162,7 @@ fn frames_round_trip() {
         (
             "both sides of the hole",
             holed(),
-            (1..256).chain((1 << 20)..(1 << 20) + 64).collect(),
+            (HOLE - 255..HOLE).chain(HIGH..HIGH + 64).collect(),
             pages(&[0; 319], 4),
         ),
         ("16 MiB", shape(), all.clone(), pages(&all, 5)),
@@ -168,7 +175,7 @@ fn frames_round_trip() {
             assert_eq!(d.kind, kind, "{name}");
             assert_eq!(d.pages.gfns, gfns, "{name}");
             assert!(d.pages.data == data, "{name}: page contents differ");
-            assert!(same_state(&d.state, &machine(MIB16, 2)), "{name}");
+            assert!(same_state(&d.state, &state_of(&shape)), "{name}");
             let header = FrameHeader::parse(&frame, &shape).unwrap();
             assert_eq!(header.frame_len(), frame.len() as u64, "{name}");
         }
@@ -178,11 +185,11 @@ fn frames_round_trip() {
 #[test]
 fn applied_pages_land_where_they_belong() {
     let shape = holed();
-    let gfns: Vec<u64> = (250..256).chain((1 << 20) + 60..(1 << 20) + 64).collect();
+    let gfns: Vec<u64> = (HOLE - 6..HOLE).chain(HIGH + 508..HIGH + 512).collect();
     let data = pages(&gfns, 9);
     let d = decode(&shape, &encode(&shape, 1, FrameKind::Full, &gfns, &data)).unwrap();
     let m = memory(&shape);
-    m.write_slice(&[0xee; PAGE_SIZE], GuestAddress(252 * 4096))
+    m.write_slice(&[0xee; PAGE_SIZE], GuestAddress((HOLE - 3) * 4096))
         .unwrap();
     apply(&d, &m).unwrap();
     for (i, &gfn) in gfns.iter().enumerate() {
@@ -320,8 +327,12 @@ fn sealed(flags: u32, counts: [u32; 4], raw: &[u8]) -> Vec<u8> {
 
 /// The raw body of `runs` of non-zero pages, with a valid state.
 fn body(runs: &[(u64, u32)]) -> (Vec<u8>, [u32; 4]) {
+    body_of(&shape(), runs)
+}
+
+fn body_of(shape: &MachineShape, runs: &[(u64, u32)]) -> (Vec<u8>, [u32; 4]) {
     let pages: u32 = runs.iter().map(|r| r.1).sum();
-    let state = codec::encode(&machine(MIB16, 1)).unwrap();
+    let state = codec::encode(&state_of(shape)).unwrap();
     let mut raw = Vec::new();
     for &(first, count) in runs {
         raw.extend(first.to_le_bytes());
@@ -358,11 +369,22 @@ fn hand_made_frames_decode_and_bad_runs_are_refused() {
         assert!(e.to_string().contains(what), "{runs:?}: {e}");
     }
     // Between the two RAM ranges of a machine with a hole.
-    let (raw, counts) = body(&[(256, 1)]);
-    let e = decode(&holed(), &sealed(0, counts, &raw)).unwrap_err();
-    assert!(e.to_string().contains("outside guest RAM"), "{e}");
-    let (raw, counts) = body(&[(255, 2)]);
-    assert!(decode(&holed(), &sealed(0, counts, &raw)).is_err());
+    for runs in [
+        &[(HOLE, 1u32)][..],
+        &[(HOLE - 1, 2)],
+        &[(HIGH - 1, 2)],
+        &[(HIGH + 511, 2)],
+    ] {
+        let (raw, counts) = body_of(&holed(), runs);
+        let e = decode(&holed(), &sealed(0, counts, &raw)).unwrap_err();
+        assert!(e.to_string().contains("outside guest RAM"), "{runs:?}: {e}");
+    }
+    let (raw, counts) = body_of(&holed(), &[(HOLE - 1, 1), (HIGH, 512)]);
+    decode(&holed(), &sealed(0, counts, &raw)).unwrap();
+    // A state of another machine than the one agreed on.
+    let (raw, counts) = body_of(&holed(), &[(3, 1)]);
+    let e = decode(&shape(), &sealed(0, counts, &raw)).unwrap_err();
+    assert!(e.to_string().contains("another machine"), "{e}");
 }
 
 #[test]
@@ -546,7 +568,7 @@ fn a_refused_frame_writes_nothing() {
 #[test]
 fn the_encoder_refuses_inconsistent_input() {
     let mut enc = Encoder::new(shape(), EncoderOptions::default()).unwrap();
-    let s = machine(MIB16, 1);
+    let s = machine(MIB16, 2);
     let page = vec![1u8; PAGE_SIZE];
     let two = vec![1u8; 2 * PAGE_SIZE];
     let inc = FrameKind::Incremental;
@@ -556,6 +578,10 @@ fn the_encoder_refuses_inconsistent_input() {
     assert!(enc.encode(1, inc, &[4096], &page, &s).is_err());
     assert!(enc.encode(1, inc, &[u64::MAX], &page, &s).is_err());
     assert!(enc.encode(1, inc, &[4095], &page, &s).is_ok());
+    let e = enc
+        .encode(1, inc, &[4095], &page, &machine(MIB16, 1))
+        .unwrap_err();
+    assert!(e.to_string().contains("another machine"), "{e}");
 }
 
 #[test]
