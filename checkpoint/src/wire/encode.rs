@@ -16,7 +16,8 @@ pub struct EncoderOptions {
     pub level: i32,
     /// Send each page as an XOR against its previous version. Costs a shadow copy of every
     /// page ever sent (up to the guest's memory size) and pays only when pages change a
-    /// little between epochs; see the module documentation for measurements.
+    /// little between epochs; see the module documentation for measurements. A frame that
+    /// is encoded but never applied (connection lost) breaks the chain: send a full one next.
     pub delta: bool,
 }
 

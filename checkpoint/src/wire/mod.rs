@@ -30,6 +30,13 @@
 //! machine's shape) before it allocates anything, bounds the decompressed size by what the
 //! header announces, and stages the result in memory: decoding never writes guest memory;
 //! [`apply`] does, and only with a frame that decoded completely.
+//!
+//! XOR-delta is off by default. Measured with `examples/wire_bench.rs` (2 busy cores): pages
+//! with one word changed shrink from 100 % to 0.4 % of their raw size with it, but whole-page
+//! random rewrites stay at 100 % and zero-heavy pages at 0.3 % either way, while the encoder
+//! runs 20-50 % slower on them and keeps a shadow copy of every page it has sent (after a
+//! full frame, the guest's whole non-zero memory). Turn it on where the link, not memory, is
+//! the limit. zstd level 1 gives the same sizes as 3 on these workloads, faster.
 
 mod decode;
 mod encode;
