@@ -1,0 +1,183 @@
+//! Epochs captured from a running guest, encoded, decoded and applied to a replica's memory:
+//! after every epoch the replica's memory and state equal the primary's at that epoch's pause,
+//! pages the VMM itself wrote (block reads) included; and a VM restored from the replica's
+//! committed state continues the guest.
+
+mod common;
+
+use std::time::Duration;
+
+use checkpoint::wire::{self, Decoder, Encoder, EncoderOptions, FrameKind, MachineShape};
+use common::{Console, assert_counts_continue, last_count, test_vm_with};
+use primary::capture::{Scope, Staging, capture};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm::devices::virtio::block::BlockConfig;
+use vmm::memory::GuestMemoryMmap;
+use vmm::vm::{RestoreMemory, RestoreOptions};
+
+const LIMIT: Duration = Duration::from_secs(60);
+const EPOCHS: u64 = 120;
+
+/// Every region's bytes (the VM is paused while this runs).
+fn image(memory: &GuestMemoryMmap) -> Vec<Vec<u8>> {
+    memory
+        .iter()
+        .map(|r| {
+            let mut v = vec![0u8; r.len() as usize];
+            vm_memory::Bytes::read_slice(memory, &mut v, r.start_addr()).unwrap();
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn the_replica_equals_the_primary_after_every_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    let mut pattern = vec![0u8; 8 << 20];
+    ftvm_guest_abi::fill_pattern(5, 0, &mut pattern);
+    std::fs::write(&img, &pattern).unwrap();
+    // vCPU 0 reads the disk at random (the VMM writes guest memory), vCPU 1 counts, vCPU 2
+    // dirties memory as fast as it can.
+    let disks = vec![BlockConfig {
+        path: img.clone(),
+        read_only: true,
+    }];
+    let (vm, console) = test_vm_with(
+        3,
+        32,
+        "@0:disk-randread=8,100000000 @0:chunk-kib=16 @1:count=0 @1:interval-ms=2 \
+         @2:dirty=400,4",
+        disks.clone(),
+    );
+    let vm = vm.start().unwrap();
+    console.wait_until("counting", LIMIT, |t| last_count(t, 1) >= Some(2));
+
+    let mut staging = Staging::default();
+    let mut primary_image = Vec::new();
+    let (state, _) = capture(
+        &vm,
+        Scope::All,
+        &mut staging,
+        Some(&mut |m: &GuestMemoryMmap| primary_image = image(m)),
+    )
+    .unwrap();
+    let shape = MachineShape::of(&state).unwrap();
+    let ram: Vec<_> = vm
+        .memory()
+        .iter()
+        .map(|r| (r.start_addr(), r.len() as usize))
+        .collect();
+    let replica = GuestMemoryMmap::from_ranges(&ram).unwrap();
+    let mut encoder = Encoder::new(shape.clone(), EncoderOptions::default()).unwrap();
+    let mut decoder = Decoder::new(shape).unwrap();
+    let mut committed: Option<u64> = None;
+    let mut committed_state;
+    let mut dirty_epochs = 0;
+    let mut vmm_written = false;
+    let (mut state, mut epoch) = (state, 0u64);
+    loop {
+        let kind = if epoch == 0 {
+            FrameKind::Full
+        } else {
+            FrameKind::Incremental
+        };
+        let frame = encoder
+            .encode(epoch, kind, &staging.gfns, &staging.data, &state)
+            .unwrap();
+        let decoded = decoder.decode(&frame, Some(&replica)).unwrap();
+        wire::check_order(committed, decoded.epoch, decoded.kind).unwrap();
+        wire::apply(&decoded, &replica).unwrap();
+        committed = Some(decoded.epoch);
+        assert_eq!(
+            checkpoint::codec::encode(&decoded.state).unwrap(),
+            checkpoint::codec::encode(&state).unwrap(),
+            "epoch {epoch}: the replica's state is the primary's"
+        );
+        let replica_image = image(&replica);
+        for (i, (a, b)) in primary_image.iter().zip(&replica_image).enumerate() {
+            if a != b {
+                let page = a
+                    .chunks(4096)
+                    .zip(b.chunks(4096))
+                    .position(|(x, y)| x != y)
+                    .unwrap();
+                panic!("epoch {epoch}: region {i} differs first at page {page}");
+            }
+        }
+        committed_state = decoded.state;
+        if epoch == EPOCHS {
+            break;
+        }
+        // The guest runs for a while between two pauses (the epoch interval, not a wait for
+        // a condition).
+        std::thread::sleep(Duration::from_millis(5));
+        epoch += 1;
+        let before = vm.block_counters()[0].values();
+        let (s, stats) = capture(
+            &vm,
+            Scope::Dirty,
+            &mut staging,
+            Some(&mut |m: &GuestMemoryMmap| primary_image = image(m)),
+        )
+        .unwrap();
+        state = s;
+        if stats.pages > 0 {
+            dirty_epochs += 1;
+        }
+        vmm_written |= vm.block_counters()[0].values() != before;
+    }
+    assert!(
+        dirty_epochs > EPOCHS / 2,
+        "only {dirty_epochs} epochs dirtied memory"
+    );
+    assert!(vmm_written, "the VMM wrote guest memory during the epochs");
+
+    // The replica's committed state runs: the guest counts on from where it was.
+    vm.pause().unwrap();
+    let before = console.text();
+    vm.stop().unwrap();
+    let restored_console = Console::default();
+    let mut fill = |m: &GuestMemoryMmap| -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        for (r, bytes) in m.iter().zip(image(&replica)) {
+            vm_memory::Bytes::write_slice(m, &bytes, r.start_addr())?;
+        }
+        Ok(())
+    };
+    let restored = vmm::Vm::restore(
+        committed_state,
+        RestoreOptions {
+            console: Box::new(restored_console.clone()),
+            nets: None,
+        },
+        RestoreMemory::Fill(&mut fill),
+    )
+    .unwrap()
+    .start()
+    .unwrap();
+    let now = last_count(&before, 1).unwrap();
+    restored_console.wait_until("counting on", LIMIT, |t| {
+        last_count(t, 1).is_some_and(|c| c > now + 3)
+    });
+    restored.pause().unwrap();
+    let after = restored_console.text();
+    restored.stop().unwrap();
+    // The replica is a few counts behind the primary's last print (its last epoch came
+    // before them): what the restored guest prints continues the committed point exactly.
+    let committed_text: String = before
+        .lines()
+        .filter(|l| {
+            !l.starts_with("vcpu1 count ")
+                || l[12..]
+                    .parse::<u64>()
+                    .is_ok_and(|c| c <= first_count(&after))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_counts_continue(&committed_text, &after, 1);
+}
+
+/// The first count the restored guest printed, minus one: the committed guest's last.
+fn first_count(after: &str) -> u64 {
+    common::counts(after, 1).first().copied().unwrap_or(1) - 1
+}
