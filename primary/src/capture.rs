@@ -36,11 +36,19 @@ impl Staging {
     }
 }
 
-/// What one capture took.
+/// What one capture took, step by step.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CaptureStats {
     /// From the pause request to the resume.
     pub pause: Duration,
+    /// From the pause request until every vCPU and the device thread had stopped.
+    pub stop: Duration,
+    /// Reading (and clearing) the dirty log and the VMM's bitmap.
+    pub harvest: Duration,
+    /// Copying the pages to the staging buffer.
+    pub copy: Duration,
+    /// Saving vCPU, device and KVM state and the counters.
+    pub save: Duration,
     /// Pages copied.
     pub pages: usize,
 }
@@ -65,22 +73,27 @@ pub fn capture(
 ) -> Result<(MachineState, CaptureStats), CaptureError> {
     staging.clear();
     let start = Instant::now();
-    let (state, pages) = vm.with_paused(|vm| -> Result<_, CaptureError> {
+    let mut stats = CaptureStats::default();
+    let state = vm.with_paused(|vm| -> Result<_, CaptureError> {
+        let t0 = Instant::now();
+        stats.stop = t0 - start;
         let dirty = vm.take_dirty_pages()?;
+        let t1 = Instant::now();
         match scope {
             Scope::All => copy_all(vm.memory(), staging)?,
             Scope::Dirty => copy_dirty(vm.memory(), &dirty, staging)?,
         }
+        let t2 = Instant::now();
         let state = vm.save_state()?;
+        let t3 = Instant::now();
+        (stats.harvest, stats.copy, stats.save) = (t1 - t0, t2 - t1, t3 - t2);
         if let Some(f) = inspect {
             f(vm.memory());
         }
-        Ok((state, staging.gfns.len()))
+        Ok(state)
     })??;
-    let stats = CaptureStats {
-        pause: start.elapsed(),
-        pages,
-    };
+    stats.pause = start.elapsed();
+    stats.pages = staging.gfns.len();
     Ok((state, stats))
 }
 
