@@ -53,7 +53,7 @@ fn run(label: &str, cmdline: &str, epochs: usize) {
     ratio.sort_by(f64::total_cmp);
     println!(
         "{label:<22} {:>6} MiB {} | {} | {} | {} | {} | {:>5.2} {:>5.2}",
-        pages[pages.len() / 2] * 4096 >> 20,
+        (pages[pages.len() / 2] * 4096) >> 20,
         col(|s| s.pause),
         col(|s| s.stop),
         col(|s| s.harvest),
