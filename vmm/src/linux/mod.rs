@@ -230,7 +230,12 @@ pub fn load(
             let addr = max
                 .checked_sub(size)
                 .map(|a| a & !0xfff)
-                .filter(|&a| a >= kernel_end.next_multiple_of(0x1000))
+                // A kernel that claims to end near 2^64 leaves no room (and must not overflow).
+                .filter(|&a| {
+                    kernel_end
+                        .checked_next_multiple_of(0x1000)
+                        .is_some_and(|end| a >= end)
+                })
                 .ok_or(LinuxError::InitrdTooLarge { size, limit: max })?;
             memory.write_slice(data, GuestAddress(addr))?;
             bp.hdr.ramdisk_image = addr as u32;

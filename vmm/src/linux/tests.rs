@@ -171,6 +171,23 @@ fn an_initrd_larger_than_memory_is_refused() {
     assert!(err.to_string().contains("does not fit"), "{err}");
 }
 
+/// Found by the kernel_loader fuzz target: a segment whose p_memsz takes its end to just below
+/// 2^64 made the initrd placement overflow (a panic with overflow checks on).
+#[test]
+fn a_kernel_that_claims_to_end_near_2_64_is_refused_with_an_initrd() {
+    let (mem, ram) = guest(32 * MIB);
+    let mut k = elf_kernel(62, 0x2000);
+    k[104..112].copy_from_slice(&(u64::MAX - 0x100_0000 - 10).to_le_bytes()); // p_memsz
+    let initrd = vec![1u8; 4096];
+    let params = LinuxParams {
+        initrd: Some(&initrd),
+        cmdline: "",
+        acpi: acpi(1),
+    };
+    // Refused somewhere along the way, never a panic.
+    assert!(load(&mem, &ram, "vmlinux", &k, &params).is_err());
+}
+
 #[test]
 fn a_truncated_bzimage_is_refused() {
     let (mem, ram) = guest(64 * MIB);
