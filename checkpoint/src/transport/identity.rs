@@ -94,10 +94,17 @@ impl Identity {
     /// A new ECDSA P-256 key and a self-signed certificate for it (subject name "ftvm"; its
     /// validity dates are rcgen's defaults and are not checked: the pin is what counts).
     pub fn generate() -> Result<Identity> {
-        let made = rcgen::generate_simple_self_signed(vec!["ftvm".to_string()])
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
             .map_err(Error::Generate)?;
-        let cert_pem = made.cert.pem();
-        let key_pem = made.signing_key.serialize_pem();
+        let mut params =
+            rcgen::CertificateParams::new(vec!["ftvm".to_string()]).map_err(Error::Generate)?;
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "ftvm replication");
+        let cert = params.self_signed(&key).map_err(Error::Generate)?;
+        let cert_pem = cert.pem();
+        let key_pem = key.serialize_pem();
         Identity::from_pem(cert_pem, key_pem, Path::new("(generated)"))
     }
 
