@@ -10,6 +10,8 @@ use quinn::rustls;
 use super::endpoint::connect_as;
 use super::*;
 
+mod link;
+
 fn loopback() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
 }
