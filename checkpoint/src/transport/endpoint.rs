@@ -14,7 +14,7 @@ use super::{Error, Fingerprint, Identity, Result, Role};
 
 /// The ALPN protocol both sides require: a peer speaking anything else is refused in the
 /// handshake.
-const ALPN: &[u8] = b"ftvm-replication/1";
+pub(super) const ALPN: &[u8] = b"ftvm-replication/1";
 
 /// The server name the primary sends. Nothing checks it: the pin is the identity.
 const SERVER_NAME: &str = "ftvm-replica";
@@ -53,7 +53,8 @@ impl Default for Options {
 
 impl Options {
     fn transport(&self) -> Result<Arc<quinn::TransportConfig>> {
-        if self.keep_alive.is_zero() || self.keep_alive * 2 > self.idle_timeout {
+        let twice = self.keep_alive.checked_mul(2).unwrap_or(Duration::MAX);
+        if self.keep_alive.is_zero() || twice > self.idle_timeout {
             return Err(Error::BadOptions(
                 "the keep-alive interval must be non-zero and at most half the idle timeout",
             ));

@@ -175,17 +175,57 @@ fn an_identity_is_not_loaded_from_a_key_others_can_read_or_from_garbage() {
 
 #[test]
 fn options_with_a_keep_alive_near_the_idle_timeout_are_refused() {
-    let options = Options {
-        keep_alive: std::time::Duration::from_secs(1),
-        ..Options::default()
-    };
     let rt = runtime();
     let id = Identity::generate().unwrap();
-    let e = rt
-        .block_on(listen_with(loopback(), &id, id.fingerprint(), &options))
-        .err()
-        .unwrap();
-    assert!(matches!(e, Error::BadOptions(_)), "{e}");
+    for keep_alive in [
+        std::time::Duration::ZERO,
+        std::time::Duration::from_millis(751),
+        std::time::Duration::MAX,
+    ] {
+        let options = Options {
+            keep_alive,
+            ..Options::default()
+        };
+        let e = rt
+            .block_on(listen_with(loopback(), &id, id.fingerprint(), &options))
+            .err()
+            .unwrap();
+        assert!(matches!(e, Error::BadOptions(_)), "{keep_alive:?}: {e}");
+        let e = rt
+            .block_on(connect_with(loopback(), &id, id.fingerprint(), &options))
+            .err()
+            .unwrap();
+        assert!(matches!(e, Error::BadOptions(_)), "{keep_alive:?}: {e}");
+    }
+}
+
+/// The messages an operator reads, printed for review (`--nocapture`).
+#[test]
+fn refusals_read_clearly() {
+    let rt = runtime();
+    let replica = Identity::generate().unwrap();
+    let primary = Identity::generate().unwrap();
+    let stranger = Identity::generate().unwrap();
+    rt.block_on(async {
+        let server = listen(loopback(), &replica, primary.fingerprint())
+            .await
+            .unwrap();
+        let addr = server.local_addr().unwrap();
+        let (on_replica, on_primary) = tokio::join!(server.accept(), async {
+            match connect(addr, &stranger, replica.fingerprint()).await {
+                Ok(conn) => conn.closed().await,
+                Err(e) => e,
+            }
+        });
+        let on_replica = on_replica.err().unwrap();
+        println!("replica: {}", vmm::event::error_chain(&on_replica));
+        println!("primary: {}", vmm::event::error_chain(&on_primary));
+        for e in [&on_replica, &on_primary] {
+            let text = e.to_string();
+            assert!(text.starts_with(char::is_uppercase), "{text}");
+            assert!(!text.ends_with('.'), "{text}");
+        }
+    });
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -373,7 +413,7 @@ fn a_replica_with_the_pinned_certificate_but_not_its_key_is_refused() {
         .unwrap()
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(Stolen(Arc::new(stolen))));
-    tls.alpn_protocols = vec![b"ftvm-replication/1".to_vec()];
+    tls.alpn_protocols = vec![super::endpoint::ALPN.to_vec()];
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
     rt.block_on(async {
         let endpoint =
