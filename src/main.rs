@@ -63,6 +63,17 @@ enum Command {
         #[arg(long, value_name = "SOCKET")]
         api: PathBuf,
     },
+    /// Make this host's replication identity: a new key (DIR/key.pem, mode 0600) and
+    /// self-signed certificate (DIR/cert.pem), DIR created 0700 if missing. Prints the
+    /// certificate's SHA-256 fingerprint, which the other host pins with --peer.
+    Cert {
+        /// The directory to write to.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Replace an existing key and certificate.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -251,6 +262,12 @@ fn main() -> ExitCode {
         Command::Pause { api } => client(&api, "PUT", "/pause", None),
         Command::Resume { api } => client(&api, "PUT", "/resume", None),
         Command::Status { api } => client(&api, "GET", "/status", None),
+        Command::Cert { out, force } => checkpoint::transport::generate_into(&out, force)
+            .map(|fingerprint| {
+                println!("{fingerprint}");
+                ExitCode::SUCCESS
+            })
+            .map_err(Into::into),
     };
     match result {
         Ok(code) => code,

@@ -7,6 +7,7 @@ pub mod codec;
 pub mod control;
 pub mod files;
 pub mod snapshot;
+pub mod transport;
 pub mod wire;
 
 #[cfg(test)]
