@@ -6,8 +6,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use checkpoint::control::Ended;
 use clap::{Parser, Subcommand};
+use primary::control::Ended;
+use primary::protect::ProtectConfig;
 use vmm::vm::RestoreOptions;
 use vmm::{Kernel, Vm, VmConfig};
 
@@ -29,6 +30,9 @@ enum Command {
     /// devices paused, disks flushed, API socket removed) and exits with 128 + the signal
     /// (143, 130); any VMM failure exits 1 with a one-line `ftvm: error: ...`.
     Run(RunArgs),
+    /// Keep a replica of a protected VM: accept checkpoints from the primary whose certificate
+    /// is pinned with --peer, commit each one whole, acknowledge it. Runs until killed.
+    Replica(ReplicaArgs),
     /// Start a VM from a snapshot file and run it like `run` does (the guest continues where
     /// it was).
     Restore(RestoreArgs),
@@ -74,6 +78,62 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+}
+
+#[derive(clap::Args)]
+struct ReplicaArgs {
+    /// Address to listen on for the primary (UDP), e.g. 0.0.0.0:7480 or [::]:7480.
+    #[arg(long, value_name = "ADDR")]
+    listen: std::net::SocketAddr,
+    /// This host's key and certificate (made with `ftvm cert --out DIR`).
+    #[arg(long, value_name = "DIR")]
+    cert: PathBuf,
+    /// The primary's certificate SHA-256 fingerprint (printed by its `ftvm cert`).
+    #[arg(long, value_name = "FINGERPRINT")]
+    peer: String,
+}
+
+/// Replication options of `run` and `restore`.
+#[derive(clap::Args)]
+struct ProtectArgs {
+    /// Protect the VM with the replica at HOST[:PORT] (default port 7480): checkpoints every
+    /// --epoch-ms over QUIC with mutual TLS. Needs --cert and --peer.
+    #[arg(long, value_name = "HOST[:PORT]", requires_all = ["cert", "peer"])]
+    replica: Option<String>,
+    /// This host's key and certificate (made with `ftvm cert --out DIR`).
+    #[arg(long, value_name = "DIR")]
+    cert: Option<PathBuf>,
+    /// The replica's certificate SHA-256 fingerprint (printed by its `ftvm cert`).
+    #[arg(long, value_name = "FINGERPRINT")]
+    peer: Option<String>,
+    /// Epoch length in milliseconds (1 to 10000).
+    #[arg(long, value_name = "MS", default_value = "25")]
+    epoch_ms: u64,
+}
+
+impl ProtectArgs {
+    fn config(self) -> anyhow::Result<Option<ProtectConfig>> {
+        let Some(replica) = self.replica else {
+            return Ok(None);
+        };
+        if !(1..=10_000).contains(&self.epoch_ms) {
+            anyhow::bail!("--epoch-ms {} is out of range (1 to 10000)", self.epoch_ms);
+        }
+        let (cert, peer) = (
+            self.cert.expect("clap requires it"),
+            self.peer.expect("clap requires it"),
+        );
+        Ok(Some(ProtectConfig {
+            replica: replica
+                .parse()
+                .with_context(|| format!("Invalid --replica '{replica}'"))?,
+            identity: checkpoint::transport::Identity::load(&cert)?,
+            peer: peer
+                .parse()
+                .with_context(|| format!("Invalid --peer fingerprint '{peer}'"))?,
+            epoch: std::time::Duration::from_millis(self.epoch_ms),
+        }))
+    }
 }
 
 #[derive(clap::Args)]
@@ -126,6 +186,8 @@ struct RunArgs {
     /// socket; `ftvm pause|resume|status|snapshot --api SOCKET` are its clients.
     #[arg(long, value_name = "SOCKET")]
     api: Option<PathBuf>,
+    #[command(flatten)]
+    protect: ProtectArgs,
 }
 
 /// Parses `512`, `512M`, `2G`, `65536K` into bytes (a bare number is MiB).
@@ -153,6 +215,7 @@ fn parse_all<T: std::str::FromStr<Err = String>>(values: &[String]) -> anyhow::R
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let protect = args.protect.config()?;
     let mem_size = parse_size(&args.mem)?;
     let vcpus: u64 = args
         .vcpus
@@ -178,13 +241,17 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         nets,
     })?;
     tracing::info!(vcpus, mem_mib = mem_size >> 20, "guest started");
-    supervise(vm, args.api)
+    supervise(vm, args.api, protect)
 }
 
 /// Runs `vm` until it ends and maps how it ended to ftvm's exit status: the guest's status on
 /// power-off, 128 + the signal's number after an orderly stop on SIGTERM/SIGINT.
-fn supervise(vm: Vm, api: Option<PathBuf>) -> anyhow::Result<ExitCode> {
-    let ended = checkpoint::control::supervise(vm, api.as_deref());
+fn supervise(
+    vm: Vm,
+    api: Option<PathBuf>,
+    protect: Option<ProtectConfig>,
+) -> anyhow::Result<ExitCode> {
+    let ended = primary::control::supervise(vm, api.as_deref(), protect);
     std::io::stdout().flush().ok();
     match ended? {
         Ended::PowerOff(status) => {
@@ -217,7 +284,24 @@ fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     };
     let vm = checkpoint::snapshot::restore(&args.from, opts)?;
     tracing::info!(from = %args.from.display(), "guest restored");
-    supervise(vm, args.api)
+    supervise(vm, args.api, None)
+}
+
+/// Keeps a replica until the process is killed.
+fn replica(args: ReplicaArgs) -> anyhow::Result<ExitCode> {
+    let config = replica::ReplicaConfig {
+        listen: args.listen,
+        identity: checkpoint::transport::Identity::load(&args.cert)?,
+        peer: args
+            .peer
+            .parse()
+            .with_context(|| format!("Invalid --peer fingerprint '{}'", args.peer))?,
+    };
+    let committed = replica::Shared::default();
+    replica::run(config, committed, |addr| {
+        tracing::info!(%addr, "replica listening");
+    })?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Sends one API request and prints the answer.
@@ -235,6 +319,7 @@ fn client(
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
@@ -253,6 +338,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Restore(args) => restore(args),
+        Command::Replica(args) => replica(args),
         Command::Snapshot { api, to, raw } => {
             // The VMM may run in another directory: give it an absolute path.
             let to = std::path::absolute(&to).unwrap_or(to);

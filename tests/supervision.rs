@@ -416,19 +416,19 @@ fn back_to_back_snapshots_with_busy_cores_leave_the_vm_running() {
     console.wait_until("counting", LIMIT, |t| last_count(t, 0) >= Some(1));
     use checkpoint::api::Command as C;
     let status = |vm: &vmm::RunningVm| {
-        checkpoint::control::execute(vm, C::Status).unwrap()["state"]
+        primary::control::execute(vm, C::Status).unwrap()["state"]
             .as_str()
             .unwrap()
             .to_string()
     };
     for i in 0..1000 {
         if i % 50 == 0 {
-            checkpoint::control::execute(&vm, C::Pause).unwrap();
+            primary::control::execute(&vm, C::Pause).unwrap();
             assert_eq!(status(&vm), "paused");
-            checkpoint::control::execute(&vm, C::Resume).unwrap();
+            primary::control::execute(&vm, C::Resume).unwrap();
         }
         let path = dir.path().join(format!("s{}.snap", i % 2));
-        checkpoint::control::execute(
+        primary::control::execute(
             &vm,
             C::Snapshot {
                 path,
@@ -446,9 +446,9 @@ fn back_to_back_snapshots_with_busy_cores_leave_the_vm_running() {
     let now = last_count(&console.text(), 0).unwrap();
     console.wait_until("more counting", LIMIT, |t| last_count(t, 0) > Some(now + 2));
     // A paused VM stays paused through a snapshot.
-    checkpoint::control::execute(&vm, C::Pause).unwrap();
+    primary::control::execute(&vm, C::Pause).unwrap();
     let path = dir.path().join("paused.snap");
-    checkpoint::control::execute(&vm, C::Snapshot { path, raw: false }).unwrap();
+    primary::control::execute(&vm, C::Snapshot { path, raw: false }).unwrap();
     assert_eq!(status(&vm), "paused");
     assert!(
         vm.vcpu_states()

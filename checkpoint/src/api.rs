@@ -286,6 +286,7 @@ impl BoundApi {
     pub fn serve(
         self,
         state: Arc<RunState>,
+        protection: Option<StatusSource>,
         reporter: &Reporter,
     ) -> Result<(ApiServer, Receiver<Request>), ApiError> {
         let (tx, rx) = channel();
@@ -293,7 +294,9 @@ impl BoundApi {
         let listener = self.listener;
         let path = self.socket.path.clone();
         let thread = reporter
-            .spawn("api", move || serve_all(listener, state, tx, stop))
+            .spawn("api", move || {
+                serve_all(listener, state, protection, tx, stop)
+            })
             .map_err(|source| ApiError::Listen { path, source })?;
         Ok((
             ApiServer {
@@ -335,6 +338,7 @@ impl Drop for ApiServer {
 fn serve_all(
     listener: UnixListener,
     state: Arc<RunState>,
+    protection: Option<StatusSource>,
     tx: Sender<Request>,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) -> Result<(), String> {
@@ -359,11 +363,14 @@ fn serve_all(
                     }
                 },
             };
-            let (state, tx) = (state.clone(), tx.clone());
+            let (state, tx, protection) = (state.clone(), tx.clone(), protection.clone());
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
-                    let (state, tx) = (state.clone(), tx.clone());
-                    async move { Ok::<_, std::convert::Infallible>(answer(req, &state, &tx).await) }
+                    let (state, tx, protection) = (state.clone(), tx.clone(), protection.clone());
+                    async move {
+                        let status = status_json(&state, protection.as_ref());
+                        Ok::<_, std::convert::Infallible>(answer(req, status, &tx).await)
+                    }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
@@ -393,9 +400,17 @@ fn refuse(e: &RequestError) -> Response<Full<Bytes>> {
     json_response(e.status(), &json!({ "error": e.to_string() }))
 }
 
-/// The JSON of `GET /status`.
-pub fn status_json(state: &RunState) -> Value {
-    json!({ "state": state.name(), "vcpus": state.vcpus() })
+/// Where `GET /status` finds the protection state (the primary's replication).
+pub type StatusSource = Arc<dyn Fn() -> Value + Send + Sync>;
+
+/// The JSON of `GET /status`: the run state that was asked for and, for a protected VM, its
+/// protection.
+pub fn status_json(state: &RunState, protection: Option<&StatusSource>) -> Value {
+    let mut v = json!({ "state": state.name(), "vcpus": state.vcpus() });
+    if let Some(p) = protection {
+        v["protection"] = p();
+    }
+    v
 }
 
 async fn read_body(body: Incoming, declared: Option<u64>) -> Result<Bytes, RequestError> {
@@ -412,12 +427,12 @@ async fn read_body(body: Incoming, declared: Option<u64>) -> Result<Bytes, Reque
 
 async fn answer(
     req: HttpRequest<Incoming>,
-    state: &RunState,
+    status: Value,
     tx: &Sender<Request>,
 ) -> Response<Full<Bytes>> {
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     if method == Method::GET && path == "/status" {
-        return json_response(200, &status_json(state));
+        return json_response(200, &status);
     }
     let declared = req
         .headers()

@@ -4,3 +4,5 @@
 #![warn(missing_docs)]
 
 pub mod capture;
+pub mod control;
+pub mod protect;

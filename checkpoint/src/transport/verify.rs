@@ -58,7 +58,7 @@ impl PinVerifier {
             presented,
             pinned: self.pin,
         };
-        tracing::warn!("{error}");
+        tracing::debug!("{error}");
         Err(rustls::Error::InvalidCertificate(CertificateError::Other(
             OtherError(Arc::new(error)),
         )))

@@ -10,8 +10,10 @@ use serde_json::{Value, json};
 use vmm::event::{self, ThreadError, error_chain};
 use vmm::{RunningVm, Vm, VmError, VmEvent};
 
-use crate::api::{self, ApiError, Command, Request};
-use crate::snapshot;
+use checkpoint::api::{self, ApiError, Command, Request};
+use checkpoint::snapshot;
+
+use crate::protect::{ProtectConfig, Protector};
 
 /// How often the VM's thread looks for API commands while the guest runs.
 const POLL: Duration = Duration::from_millis(5);
@@ -50,6 +52,9 @@ pub enum ControlError {
     /// A VMM thread panicked or failed.
     #[error(transparent)]
     Thread(#[from] ThreadError),
+    /// The replication thread could not be started.
+    #[error("Cannot start replication")]
+    Replication(#[source] std::io::Error),
     /// Termination signals could not be taken over.
     #[error("Cannot handle termination signals")]
     Signals(#[source] std::io::Error),
@@ -58,24 +63,36 @@ pub enum ControlError {
     Vanished,
 }
 
-/// Starts `vm`, serves the API on `api` if given, and runs until the VM ends; then stops it in
-/// order. The API socket is bound (and checked) before any guest code runs.
-pub fn supervise(vm: Vm, api: Option<&Path>) -> Result<Ended, ControlError> {
+/// Starts `vm`, serves the API on `api` if given, protects it with a replica if `protect` is
+/// given, and runs until the VM ends; then stops it in order. The API socket is bound (and
+/// checked) before any guest code runs.
+pub fn supervise(
+    vm: Vm,
+    api: Option<&Path>,
+    protect: Option<ProtectConfig>,
+) -> Result<Ended, ControlError> {
     let bound = api.map(api::bind).transpose()?;
     vmm::signals::watch(&vm.reporter()).map_err(ControlError::Signals)?;
+    let mut protector = protect
+        .map(|p| Protector::start(p, &vm.reporter()))
+        .transpose()
+        .map_err(ControlError::Replication)?;
     let vm = vm.start()?;
     let (server, requests) = match bound {
         Some(b) => {
-            let (server, rx) = b.serve(vm.run_state().clone(), &vm.reporter())?;
+            let source = protector.as_ref().map(Protector::status_source);
+            let (server, rx) = b.serve(vm.run_state().clone(), source, &vm.reporter())?;
             (Some(server), Some(rx))
         }
         None => (None, None),
     };
-    let event = std::panic::catch_unwind(AssertUnwindSafe(|| run(&vm, requests.as_ref())))
-        .unwrap_or_else(|payload| VmEvent::ThreadFailed {
-            thread: "control".into(),
-            cause: event::panic_cause(payload.as_ref()),
-        });
+    let event = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        run(&vm, requests.as_ref(), protector.as_mut())
+    }))
+    .unwrap_or_else(|payload| VmEvent::ThreadFailed {
+        thread: "control".into(),
+        cause: event::panic_cause(payload.as_ref()),
+    });
     let outcome = match event {
         VmEvent::PowerOff(status) => Ok(Ended::PowerOff(status)),
         VmEvent::Reset => Ok(Ended::Reset),
@@ -96,39 +113,55 @@ pub fn supervise(vm: Vm, api: Option<&Path>) -> Result<Ended, ControlError> {
     // still an error.
     let stopped = vm.stop();
     let api_stopped = server.map(api::ApiServer::stop).transpose();
+    let replication_stopped = protector.map(Protector::stop).transpose();
     let outcome = outcome?;
     stopped?;
     api_stopped?;
+    replication_stopped?;
     Ok(outcome)
 }
 
 /// Runs until the VM ends; returns why.
-fn run(vm: &RunningVm, api: Option<&Receiver<Request>>) -> VmEvent {
+fn run(
+    vm: &RunningVm,
+    api: Option<&Receiver<Request>>,
+    mut protector: Option<&mut Protector>,
+) -> VmEvent {
     if let Err(cause) = event::check_fault("control") {
         return VmEvent::ThreadFailed {
             thread: "control".into(),
             cause,
         };
     }
-    let Some(api) = api else {
-        return vm.wait_event(None).unwrap_or(VmEvent::ThreadFailed {
-            thread: "control".into(),
-            cause: "every VM event source is gone".into(),
-        });
-    };
     loop {
-        if let Some(event) = vm.wait_event(Some(POLL)) {
+        let wait = match &protector {
+            Some(p) => p
+                .next_due()
+                .saturating_duration_since(Instant::now())
+                .min(POLL),
+            None if api.is_some() => POLL,
+            None => Duration::from_secs(3600),
+        };
+        if let Some(event) = vm.wait_event(Some(wait)) {
             return event;
         }
-        loop {
+        if let Some(p) = protector.as_deref_mut()
+            && let Err(e) = p.tick(vm)
+        {
+            return VmEvent::ThreadFailed {
+                thread: "control".into(),
+                cause: format!("checkpoint capture failed: {}", error_chain(&e)),
+            };
+        }
+        while let Some(api) = api {
             match api.try_recv() {
                 Ok((command, reply)) => {
+                    let status = protector.as_deref().map(Protector::status_json);
                     // The client may have given up (timeout); the command has been done.
-                    let _ = reply.send(execute(vm, command));
+                    let _ = reply.send(execute_with(vm, command, status));
                 }
-                Err(TryRecvError::Empty) => break,
-                // The API thread ended: its failure arrives as an event.
-                Err(TryRecvError::Disconnected) => break,
+                // Empty, or the API thread ended (its failure arrives as an event).
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
             }
         }
     }
@@ -136,8 +169,22 @@ fn run(vm: &RunningVm, api: Option<&Receiver<Request>>) -> VmEvent {
 
 /// Executes one API command on the VM.
 pub fn execute(vm: &RunningVm, command: Command) -> Result<Value, String> {
+    execute_with(vm, command, None)
+}
+
+fn execute_with(
+    vm: &RunningVm,
+    command: Command,
+    protection: Option<Value>,
+) -> Result<Value, String> {
     match command {
-        Command::Status => Ok(api::status_json(vm.run_state())),
+        Command::Status => {
+            let mut v = api::status_json(vm.run_state(), None);
+            if let Some(p) = protection {
+                v["protection"] = p;
+            }
+            Ok(v)
+        }
         Command::Pause => {
             vm.pause().map_err(|e| error_chain(&e))?;
             tracing::info!("VM paused");
