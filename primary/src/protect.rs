@@ -88,6 +88,9 @@ impl Shared {
 pub struct Protector {
     shared: Arc<Shared>,
     jobs: tokio::sync::mpsc::Sender<Job>,
+    /// Staging buffers back from the replication thread, reused so that a pause does not
+    /// fault in fresh memory.
+    spare: std::sync::mpsc::Receiver<Staging>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<JoinHandle<Result<(), String>>>,
     epoch: Duration,
@@ -110,12 +113,16 @@ impl Protector {
         });
         let (jobs, rx) = tokio::sync::mpsc::channel(1);
         let (stop, stopped) = tokio::sync::oneshot::channel();
+        let (give_back, spare) = std::sync::mpsc::channel();
         let epoch = config.epoch;
         let s = shared.clone();
-        let thread = reporter.spawn("replication", move || replicate(config, s, rx, stopped))?;
+        let thread = reporter.spawn("replication", move || {
+            replicate(config, s, rx, give_back, stopped)
+        })?;
         Ok(Self {
             shared,
             jobs,
+            spare,
             stop: Some(stop),
             thread: Some(thread),
             epoch,
@@ -148,7 +155,7 @@ impl Protector {
         } else {
             (Scope::Dirty, FrameKind::Incremental)
         };
-        let mut staging = Staging::default();
+        let mut staging = self.spare.try_recv().unwrap_or_default();
         let (state, stats) = capture::capture(vm, scope, &mut staging, None)?;
         {
             let mut st = self.shared.status();
@@ -223,6 +230,7 @@ fn replicate(
     config: ProtectConfig,
     shared: Arc<Shared>,
     mut jobs: tokio::sync::mpsc::Receiver<Job>,
+    give_back: std::sync::mpsc::Sender<Staging>,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) -> Result<(), String> {
     event::check_fault("replication")?;
@@ -233,7 +241,7 @@ fn replicate(
     rt.block_on(async {
         let mut warned = false;
         loop {
-            let session = session(&config, &shared, &mut jobs, &mut warned);
+            let session = session(&config, &shared, &mut jobs, &give_back, &mut warned);
             let outcome = tokio::select! {
                 _ = &mut stop => return Ok(()),
                 outcome = session => outcome,
@@ -261,6 +269,7 @@ async fn session(
     config: &ProtectConfig,
     shared: &Shared,
     jobs: &mut tokio::sync::mpsc::Receiver<Job>,
+    give_back: &std::sync::mpsc::Sender<Staging>,
     warned: &mut bool,
 ) -> Result<(), String> {
     let addr: SocketAddr = config
@@ -327,6 +336,11 @@ async fn session(
                 &mut frame,
             )
             .map_err(|e| event::error_chain(&e))?;
+        // The pages are in the frame: the buffer can take the next epoch's (a full
+        // checkpoint's buffer is let go, it is the size of all of memory).
+        if job.kind == FrameKind::Incremental {
+            let _ = give_back.send(job.staging);
+        }
         let sent = Instant::now();
         transport::send_frame(&mut send, &frame)
             .await
