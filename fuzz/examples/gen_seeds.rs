@@ -330,8 +330,22 @@ fn kernels(guest: Option<&Path>) {
     }
 }
 
+/// Requests for the API parser: a method selector (0 GET, 1 PUT, 2 POST), the path, a newline,
+/// the body.
+fn api() {
+    let t = "api_request";
+    save(t, "get-status", b"\x00/status\n");
+    save(t, "put-pause", b"\x01/pause\n");
+    save(t, "put-resume", b"\x01/resume\n");
+    save(t, "put-snapshot", b"\x01/snapshot\n{\"path\": \"/tmp/vm.snap\", \"raw\": false}");
+    save(t, "put-snapshot-raw", b"\x01/snapshot\n{\"path\":\"/srv/a b.snap\",\"raw\":true}");
+    save(t, "post-status", b"\x02/status\n");
+    save(t, "put-snapshot-bad-json", b"\x01/snapshot\n{\"path\": 5}");
+}
+
 fn main() {
     let guest = std::env::args().nth(1).map(PathBuf::from);
+    api();
     blk();
     net();
     snapshots();
