@@ -5,15 +5,15 @@
 # an invariant or hangs; the crashing inputs are left in fuzz/artifacts/<target>/.
 #
 # Usage: scripts/fuzz-smoke.sh [TARGET...]      (default: every target `cargo fuzz list` shows)
-# Environment: FUZZ_SMOKE_SECONDS  seconds of fuzzing per target (default 20)
+# Environment: FUZZ_SMOKE_SECONDS  seconds of fuzzing per target (default 15)
 #              FUZZ_JOBS_NICE      niceness of the fuzzers (default 10)
 # Needs: stable Rust; installs cargo-fuzz (`cargo install cargo-fuzz --locked`) if it is
-# missing. No sanitizer (-s none), so no nightly toolchain. About 2 minutes plus the build
+# missing. No sanitizer (-s none), so no nightly toolchain. About 1.5 minutes plus the build
 # (a cold build of the targets takes 3-4 minutes on 2 busy cores, a warm one seconds).
 set -Eeuo pipefail
 cd "$(dirname "$0")/.."
 
-seconds=${FUZZ_SMOKE_SECONDS:-20}
+seconds=${FUZZ_SMOKE_SECONDS:-15}
 niceness=${FUZZ_JOBS_NICE:-10}
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
