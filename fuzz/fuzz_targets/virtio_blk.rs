@@ -20,7 +20,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use ftvm_fuzz::layout::blk::{DISK_LEN, INPUT_MAX, MEM, QUEUE};
-use ftvm_fuzz::{CheckedMemory, Ranges, desc_bytes, next_chain, pattern, writable};
+use ftvm_fuzz::{
+    CheckedMemory, Ranges, desc_bytes, next_chain, pattern, writable, writes_over,
+};
 use virtio_queue::desc::split::Descriptor;
 use ftvm_guest_abi::virtio::{BLK_S_IOERR, BLK_S_OK, BLK_S_UNSUPP, BLK_T_IN, BLK_T_OUT};
 use libfuzzer_sys::fuzz_target;
@@ -137,6 +139,21 @@ fn run(r: &mut Rig, data: &[u8]) {
 
         let done = r.block.process_queue();
 
+        if writes_over(&descs, idx_addr as u64, 2) {
+            // The chain's data may rewrite the available index and so publish more chains,
+            // which the device then takes in the same call: legitimate, but past what this
+            // target predicts. Check only that each was counted once, then stop.
+            let delta: u64 = counts(&r.block.counters())
+                .iter()
+                .zip(before)
+                .map(|(a, b)| a - b)
+                .sum();
+            assert!(done >= 1, "chain {k}: not processed");
+            assert_eq!(delta, done as u64, "chain {k}: {done} chains, {delta} counts");
+            r.mem.accept_unchecked();
+            r.disk_dirty = true;
+            return;
+        }
         assert_eq!(done, 1, "chain {k}: one chain published, {done} processed");
         let (used_idx, (id, used_len)) = QUEUE.used_entry(r.mem.bytes(), used);
         let used_len = if head < QUEUE.size {

@@ -25,7 +25,9 @@ use std::sync::{Arc, Mutex};
 use ftvm_fuzz::layout::net::{
     FLAG_RX_FIRST, FLAG_SEND_FAILS, HEADER, INPUT_MAX, MAX_RX_FRAMES, MEM, RX, TX,
 };
-use ftvm_fuzz::{CheckedMemory, QueueLayout, Ranges, desc_bytes, next_chain, pattern, writable};
+use ftvm_fuzz::{
+    CheckedMemory, QueueLayout, Ranges, desc_bytes, next_chain, pattern, writable, writes_over,
+};
 use ftvm_guest_abi::virtio::NET_HDR_LEN;
 use libfuzzer_sys::fuzz_target;
 use vmm::devices::virtio::net::{Net, NetBackend, NetCounters};
@@ -209,6 +211,16 @@ fn run_rx(r: &mut Rig, net: &mut Net<Wire>, wire: &Wire, frames: &mut VecDeque<V
         let before = counts(&net.counters());
 
         let done = net.process_rx();
+
+        if writes_over(&descs, idx as u64, 2) {
+            // A frame written over the available index publishes more chains, which the
+            // device fills in the same call: legitimate, but past what this target predicts.
+            let d = delta(net, before);
+            let n = d[RX_PACKETS] + d[RX_DROPPED] + d[INVALID];
+            assert_eq!(n, done as u64, "rx chain {k}: {done} chains, {n} counts");
+            r.mem.accept_unchecked();
+            return;
+        }
 
         if pending.is_none() {
             pending = frames.pop_front();

@@ -161,6 +161,18 @@ impl CheckedMemory {
         changed
     }
 
+    /// Takes whatever the device wrote since the last call into the shadow without checking it
+    /// (for steps whose effects the target cannot predict).
+    pub fn accept_unchecked(&mut self) {
+        for page in self.dirty_pages() {
+            self.touched[page] = true;
+            let r = page * PAGE..(page + 1) * PAGE;
+            let now = self.bytes()[r.clone()].to_vec();
+            self.shadow[r].copy_from_slice(&now);
+        }
+        self.clear_dirty();
+    }
+
     /// Asserts that memory equals the shadow everywhere (catches writes that bypass vm-memory's
     /// dirty bitmap).
     pub fn assert_same(&self, what: &str) {
@@ -252,6 +264,15 @@ pub fn next_chain(
     let chain = q.pop_descriptor_chain(mem)?;
     let head = chain.head_index();
     Some((head, chain.collect()))
+}
+
+/// Whether the buffers of `descs` that the device may write cover any of `len` bytes at `addr`
+/// (e.g. the available ring's index: writing it publishes more chains mid-step).
+pub fn writes_over(descs: &[Descriptor], addr: u64, len: u64) -> bool {
+    writable(descs)
+        .0
+        .iter()
+        .any(|r| r.start < addr + len && addr < r.end)
 }
 
 /// The buffers of `descs` that the device may write.
