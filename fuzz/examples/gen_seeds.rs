@@ -11,7 +11,9 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm::memory::GuestMemoryMmap;
 
 fn out(target: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus").join(target);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("corpus")
+        .join(target);
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
@@ -33,17 +35,45 @@ fn blk() {
         m.chains(&q, &[&chain]);
         m.0
     };
-    save("virtio_blk", "write-2-sectors", &one(BLK_T_OUT, 2, &[(data, 1024, 0)]));
-    save("virtio_blk", "read-1-sector", &one(BLK_T_IN, 5, &[(data, 512, WRITE)]));
+    save(
+        "virtio_blk",
+        "write-2-sectors",
+        &one(BLK_T_OUT, 2, &[(data, 1024, 0)]),
+    );
+    save(
+        "virtio_blk",
+        "read-1-sector",
+        &one(BLK_T_IN, 5, &[(data, 512, WRITE)]),
+    );
     save(
         "virtio_blk",
         "read-3-buffers",
-        &one(BLK_T_IN, 0, &[(data, 512, WRITE), (data + 0x400, 1024, WRITE), (data + 0xc00, 512, WRITE)]),
+        &one(
+            BLK_T_IN,
+            0,
+            &[
+                (data, 512, WRITE),
+                (data + 0x400, 1024, WRITE),
+                (data + 0xc00, 512, WRITE),
+            ],
+        ),
     );
-    save("virtio_blk", "read-last-sector", &one(BLK_T_IN, 127, &[(data, 512, WRITE)]));
-    save("virtio_blk", "write-past-end", &one(BLK_T_OUT, 127, &[(data, 1024, 0)]));
+    save(
+        "virtio_blk",
+        "read-last-sector",
+        &one(BLK_T_IN, 127, &[(data, 512, WRITE)]),
+    );
+    save(
+        "virtio_blk",
+        "write-past-end",
+        &one(BLK_T_OUT, 127, &[(data, 1024, 0)]),
+    );
     save("virtio_blk", "flush", &one(BLK_T_FLUSH, 0, &[]));
-    save("virtio_blk", "get-id", &one(BLK_T_GET_ID, 0, &[(data, 20, WRITE)]));
+    save(
+        "virtio_blk",
+        "get-id",
+        &one(BLK_T_GET_ID, 0, &[(data, 20, WRITE)]),
+    );
     save("virtio_blk", "unsupported", &one(99, 0, &[]));
     // Status byte at the end of the data buffer (one writable buffer for both).
     let mut m = Image::default();
@@ -59,7 +89,11 @@ fn blk() {
         &q,
         &[
             &[(hdr, 16, 0), (data, 512, 0), (status, 1, WRITE)],
-            &[(hdr + 0x20, 16, 0), (data + 0x800, 512, WRITE), (status + 1, 1, WRITE)],
+            &[
+                (hdr + 0x20, 16, 0),
+                (data + 0x800, 512, WRITE),
+                (status + 1, 1, WRITE),
+            ],
         ],
     );
     save("virtio_blk", "write-then-read", &m.0);
@@ -95,7 +129,11 @@ fn blk() {
     m.desc(q.desc, 1, data, 512, NEXT | WRITE, 0);
     m.publish(&q, &[0]);
     save("virtio_blk", "loop", &m.0);
-    save("virtio_blk", "outside-memory", &one(BLK_T_IN, 0, &[(0x20_0000, 512, WRITE)]));
+    save(
+        "virtio_blk",
+        "outside-memory",
+        &one(BLK_T_IN, 0, &[(0x20_0000, 512, WRITE)]),
+    );
 }
 
 fn net() {
@@ -118,23 +156,66 @@ fn net() {
     let mut m = Image::default();
     m.put(buf, &frame(60));
     m.chains(&TX, &[&[(buf, 72, 0)]]);
-    save("virtio_net", "tx-one-buffer", &with(header(0, [0; 4]), m.clone()));
-    save("virtio_net", "tx-send-fails", &with(header(FLAG_SEND_FAILS, [0; 4]), m));
+    save(
+        "virtio_net",
+        "tx-one-buffer",
+        &with(header(0, [0; 4]), m.clone()),
+    );
+    save(
+        "virtio_net",
+        "tx-send-fails",
+        &with(header(FLAG_SEND_FAILS, [0; 4]), m),
+    );
     let mut m = Image::default();
     m.put(buf, &frame(1514));
-    m.chains(&TX, &[&[(buf, 12, 0), (buf + 12, 1000, 0), (buf + 1012, 514, 0)], &[(buf, 100, 0)]]);
-    save("virtio_net", "tx-split-and-two", &with(header(0, [0; 4]), m));
+    m.chains(
+        &TX,
+        &[
+            &[(buf, 12, 0), (buf + 12, 1000, 0), (buf + 1012, 514, 0)],
+            &[(buf, 100, 0)],
+        ],
+    );
+    save(
+        "virtio_net",
+        "tx-split-and-two",
+        &with(header(0, [0; 4]), m),
+    );
     let mut m = Image::default();
-    m.chains(&RX, &[&[(0x4000, 2048, WRITE)], &[(0x5000, 12, WRITE), (0x6000, 1500, WRITE)]]);
-    save("virtio_net", "rx-two-frames", &with(header(0, [100, 1514, 0, 0]), m));
+    m.chains(
+        &RX,
+        &[
+            &[(0x4000, 2048, WRITE)],
+            &[(0x5000, 12, WRITE), (0x6000, 1500, WRITE)],
+        ],
+    );
+    save(
+        "virtio_net",
+        "rx-two-frames",
+        &with(header(0, [100, 1514, 0, 0]), m),
+    );
     let mut m = Image::default();
-    m.chains(&RX, &[&[(0x4000, 512, WRITE)], &[(0x4000, 0, WRITE)], &[(0x5000, 2048, WRITE)]]);
-    save("virtio_net", "rx-too-big-then-invalid", &with(header(FLAG_RX_FIRST, [1500, 60, 0, 0]), m));
+    m.chains(
+        &RX,
+        &[
+            &[(0x4000, 512, WRITE)],
+            &[(0x4000, 0, WRITE)],
+            &[(0x5000, 2048, WRITE)],
+        ],
+    );
+    save(
+        "virtio_net",
+        "rx-too-big-then-invalid",
+        &with(header(FLAG_RX_FIRST, [1500, 60, 0, 0]), m),
+    );
     let mut m = Image::default();
     m.put(buf, &frame(200));
     m.chains(&TX, &[&[(buf, 212, 0)]]);
     m.chains(&RX, &[&[(0x4000, 4096, WRITE)]]);
-    save("virtio_net", "rx-and-tx", &with(header(FLAG_RX_FIRST, [300, 0, 0, 0]), m));
+    save(
+        "virtio_net",
+        "rx-and-tx",
+        &with(header(FLAG_RX_FIRST, [300, 0, 0, 0]), m),
+    );
 }
 
 /// A small machine state: one vCPU with KVM's default registers, a serial and a virtio device.
@@ -174,10 +255,13 @@ fn machine_state() -> vmm::vm::MachineState {
             clock: Default::default(),
         },
         vcpus: vec![vcpu],
-        pio: vec![(0x3f8, DeviceState::Serial(SerialState {
-            in_buffer: b"hi".to_vec(),
-            ..Default::default()
-        }))],
+        pio: vec![(
+            0x3f8,
+            DeviceState::Serial(SerialState {
+                in_buffer: b"hi".to_vec(),
+                ..Default::default()
+            }),
+        )],
         mmio: vec![
             (0xc000_1000, DeviceState::Stateless),
             (
@@ -207,7 +291,8 @@ fn small_memory() -> GuestMemoryMmap {
     let m = GuestMemoryMmap::from_ranges(&ranges).unwrap();
     m.write_slice(b"first page", GuestAddress(0)).unwrap();
     m.write_slice(&[0xab; 5000], GuestAddress(0x7000)).unwrap();
-    m.write_slice(b"high", GuestAddress((1 << 32) + 0x1000)).unwrap();
+    m.write_slice(b"high", GuestAddress((1 << 32) + 0x1000))
+        .unwrap();
     m
 }
 
@@ -222,15 +307,26 @@ fn snapshots() {
     empty.vcpus.clear();
     empty.pio.clear();
     empty.mmio.clear();
-    save("state_decode", "no-vcpus", &checkpoint::codec::encode(&empty).unwrap());
+    save(
+        "state_decode",
+        "no-vcpus",
+        &checkpoint::codec::encode(&empty).unwrap(),
+    );
 
     let memory = small_memory();
-    for (name, enc) in [("compressed", MemoryEncoding::Compressed), ("raw", MemoryEncoding::Raw)] {
+    for (name, enc) in [
+        ("compressed", MemoryEncoding::Compressed),
+        ("raw", MemoryEncoding::Raw),
+    ] {
         let path = dir.path().join(name);
         snapshot::write_with(&path, &state, &memory, enc).unwrap();
         let file = std::fs::read(&path).unwrap();
         save("snapshot_reader", name, &[&[0u8][..], &file].concat());
-        save("snapshot_reader", &format!("{name}-fixed"), &[&[FIX_CRC | FIX_MEMORY_LEN][..], &file].concat());
+        save(
+            "snapshot_reader",
+            &format!("{name}-fixed"),
+            &[&[FIX_CRC | FIX_MEMORY_LEN][..], &file].concat(),
+        );
     }
     // Memory as zstd raw blocks, so that mutations reach the memory section's own format.
     let mut section = Vec::new();
@@ -253,8 +349,16 @@ fn snapshots() {
     file.extend(&empty);
     file.extend(&memory);
     fix_snapshot(&mut file, FIX_CRC);
-    save("snapshot_reader", "zstd-raw-blocks", &[&[0u8][..], &file].concat());
-    save("snapshot_reader", "zstd-raw-blocks-fixed", &[&[FIX_CRC | FIX_MEMORY_LEN][..], &file].concat());
+    save(
+        "snapshot_reader",
+        "zstd-raw-blocks",
+        &[&[0u8][..], &file].concat(),
+    );
+    save(
+        "snapshot_reader",
+        "zstd-raw-blocks-fixed",
+        &[&[FIX_CRC | FIX_MEMORY_LEN][..], &file].concat(),
+    );
 }
 
 /// A minimal x86-64 ELF with one PT_LOAD at `addr` and, if `note`, the ftvm test-guest note.
@@ -290,7 +394,10 @@ fn elf(addr: u64, note: bool) -> Vec<u8> {
         n.extend(4u32.to_le_bytes());
         n.extend(ftvm_guest_abi::ELF_NOTE_TYPE.to_le_bytes());
         n.extend(ftvm_guest_abi::ELF_NOTE_NAME);
-        n.resize(12 + ftvm_guest_abi::ELF_NOTE_NAME.len().next_multiple_of(4), 0);
+        n.resize(
+            12 + ftvm_guest_abi::ELF_NOTE_NAME.len().next_multiple_of(4),
+            0,
+        );
         n.extend((ftvm_guest_abi::ABI_VERSION as u32).to_le_bytes());
         f[120..176].copy_from_slice(&ph(4, 4, 0x180, 0, n.len() as u64, n.len() as u64));
         f[0x180..0x180 + n.len()].copy_from_slice(&n);
@@ -317,16 +424,40 @@ fn bzimage(syssize: u32) -> Vec<u8> {
 fn kernels(guest: Option<&Path>) {
     use layout::kernel::{LONG_CMDLINE, WITH_INITRD, WITH_VIRTIO};
     let t = "kernel_loader";
-    save(t, "test-guest-elf", &[&[0u8][..], &elf(0x10_0000, true)].concat());
-    save(t, "test-guest-elf-2vcpus-virtio", &[&[1 | WITH_VIRTIO][..], &elf(0x20_0000, true)].concat());
-    save(t, "linux-elf", &[&[0u8][..], &elf(0x100_0000, false)].concat());
-    save(t, "linux-elf-initrd", &[&[WITH_INITRD | LONG_CMDLINE][..], &elf(0x100_0000, false)].concat());
+    save(
+        t,
+        "test-guest-elf",
+        &[&[0u8][..], &elf(0x10_0000, true)].concat(),
+    );
+    save(
+        t,
+        "test-guest-elf-2vcpus-virtio",
+        &[&[1 | WITH_VIRTIO][..], &elf(0x20_0000, true)].concat(),
+    );
+    save(
+        t,
+        "linux-elf",
+        &[&[0u8][..], &elf(0x100_0000, false)].concat(),
+    );
+    save(
+        t,
+        "linux-elf-initrd",
+        &[&[WITH_INITRD | LONG_CMDLINE][..], &elf(0x100_0000, false)].concat(),
+    );
     save(t, "bzimage", &[&[0u8][..], &bzimage(4)].concat());
-    save(t, "bzimage-initrd-4vcpus", &[&[3 | WITH_INITRD][..], &bzimage(64)].concat());
+    save(
+        t,
+        "bzimage-initrd-4vcpus",
+        &[&[3 | WITH_INITRD][..], &bzimage(64)].concat(),
+    );
     if let Some(path) = guest {
         let image = std::fs::read(path).unwrap();
         save(t, "ftvm-guest", &[&[0u8][..], &image].concat());
-        save(t, "ftvm-guest-headers", &[&[0u8][..], &image[..image.len().min(4096)]].concat());
+        save(
+            t,
+            "ftvm-guest-headers",
+            &[&[0u8][..], &image[..image.len().min(4096)]].concat(),
+        );
     }
 }
 
@@ -337,8 +468,16 @@ fn api() {
     save(t, "get-status", b"\x00/status\n");
     save(t, "put-pause", b"\x01/pause\n");
     save(t, "put-resume", b"\x01/resume\n");
-    save(t, "put-snapshot", b"\x01/snapshot\n{\"path\": \"/tmp/vm.snap\", \"raw\": false}");
-    save(t, "put-snapshot-raw", b"\x01/snapshot\n{\"path\":\"/srv/a b.snap\",\"raw\":true}");
+    save(
+        t,
+        "put-snapshot",
+        b"\x01/snapshot\n{\"path\": \"/tmp/vm.snap\", \"raw\": false}",
+    );
+    save(
+        t,
+        "put-snapshot-raw",
+        b"\x01/snapshot\n{\"path\":\"/srv/a b.snap\",\"raw\":true}",
+    );
     save(t, "post-status", b"\x02/status\n");
     save(t, "put-snapshot-bad-json", b"\x01/snapshot\n{\"path\": 5}");
 }

@@ -35,11 +35,16 @@ fuzz_target!(|data: &[u8]| {
     );
     match first {
         Ok(Command::Status) => assert_eq!(method, "GET", "status through {method}"),
-        Ok(Command::Pause | Command::Resume) => assert_eq!(method, "PUT", "pause/resume through {method}"),
+        Ok(Command::Pause | Command::Resume) => {
+            assert_eq!(method, "PUT", "pause/resume through {method}")
+        }
         Ok(Command::Snapshot { path: file, .. }) => {
             assert_eq!(method, "PUT", "snapshot through {method}");
             assert!(!file.as_os_str().is_empty(), "snapshot to an empty path");
-            assert!(std::str::from_utf8(body).is_ok(), "snapshot from a body that is not UTF-8");
+            assert!(
+                std::str::from_utf8(body).is_ok(),
+                "snapshot from a body that is not UTF-8"
+            );
         }
         #[allow(unreachable_patterns)]
         Ok(_) => {}

@@ -71,7 +71,8 @@ fn assert_writes_within(mem: &GuestMemoryMmap, allowed: &Ranges, what: &str) {
 
 fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
-    mem.read_slice(&mut v, GuestAddress(addr)).expect("inside RAM");
+    mem.read_slice(&mut v, GuestAddress(addr))
+        .expect("inside RAM");
     v
 }
 
@@ -118,7 +119,11 @@ fuzz_target!(|data: &[u8]| {
         cmdline: cmdline.as_deref(),
         vcpus: (ctrl & VCPUS_MASK) + 1,
         tsc_khz: 1_000_000,
-        virtio: if ctrl & WITH_VIRTIO != 0 { &virtio } else { &[] },
+        virtio: if ctrl & WITH_VIRTIO != 0 {
+            &virtio
+        } else {
+            &[]
+        },
     };
     let Ok(boot) = boot::load(&mem, &ram, &input) else {
         return;
@@ -186,10 +191,17 @@ fuzz_target!(|data: &[u8]| {
             }
             for &(start, len, kind) in &layout.e820 {
                 if kind == 1 {
-                    assert!(start + len <= MEM, "e820 RAM {start:#x}+{len:#x} beyond RAM");
+                    assert!(
+                        start + len <= MEM,
+                        "e820 RAM {start:#x}+{len:#x} beyond RAM"
+                    );
                 }
             }
-            assert!(layout.rsdp < linux::HIMEM_START, "RSDP at {:#x}", layout.rsdp);
+            assert!(
+                layout.rsdp < linux::HIMEM_START,
+                "RSDP at {:#x}",
+                layout.rsdp
+            );
             assert_writes_within(&mem, &allowed, "linux");
             let cl = input.cmdline.unwrap_or(linux::DEFAULT_CMDLINE);
             let mut expect = cl.as_bytes().to_vec();

@@ -37,7 +37,8 @@ fn contents(m: &GuestMemoryMmap) -> Vec<u8> {
     let mut all = Vec::new();
     for r in m.iter() {
         let mut buf = vec![0u8; r.len() as usize];
-        m.read_slice(&mut buf, r.start_addr()).expect("read own memory");
+        m.read_slice(&mut buf, r.start_addr())
+            .expect("read own memory");
         all.extend(buf);
     }
     all
@@ -61,12 +62,16 @@ fuzz_target!(|data: &[u8]| {
     };
     let again = codec::encode(&snap.state).expect("an accepted state encodes");
     let decoded: MachineState = codec::decode(&again).expect("a re-encoded state decodes");
-    assert!(codec::encode(&decoded).expect("encodes") == again, "state round trip differs");
+    assert!(
+        codec::encode(&decoded).expect("encodes") == again,
+        "state round trip differs"
+    );
 
     let first = memory();
     if snap.fill(&first).is_ok() {
         let second = memory();
-        snap.fill(&second).expect("a fill that worked once works twice");
+        snap.fill(&second)
+            .expect("a fill that worked once works twice");
         assert!(contents(&first) == contents(&second), "two fills differ");
     }
 });

@@ -20,15 +20,13 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use ftvm_fuzz::layout::blk::{DISK_LEN, INPUT_MAX, MEM, QUEUE};
-use ftvm_fuzz::{
-    CheckedMemory, Ranges, desc_bytes, next_chain, pattern, writable, writes_over,
-};
-use virtio_queue::desc::split::Descriptor;
+use ftvm_fuzz::{CheckedMemory, Ranges, desc_bytes, next_chain, pattern, writable, writes_over};
 use ftvm_guest_abi::virtio::{BLK_S_IOERR, BLK_S_OK, BLK_S_UNSUPP, BLK_T_IN, BLK_T_OUT};
 use libfuzzer_sys::fuzz_target;
+use virtio_queue::desc::split::Descriptor;
+use vmm::devices::virtio::Interrupt;
 use vmm::devices::virtio::VirtioDevice;
 use vmm::devices::virtio::block::{Block, BlockConfig, BlockCounters};
-use vmm::devices::virtio::Interrupt;
 use vmm_sys_util::eventfd::EventFd;
 
 struct Rig {
@@ -120,7 +118,11 @@ fn run(r: &mut Rig, data: &[u8]) {
         // More chains than the ring holds: the queue refuses them all.
         r.mem.set(idx_addr, &published.to_le_bytes());
         let before = counts(&r.block.counters());
-        assert_eq!(r.block.process_queue(), 0, "chains taken from an overfull ring");
+        assert_eq!(
+            r.block.process_queue(),
+            0,
+            "chains taken from an overfull ring"
+        );
         assert_eq!(counts(&r.block.counters()), before);
         r.mem.accept_writes(&Ranges::default(), "overfull ring");
         r.mem.assert_same("overfull ring");
@@ -149,7 +151,10 @@ fn run(r: &mut Rig, data: &[u8]) {
                 .map(|(a, b)| a - b)
                 .sum();
             assert!(done >= 1, "chain {k}: not processed");
-            assert_eq!(delta, done as u64, "chain {k}: {done} chains, {delta} counts");
+            assert_eq!(
+                delta, done as u64,
+                "chain {k}: {done} chains, {delta} counts"
+            );
             r.mem.accept_unchecked();
             r.disk_dirty = true;
             return;
@@ -158,7 +163,11 @@ fn run(r: &mut Rig, data: &[u8]) {
         let (used_idx, (id, used_len)) = QUEUE.used_entry(r.mem.bytes(), used);
         let used_len = if head < QUEUE.size {
             assert_eq!(used_idx, used + 1, "chain {k}: used idx");
-            assert_eq!(id, u32::from(head), "chain {k}: used id is not the chain's head");
+            assert_eq!(
+                id,
+                u32::from(head),
+                "chain {k}: used id is not the chain's head"
+            );
             used += 1;
             used_len
         } else {
@@ -171,7 +180,11 @@ fn run(r: &mut Rig, data: &[u8]) {
             .zip(before)
             .map(|(a, b)| a - b)
             .collect();
-        assert_eq!(delta.iter().sum::<u64>(), 1, "chain {k}: counter deltas {delta:?}");
+        assert_eq!(
+            delta.iter().sum::<u64>(),
+            1,
+            "chain {k}: counter deltas {delta:?}"
+        );
 
         let mut allowed = writable(&descs);
         let writable_len = allowed.0.iter().map(|r| r.end - r.start).sum::<u64>();
@@ -181,7 +194,10 @@ fn run(r: &mut Rig, data: &[u8]) {
         let changed = r.mem.accept_writes(&allowed, "virtio-blk");
 
         if used_len == 0 {
-            assert_eq!(delta[INVALID], 1, "chain {k}: used length 0 but not counted invalid");
+            assert_eq!(
+                delta[INVALID], 1,
+                "chain {k}: used length 0 but not counted invalid"
+            );
             // Nothing but the used ring may have changed.
             let ring = QUEUE.used..QUEUE.used + QUEUE.used_len();
             for c in &changed {
@@ -191,13 +207,19 @@ fn run(r: &mut Rig, data: &[u8]) {
                 );
             }
         } else {
-            assert_eq!(delta[INVALID], 0, "chain {k}: completed chain counted invalid");
+            assert_eq!(
+                delta[INVALID], 0,
+                "chain {k}: completed chain counted invalid"
+            );
             assert!(
                 u64::from(used_len) <= writable_len,
                 "chain {k}: used length {used_len} > writable bytes {writable_len}"
             );
             let last = descs.last().expect("a completed chain has descriptors");
-            assert!(last.is_write_only(), "chain {k}: status in a read-only buffer");
+            assert!(
+                last.is_write_only(),
+                "chain {k}: status in a read-only buffer"
+            );
             let status_addr = (last.addr().0 + u64::from(last.len()) - 1) as usize;
             let status = r.mem.bytes()[status_addr];
             // A status byte inside the used ring is overwritten by the used entry: unobservable.
@@ -243,7 +265,11 @@ impl Request {
             .filter(|h| h.len() == 16);
         let kind = header.map(|h| u32::from_le_bytes(h[0..4].try_into().unwrap()));
         let sector = header.map_or(0, |h| u64::from_le_bytes(h[8..16].try_into().unwrap()));
-        let data = if kind == Some(BLK_T_OUT) { data_bytes(mem, descs) } else { Vec::new() };
+        let data = if kind == Some(BLK_T_OUT) {
+            data_bytes(mem, descs)
+        } else {
+            Vec::new()
+        };
         Self { kind, sector, data }
     }
 }
@@ -264,7 +290,14 @@ fn data_bytes(mem: &[u8], descs: &[Descriptor]) -> Vec<u8> {
 }
 
 /// Checks the disk against `disk` (what it should hold) after chain `k`; updates `disk`.
-fn check_disk(r: &mut Rig, k: u16, status: u8, descs: &[Descriptor], req: &Request, disk: &mut [u8]) {
+fn check_disk(
+    r: &mut Rig,
+    k: u16,
+    status: u8,
+    descs: &[Descriptor],
+    req: &Request,
+    disk: &mut [u8],
+) {
     if status == BLK_S_OK && req.kind == Some(BLK_T_OUT) {
         let at = (req.sector * 512) as usize;
         disk[at..at + req.data.len()].copy_from_slice(&req.data);
@@ -272,21 +305,32 @@ fn check_disk(r: &mut Rig, k: u16, status: u8, descs: &[Descriptor], req: &Reque
     }
     let now = read_disk(r);
     if now != disk {
-        let at = now.iter().zip(disk.iter()).position(|(a, b)| a != b).unwrap();
-        panic!("chain {k}: disk byte {at:#x} changed (status {status}, type {:?})", req.kind);
+        let at = now
+            .iter()
+            .zip(disk.iter())
+            .position(|(a, b)| a != b)
+            .unwrap();
+        panic!(
+            "chain {k}: disk byte {at:#x} changed (status {status}, type {:?})",
+            req.kind
+        );
     }
     // Overlapping buffers (or one over the used ring) overwrite each other's data; only
     // disjoint ones can be compared.
     let mut w = writable(descs).0;
     w.push(QUEUE.used..QUEUE.used + QUEUE.used_len());
-    let disjoint = w
-        .iter()
-        .enumerate()
-        .all(|(i, a)| w[i + 1..].iter().all(|b| a.end <= b.start || b.end <= a.start));
+    let disjoint = w.iter().enumerate().all(|(i, a)| {
+        w[i + 1..]
+            .iter()
+            .all(|b| a.end <= b.start || b.end <= a.start)
+    });
     if status == BLK_S_OK && req.kind == Some(BLK_T_IN) && disjoint {
         let got = data_bytes(r.mem.bytes(), descs);
         let at = (req.sector * 512) as usize;
-        assert!(got == disk[at..at + got.len()], "chain {k}: read returned other bytes");
+        assert!(
+            got == disk[at..at + got.len()],
+            "chain {k}: read returned other bytes"
+        );
     }
 }
 

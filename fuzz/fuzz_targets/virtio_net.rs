@@ -50,7 +50,10 @@ struct Wire(Arc<Mutex<WireState>>);
 impl NetBackend for Wire {
     fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let mut w = self.0.lock().unwrap();
-        let f = w.to_guest.pop_front().ok_or(Error::from(ErrorKind::WouldBlock))?;
+        let f = w
+            .to_guest
+            .pop_front()
+            .ok_or(Error::from(ErrorKind::WouldBlock))?;
         // A TAP truncates a frame larger than the read buffer.
         let n = f.len().min(buf.len());
         buf[..n].copy_from_slice(&f[..n]);
@@ -129,7 +132,11 @@ fn run_tx(r: &mut Rig, net: &mut Net<Wire>, wire: &Wire) {
     let idx = TX.avail_idx_addr() as usize;
     if n > TX.size {
         r.mem.set(idx, &n.to_le_bytes());
-        assert_eq!(net.process_tx(), 0, "tx: chains taken from an overfull ring");
+        assert_eq!(
+            net.process_tx(),
+            0,
+            "tx: chains taken from an overfull ring"
+        );
         return;
     }
     let mut used = 0u16;
@@ -146,7 +153,11 @@ fn run_tx(r: &mut Rig, net: &mut Net<Wire>, wire: &Wire) {
 
         let (used_idx, (id, used_len)) = TX.used_entry(r.mem.bytes(), used);
         if head < TX.size {
-            assert_eq!((used_idx, id, used_len), (used + 1, u32::from(head), 0), "tx chain {k}");
+            assert_eq!(
+                (used_idx, id, used_len),
+                (used + 1, u32::from(head), 0),
+                "tx chain {k}"
+            );
             used += 1;
         } else {
             // A head index past the table has no used entry to return it in.
@@ -158,7 +169,11 @@ fn run_tx(r: &mut Rig, net: &mut Net<Wire>, wire: &Wire) {
             1,
             "tx chain {k}: counter deltas {d:?}"
         );
-        assert_eq!(d[INVALID] + d[TX_PACKETS] + d[TX_DROPPED], 1, "tx chain {k}: {d:?}");
+        assert_eq!(
+            d[INVALID] + d[TX_PACKETS] + d[TX_DROPPED],
+            1,
+            "tx chain {k}: {d:?}"
+        );
         // The chain's bytes as the device read them.
         let bytes: Option<Vec<u8>> = descs
             .iter()
@@ -168,15 +183,33 @@ fn run_tx(r: &mut Rig, net: &mut Net<Wire>, wire: &Wire) {
         r.mem.accept_writes(&used_ring(&TX), "virtio-net tx");
         let sent = wire.0.lock().unwrap().sent[sent_before..].to_vec();
         if d[INVALID] == 1 {
-            assert!(sent.is_empty(), "tx chain {k}: refused, yet a frame went out");
+            assert!(
+                sent.is_empty(),
+                "tx chain {k}: refused, yet a frame went out"
+            );
             continue;
         }
-        assert_eq!(sent.len(), 1, "tx chain {k}: {} frames for one chain", sent.len());
+        assert_eq!(
+            sent.len(),
+            1,
+            "tx chain {k}: {} frames for one chain",
+            sent.len()
+        );
         let frame = &sent[0];
-        assert!(frame.len() <= MAX_FRAME, "tx chain {k}: frame of {} bytes", frame.len());
-        assert!(descs.iter().all(|d| !d.is_write_only()), "tx chain {k}: writable buffer sent");
+        assert!(
+            frame.len() <= MAX_FRAME,
+            "tx chain {k}: frame of {} bytes",
+            frame.len()
+        );
+        assert!(
+            descs.iter().all(|d| !d.is_write_only()),
+            "tx chain {k}: writable buffer sent"
+        );
         let bytes = bytes.expect("a sent chain lies in memory");
-        assert!(bytes.len() > NET_HDR_LEN, "tx chain {k}: header-only chain sent");
+        assert!(
+            bytes.len() > NET_HDR_LEN,
+            "tx chain {k}: header-only chain sent"
+        );
         assert!(
             bytes[NET_HDR_LEN..] == frame[..],
             "tx chain {k}: frame differs from the chain's bytes after the header"
@@ -184,7 +217,10 @@ fn run_tx(r: &mut Rig, net: &mut Net<Wire>, wire: &Wire) {
         if d[TX_PACKETS] == 1 {
             assert_eq!(d[TX_BYTES], frame.len() as u64, "tx chain {k}: tx_bytes");
         } else {
-            assert_eq!(d[TX_BYTES], 0, "tx chain {k}: dropped frame counted in tx_bytes");
+            assert_eq!(
+                d[TX_BYTES], 0,
+                "tx chain {k}: dropped frame counted in tx_bytes"
+            );
         }
     }
 }
@@ -195,7 +231,11 @@ fn run_rx(r: &mut Rig, net: &mut Net<Wire>, wire: &Wire, frames: &mut VecDeque<V
     if n > RX.size {
         r.mem.set(idx, &n.to_le_bytes());
         net.process_rx();
-        assert_eq!(net.queue_states()[0].next_avail, 0, "rx: chains taken from an overfull ring");
+        assert_eq!(
+            net.queue_states()[0].next_avail,
+            0,
+            "rx: chains taken from an overfull ring"
+        );
         r.mem.accept_writes(&Ranges::default(), "overfull rx ring");
         return;
     }
@@ -231,10 +271,17 @@ fn run_rx(r: &mut Rig, net: &mut Net<Wire>, wire: &Wire, frames: &mut VecDeque<V
             r.mem.accept_writes(&Ranges::default(), "rx without frames");
             return;
         };
-        assert_eq!(done, 1, "rx chain {k}: a frame and a buffer, yet {done} chains used");
+        assert_eq!(
+            done, 1,
+            "rx chain {k}: a frame and a buffer, yet {done} chains used"
+        );
         let (used_idx, (id, used_len)) = RX.used_entry(r.mem.bytes(), used);
         let used_len = if head < RX.size {
-            assert_eq!((used_idx, id), (used + 1, u32::from(head)), "rx chain {k}: used");
+            assert_eq!(
+                (used_idx, id),
+                (used + 1, u32::from(head)),
+                "rx chain {k}: used"
+            );
             used += 1;
             used_len
         } else {
@@ -257,7 +304,10 @@ fn run_rx(r: &mut Rig, net: &mut Net<Wire>, wire: &Wire, frames: &mut VecDeque<V
         if d[RX_PACKETS] == 1 {
             assert_eq!(used_len as usize, total, "rx chain {k}: used length");
             assert_eq!(d[RX_BYTES], frame.len() as u64, "rx chain {k}: rx_bytes");
-            assert!(descs.iter().all(|d| d.is_write_only()), "rx chain {k}: readable buffer");
+            assert!(
+                descs.iter().all(|d| d.is_write_only()),
+                "rx chain {k}: readable buffer"
+            );
             // Header + frame, in order, into the first `total` writable bytes.
             let mut expect = vec![0u8; NET_HDR_LEN];
             expect[10] = 1;
@@ -276,18 +326,30 @@ fn run_rx(r: &mut Rig, net: &mut Net<Wire>, wire: &Wire, frames: &mut VecDeque<V
             let mut w = writable(&descs).0;
             w.push(RX.used..RX.used + RX.used_len());
             let disjoint = w.iter().enumerate().all(|(i, a)| {
-                w[i + 1..].iter().all(|b| a.end <= b.start || b.end <= a.start)
+                w[i + 1..]
+                    .iter()
+                    .all(|b| a.end <= b.start || b.end <= a.start)
             });
             if disjoint {
                 let mem = r.mem.bytes();
-                let got: Vec<u8> = parts.iter().flat_map(|&(a, n)| mem[a..a + n].to_vec()).collect();
-                assert!(got == expect, "rx chain {k}: delivered bytes differ from the frame");
+                let got: Vec<u8> = parts
+                    .iter()
+                    .flat_map(|&(a, n)| mem[a..a + n].to_vec())
+                    .collect();
+                assert!(
+                    got == expect,
+                    "rx chain {k}: delivered bytes differ from the frame"
+                );
             }
             // The device reads the next frame at once, and holds it until a buffer comes.
             pending = frames.pop_front();
         } else {
-            assert_eq!(used_len, 0, "rx chain {k}: dropped chain with used length {used_len}");
-            r.mem.accept_writes(&used_ring(&RX), "virtio-net rx (dropped)");
+            assert_eq!(
+                used_len, 0,
+                "rx chain {k}: dropped chain with used length {used_len}"
+            );
+            r.mem
+                .accept_writes(&used_ring(&RX), "virtio-net rx (dropped)");
             if d[RX_DROPPED] == 1 {
                 assert!(
                     total as u64 > writable_len,
@@ -296,10 +358,17 @@ fn run_rx(r: &mut Rig, net: &mut Net<Wire>, wire: &Wire, frames: &mut VecDeque<V
                 pending = frames.pop_front();
             } else {
                 assert_eq!(d[INVALID], 1, "rx chain {k}: {d:?}");
-                assert!(net.rx_pending(), "rx chain {k}: frame lost with an invalid chain");
+                assert!(
+                    net.rx_pending(),
+                    "rx chain {k}: frame lost with an invalid chain"
+                );
             }
         }
-        assert_eq!(net.rx_pending(), pending.is_some(), "rx chain {k}: pending frame");
+        assert_eq!(
+            net.rx_pending(),
+            pending.is_some(),
+            "rx chain {k}: pending frame"
+        );
     }
 }
 
@@ -327,7 +396,12 @@ fn run(r: &mut Rig, data: &[u8]) {
             }
         }
     }
-    let mut net = Net::new(wire.clone(), [6, 0, 0, 0, 0, 1], r.mem.mem.clone(), r.irq.clone());
+    let mut net = Net::new(
+        wire.clone(),
+        [6, 0, 0, 0, 0, 1],
+        r.mem.mem.clone(),
+        r.irq.clone(),
+    );
     net.activate(0, vec![RX.queue(0, 0), TX.queue(0, 0)])
         .expect("activate");
     if flags & FLAG_RX_FIRST != 0 {

@@ -55,7 +55,14 @@ impl Image {
             for (i, &(addr, len, flags)) in chain.iter().enumerate() {
                 let last = i + 1 == chain.len();
                 let flags = if last { flags } else { flags | NEXT };
-                self.desc(q.desc, index, addr, len, flags, if last { 0 } else { index + 1 });
+                self.desc(
+                    q.desc,
+                    index,
+                    addr,
+                    len,
+                    flags,
+                    if last { 0 } else { index + 1 },
+                );
                 index += 1;
             }
         }
@@ -117,7 +124,9 @@ pub fn fix_snapshot(file: &mut [u8], ctrl: u8) {
         } else {
             memory_start.saturating_add(memory_len)
         };
-        let end = usize::try_from(checked_end).unwrap_or(usize::MAX).min(file.len());
+        let end = usize::try_from(checked_end)
+            .unwrap_or(usize::MAX)
+            .min(file.len());
         let mut h = crc32fast::Hasher::new();
         h.update(&file[..32]);
         h.update(&file[LEN..end.max(LEN)]);
@@ -141,7 +150,8 @@ pub fn zstd_raw_frame(data: &[u8]) -> Vec<u8> {
     let n = chunks.len();
     for (i, c) in chunks.into_iter().enumerate() {
         let last = u32::from(i + 1 == n);
-        let header = last | (0 << 1) | ((c.len() as u32) << 3);
+        // Bit 0: last block; bits 1-2: block type, 0 = raw; then the size.
+        let header = last | ((c.len() as u32) << 3);
         out.extend_from_slice(&header.to_le_bytes()[..3]);
         out.extend_from_slice(c);
     }
