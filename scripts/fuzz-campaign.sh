@@ -55,6 +55,7 @@ for t in "${targets[@]}"; do
     [ "$keep_going" -eq 1 ] && args+=(-fork=1 -ignore_crashes=1 -ignore_timeouts=1 -ignore_ooms=1)
     start=$(date +%s)
     rc=0
+    touch "fuzz/artifacts/$t/.campaign-start"
     nice -n 10 "$bin_dir/$t" "${args[@]}" "fuzz/work/$t" "fuzz/corpus/$t" >"$log" 2>&1 || rc=$?
     secs=$(( $(date +%s) - start ))
     if [ "$keep_going" -eq 1 ]; then
@@ -78,7 +79,13 @@ for t in "${targets[@]}"; do
         tee -a "$summary"
     if [ "$crashes" != 0 ]; then
         status=1
-        grep -E 'panicked at' "$log" | sort | uniq -c | sed 's/^/    /' | head -10 | tee -a "$summary"
+        # Where each new crash input panics (replayed: fork mode keeps no child logs).
+        find "fuzz/artifacts/$t" -name 'crash-*' -newer "fuzz/artifacts/$t/.campaign-start" |
+            while read -r input; do
+                "$bin_dir/$t" "$input" 2>&1 | grep -m1 -A1 'panicked at' | tr '\n' ' ' |
+                    sed -E 's/thread [^)]*\) //; s/ +$//'
+                echo
+            done | sort | uniq -c | sed 's/^/    /' | head -10 | tee -a "$summary" || true
     fi
 done
 echo "# summary written to $summary"
