@@ -45,8 +45,9 @@ for t in "${targets[@]}"; do
         if ! nice -n "$niceness" "$bin" -timeout=10 "${regressions[@]}" \
             >"fuzz/artifacts/$t/regressions.log" 2>&1; then
             echo "fuzz-smoke: $t: a regression input fails:"
-            grep -E "panicked at|Running:|^(assertion|attempt)|left:|right:|ERROR" \
-                "fuzz/artifacts/$t/regressions.log" | head -20 || true
+            grep -E -A1 "panicked at|Running:|left:|right:|ERROR" \
+                "fuzz/artifacts/$t/regressions.log" | grep -v -E "^(--|stack backtrace)" |
+                head -20 || true
             failed+=("$t (regressions)")
         fi
     fi
@@ -55,8 +56,9 @@ for t in "${targets[@]}"; do
         -print_final_stats=1 -artifact_prefix="fuzz/artifacts/$t/" \
         "fuzz/work/$t" "fuzz/corpus/$t" >"fuzz/artifacts/$t/smoke.log" 2>&1; then
         echo "fuzz-smoke: $t: crash (log: fuzz/artifacts/$t/smoke.log):"
-        grep -E "panicked at|^(assertion|attempt)|left:|right:|ERROR|Test unit written" \
-            "fuzz/artifacts/$t/smoke.log" | head -20 || true
+        grep -E -A1 "panicked at|left:|right:|ERROR|Test unit written" \
+            "fuzz/artifacts/$t/smoke.log" | grep -v -E "^(--|stack backtrace)" |
+            head -20 || true
         failed+=("$t")
     else
         grep -E "^stat::(number_of_executed_units|average_exec_per_sec)" \
