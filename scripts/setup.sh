@@ -27,6 +27,12 @@ fi
 
 cargo fetch --locked
 (cd guest && cargo fetch --locked)
+(cd fuzz && cargo fetch --locked)
+# cargo-fuzz runs the fuzz targets (stable toolchain, no sanitizer: `cargo fuzz run -s none`).
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "setup: installing cargo-fuzz"
+  cargo install cargo-fuzz --locked
+fi
 
 # The Linux guest (Debian's cloud kernel + a busybox initramfs) for the Linux tests; cached in
 # target/linux-guest, so a rerun does nothing.

@@ -602,7 +602,10 @@ impl<T> Snapshot<T> {
         let mut page = vec![0u8; PAGE];
         for region in memory.iter() {
             let (start, pages) = (read_u64(&mut z)?, read_u64(&mut z)?);
-            if start != region.start_addr().0 || pages * PAGE as u64 != region.len() {
+            // `pages` comes from the file: a count near 2^64 must not wrap into a match.
+            if start != region.start_addr().0
+                || pages.checked_mul(PAGE as u64) != Some(region.len())
+            {
                 return Err(bad("its RAM ranges differ from the machine's"));
             }
             for first in (0..pages).step_by(64) {

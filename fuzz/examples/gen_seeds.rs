@@ -268,9 +268,18 @@ fn machine_state() -> vmm::vm::MachineState {
                 0xd000_0000,
                 DeviceState::Virtio(VirtioState {
                     device_type: 2,
+                    status: 0,
+                    device_features_sel: 0,
+                    driver_features_sel: 0,
+                    driver_features: 0,
+                    queue_sel: 0,
+                    interrupt_status: 0,
                     activated: true,
                     queues: vec![Default::default()],
-                    ..Default::default()
+                    device: vmm::state::VirtioDeviceState::Block {
+                        sectors: 128,
+                        read_only: false,
+                    },
                 }),
             ),
         ],
@@ -482,8 +491,36 @@ fn api() {
     save(t, "put-snapshot-bad-json", b"\x01/snapshot\n{\"path\": 5}");
 }
 
+/// Checkpoint frames (full and incremental) and a greeting for the 16 MiB test-guest shape of
+/// `machine_state`, each behind a control byte (bit 0: fix CRCs; bit 1: a greeting).
+fn wire() {
+    use checkpoint::wire::{self, Encoder, EncoderOptions, FrameKind, Hello, MachineShape};
+    let state = machine_state();
+    let shape = MachineShape::of(&state).unwrap();
+    let mut enc = Encoder::new(shape.clone(), EncoderOptions::default()).unwrap();
+    let mut data = vec![0u8; 3 * 4096];
+    data[..4096].fill(0x5a);
+    data[8192..8200].copy_from_slice(b"ftvm-pg2");
+    let full = enc
+        .encode(0, FrameKind::Full, &[0, 1, 255], &data, &state)
+        .unwrap();
+    let inc = enc
+        .encode(1, FrameKind::Incremental, &[7], &data[..4096], &state)
+        .unwrap();
+    let with = |ctl: u8, b: &[u8]| [&[ctl][..], b].concat();
+    save("wire_frame", "full", &with(0, &full));
+    save("wire_frame", "incremental", &with(1, &inc));
+    let hello = wire::encode_hello(&Hello {
+        protocol: wire::PROTOCOL,
+        shape,
+    })
+    .unwrap();
+    save("wire_frame", "hello", &with(2, &hello));
+}
+
 fn main() {
     let guest = std::env::args().nth(1).map(PathBuf::from);
+    wire();
     api();
     blk();
     net();
