@@ -382,7 +382,8 @@ fn run(r: &mut Rig, data: &[u8]) {
     r.mem.set(0, &body[..body.len().min(INPUT_MAX)]);
 
     let wire = Wire::default();
-    // Frames as the device will get them: truncated to its buffer, as a TAP would.
+    // Frames as the device will get them: its buffer holds a header, a whole MAX_FRAME and one
+    // byte more (a longer frame is dropped), so every u16-sized frame arrives whole.
     let mut frames = VecDeque::new();
     {
         let mut w = wire.0.lock().unwrap();
@@ -391,7 +392,7 @@ fn run(r: &mut Rig, data: &[u8]) {
             let len = usize::from(u16::from_le_bytes([header[1 + 2 * i], header[2 + 2 * i]]));
             if len > 0 {
                 let f = pattern(len, i as u8);
-                frames.push_back(f[..len.min(MAX_FRAME - NET_HDR_LEN)].to_vec());
+                frames.push_back(f[..len.min(MAX_FRAME)].to_vec());
                 w.to_guest.push_back(f);
             }
         }
