@@ -196,7 +196,10 @@ pub fn inspect(name: &str, elf: &[u8]) -> Result<GuestImage, LoadError> {
     }
     Ok(GuestImage {
         entry,
-        image_end: image_end.next_multiple_of(PAGE_SIZE),
+        // A segment ending in the last page below 2^64 has no page-aligned end.
+        image_end: image_end
+            .checked_next_multiple_of(PAGE_SIZE)
+            .ok_or(bad("a segment ends at the top of the address space"))?,
         segments,
     })
 }
@@ -426,6 +429,18 @@ mod tests {
             inspect("k", &truncated),
             Err(LoadError::Malformed { .. })
         ));
+    }
+
+    /// Found by the kernel_loader fuzz target: a segment that ends inside the last page below
+    /// 2^64 overflowed the page-aligned image end.
+    #[test]
+    fn a_segment_ending_at_the_top_of_the_address_space_is_refused() {
+        let ok = note(ELF_NOTE_NAME, ELF_NOTE_TYPE, ABI_VERSION as u32);
+        let mut f = elf(EM_X86_64, &ok);
+        let start = u64::MAX - 0x900;
+        f[24..32].copy_from_slice(&start.to_le_bytes()); // entry
+        f[88..96].copy_from_slice(&start.to_le_bytes()); // p_paddr of the PT_LOAD
+        assert!(matches!(inspect("k", &f), Err(LoadError::Malformed { .. })));
     }
 
     #[test]
