@@ -130,40 +130,10 @@ fn open_at(dir: &File, name: &CStr, flags: libc::c_int, mode: libc::mode_t) -> i
     Ok(unsafe { File::from_raw_fd(fd) })
 }
 
-/// One attempt at a whole-file OFD lock; `Ok(false)` when another open file holds a
-/// conflicting one. An exclusive lock on a file opened read-only (root's fallback for a
-/// read-only file) is only tested, not taken.
-fn try_lock(file: &File, exclusive: bool) -> io::Result<bool> {
-    // SAFETY: all-zero is a valid `flock`: offset 0, length 0 (the whole file).
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = if exclusive {
-        libc::F_WRLCK
-    } else {
-        libc::F_RDLCK
-    } as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    // SAFETY: a valid fd and a flock that outlives the call.
-    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) } == 0 {
-        return Ok(true);
-    }
-    let e = io::Error::last_os_error();
-    match e.raw_os_error() {
-        Some(libc::EAGAIN | libc::EACCES) => Ok(false),
-        Some(libc::EBADF) if exclusive => {
-            // SAFETY: as above; F_OFD_GETLK rewrites l_type to F_UNLCK when nothing conflicts.
-            if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(fl.l_type == libc::F_UNLCK as libc::c_short)
-        }
-        _ => Err(e),
-    }
-}
-
 /// Locks `file`, waiting out a writer that holds it for a rename; `InUse` when it stays held.
 fn lock(file: &File, exclusive: bool, path: &Path) -> Result<(), FileError> {
     let deadline = Instant::now() + LOCK_WAIT;
-    while !try_lock(file, exclusive).map_err(io_err(path))? {
+    while !vmm::hostfile::try_lock(file, exclusive).map_err(io_err(path))? {
         if Instant::now() >= deadline {
             return Err(FileError::InUse {
                 path: path.to_path_buf(),
@@ -455,7 +425,7 @@ mod tests {
         let path = dir.path().join("out");
         std::fs::write(&path, b"old").unwrap();
         let holder = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-        assert!(try_lock(&holder, true).unwrap());
+        assert!(vmm::hostfile::try_lock(&holder, true).unwrap());
         let e = NewFile::create(&path).err().expect("refused");
         assert!(matches!(e, FileError::InUse { .. }), "{e}");
         let writer = std::thread::spawn(move || NewFile::create(&path)?.commit());

@@ -236,19 +236,14 @@ pub fn input_size(file: &File, path: &Path, what: &'static str) -> Result<u64, H
     Ok(size)
 }
 
-/// Locks the whole of `file` for as long as its open file description lives (the lock goes
-/// when the last descriptor of this `open` is closed, and is not shared with other opens, even
-/// in the same process): exclusive for a writer (`file` must be open for writing), shared for
-/// readers. Any other holder of a conflicting lock makes it fail with
-/// [`HostFileError::InUse`].
-pub fn lock(
-    file: &File,
-    exclusive: bool,
-    path: &Path,
-    what: &'static str,
-) -> Result<(), HostFileError> {
-    // SAFETY: flock is plain data; all zeros is a valid value, and l_pid must be 0 for OFD
-    // locks.
+/// One attempt at a whole-file open-file-description lock (the lock lives as long as the open
+/// file description, is not shared with other opens even in the same process, and covers the
+/// file however it grows): exclusive for a writer, shared for readers. `Ok(false)` when
+/// another open file holds a conflicting lock. An exclusive lock on a file opened read-only
+/// cannot be taken: it is only tested (is anyone holding a lock?).
+pub fn try_lock(file: &File, exclusive: bool) -> io::Result<bool> {
+    // SAFETY: flock is plain data; all zeros is a valid value (offset 0, length 0: the whole
+    // file), and l_pid must be 0 for OFD locks.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
     fl.l_type = if exclusive {
         libc::F_WRLCK
@@ -256,30 +251,44 @@ pub fn lock(
         libc::F_RDLCK
     } as libc::c_short;
     fl.l_whence = libc::SEEK_SET as libc::c_short;
-    fl.l_start = 0;
-    fl.l_len = 0; // To the end of the file, however it grows.
     // SAFETY: F_OFD_SETLK reads one struct flock through the pointer, which points to `fl`;
     // the descriptor is owned by `file`.
-    let ret = unsafe {
-        libc::fcntl(
-            file.as_raw_fd(),
-            libc::F_OFD_SETLK,
-            &fl as *const libc::flock,
-        )
-    };
-    if ret == 0 {
-        return Ok(());
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) } == 0 {
+        return Ok(true);
     }
     let e = io::Error::last_os_error();
     match e.raw_os_error() {
-        Some(libc::EAGAIN | libc::EACCES) => Err(HostFileError::InUse {
+        Some(libc::EAGAIN | libc::EACCES) => Ok(false),
+        Some(libc::EBADF) if exclusive => {
+            // SAFETY: as above; F_OFD_GETLK rewrites l_type to F_UNLCK when nothing conflicts.
+            if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(fl.l_type == libc::F_UNLCK as libc::c_short)
+        }
+        _ => Err(e),
+    }
+}
+
+/// Locks the whole of `file` (see [`try_lock`]) for as long as its open file description
+/// lives: exclusive for a writer (`file` must be open for writing), shared for readers. Any
+/// other holder of a conflicting lock makes it fail with [`HostFileError::InUse`].
+pub fn lock(
+    file: &File,
+    exclusive: bool,
+    path: &Path,
+    what: &'static str,
+) -> Result<(), HostFileError> {
+    match try_lock(file, exclusive) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(HostFileError::InUse {
             what,
             path: path.to_path_buf(),
         }),
-        _ => Err(HostFileError::Lock {
+        Err(source) => Err(HostFileError::Lock {
             what,
             path: path.to_path_buf(),
-            source: e,
+            source,
         }),
     }
 }
