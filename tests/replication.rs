@@ -181,3 +181,87 @@ fn the_replica_equals_the_primary_after_every_epoch() {
 fn first_count(after: &str) -> u64 {
     common::counts(after, 1).first().copied().unwrap_or(1) - 1
 }
+
+/// What a replica holds, as comparable bytes: epoch, state encoding and memory.
+fn held(shared: &replica::Shared) -> (u64, Vec<u8>, Vec<Vec<u8>>) {
+    let c = shared.lock().unwrap();
+    let c = c.as_ref().expect("a committed checkpoint");
+    (
+        c.epoch,
+        checkpoint::codec::encode(&c.state).unwrap(),
+        image(&c.memory),
+    )
+}
+
+#[test]
+fn a_bad_frame_never_changes_what_the_replica_committed() {
+    let (vm, console) = test_vm_with(2, 16, "@0:count=0 @0:interval-ms=2 @1:dirty=50,2", vec![]);
+    let vm = vm.start().unwrap();
+    console.wait_until("counting", LIMIT, |t| last_count(t, 0) >= Some(2));
+    let mut staging = Staging::default();
+    let (state, _) = capture(&vm, Scope::All, &mut staging, None).unwrap();
+    let shape = MachineShape::of(&state).unwrap();
+    let mut encoder = Encoder::new(shape.clone(), EncoderOptions::default()).unwrap();
+    let mut decoder = Decoder::new(shape).unwrap();
+    let shared = replica::Shared::default();
+    let full = encoder
+        .encode(0, FrameKind::Full, &staging.gfns, &staging.data, &state)
+        .unwrap();
+    assert_eq!(replica::commit(&mut decoder, &full, &shared), Ok(0));
+    std::thread::sleep(Duration::from_millis(20));
+    let (state, stats) = capture(&vm, Scope::Dirty, &mut staging, None).unwrap();
+    assert!(stats.pages > 0);
+    let next = encoder
+        .encode(
+            1,
+            FrameKind::Incremental,
+            &staging.gfns,
+            &staging.data,
+            &state,
+        )
+        .unwrap();
+    let later = encoder
+        .encode(
+            2,
+            FrameKind::Incremental,
+            &staging.gfns,
+            &staging.data,
+            &state,
+        )
+        .unwrap();
+    vm.stop().unwrap();
+
+    let before = held(&shared);
+    let mut bad: Vec<(String, Vec<u8>)> = vec![
+        ("out of order (epoch 2 after 0)".into(), later.clone()),
+        ("empty".into(), Vec::new()),
+        (
+            "a replay of the full checkpoint's header only".into(),
+            full[..56].to_vec(),
+        ),
+    ];
+    for cut in [1, 55, 56, 57, next.len() / 2, next.len() - 1] {
+        bad.push((format!("truncated to {cut}"), next[..cut].to_vec()));
+    }
+    for at in [0, 20, 47, 60, next.len() / 2, next.len() - 1] {
+        let mut f = next.clone();
+        f[at] ^= 0x40;
+        bad.push((format!("byte {at} flipped"), f));
+    }
+    let mut trailing = next.clone();
+    trailing.push(0);
+    bad.push(("a trailing byte".into(), trailing));
+    for (what, frame) in &bad {
+        assert!(
+            replica::commit(&mut decoder, frame, &shared).is_err(),
+            "{what}: accepted"
+        );
+        assert!(
+            held(&shared) == before,
+            "{what}: the committed checkpoint changed"
+        );
+    }
+    // The good next frame still commits.
+    assert_eq!(replica::commit(&mut decoder, &next, &shared), Ok(1));
+    assert!(held(&shared) != before);
+}

@@ -147,8 +147,9 @@ async fn serve(conn: &transport::Connection, committed: &Shared) -> Result<(), S
     }
 }
 
-/// Verifies `frame` completely and applies it; on any error the committed image is unchanged.
-fn commit(dec: &mut Decoder, frame: &[u8], committed: &Shared) -> Result<u64, String> {
+/// Verifies `frame` completely (with `dec`, made for the primary's shape) and applies it to
+/// `committed`; returns its epoch. On any error the committed image is unchanged.
+pub fn commit(dec: &mut Decoder, frame: &[u8], committed: &Shared) -> Result<u64, String> {
     let mut guard = committed.lock().unwrap_or_else(|p| p.into_inner());
     let shape = dec.shape().clone();
     let base = guard
