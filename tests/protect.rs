@@ -223,3 +223,48 @@ fn peers_with_other_certificates_or_machines_are_refused() {
     }
     assert_ne!(status(&sock)["protection"]["state"], "protected");
 }
+
+#[test]
+fn a_failing_replication_thread_ends_the_vm_with_one_line() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let (pc, rc) = (dir.path().join("p"), dir.path().join("r"));
+    let (_, rfp) = (cert(&pc), cert(&rc));
+    for (fault, how) in [
+        ("replication", "panicked: fault injected at replication"),
+        ("replication:error", "fault injected at replication"),
+    ] {
+        let o = common::ftvm_with(
+            Command::new(env!("CARGO_BIN_EXE_ftvm"))
+                .env(vmm::event::FAULT_ENV, fault)
+                .env_remove("RUST_LOG")
+                .args([
+                    "run",
+                    "--vcpus",
+                    "1",
+                    "--mem",
+                    "64M",
+                    "--cmdline",
+                    "count=0",
+                ])
+                .args([
+                    "--replica",
+                    "127.0.0.1:9",
+                    "--cert",
+                    &s(&pc),
+                    "--peer",
+                    &rfp,
+                ]),
+            LIMIT,
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{fault}: {err}");
+        assert_eq!(err.lines().count(), 1, "{fault}: {err}");
+        assert!(
+            err.starts_with(&format!(
+                "ftvm: error: VMM thread replication failed: {how}"
+            )),
+            "{fault}: {err}"
+        );
+    }
+}
