@@ -268,3 +268,20 @@ fn a_failing_replication_thread_ends_the_vm_with_one_line() {
         );
     }
 }
+
+/// Encoding (primary) and verifying (replica) all of a 2 GiB guest's memory takes seconds: both
+/// happen off the connection's runtime thread, or the link's 1.5 s silence timeout fires first
+/// and the guest is never protected (seen before the fix).
+#[test]
+fn a_2_gib_guest_is_protected() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let (pc, rc) = (dir.path().join("p"), dir.path().join("r"));
+    let (pfp, rfp) = (cert(&pc), cert(&rc));
+    let replica = Replica::start("127.0.0.1:0", &rc, &pfp);
+    let sock = dir.path().join("api.sock");
+    let (_vm, _console) = primary(&sock, "2G", &replica.addr, &pc, &rfp);
+    wait_protection(&sock, "protection of 2 GiB", |p| {
+        p["state"] == "protected" && p["epochs_committed"].as_u64() >= Some(5)
+    });
+}

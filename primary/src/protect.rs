@@ -322,20 +322,29 @@ async fn session(
                     .map_err(|e| event::error_chain(&e))?,
             );
         }
-        let enc = encoder
-            .as_mut()
+        let mut enc = encoder
+            .take()
             .ok_or_else(|| "an incremental checkpoint before a full one".to_string())?;
-        frame.clear();
-        let stats = enc
-            .encode_into(
+        // Encoding all of memory takes seconds: off the runtime's thread, so that the
+        // connection keeps its keep-alives going meanwhile.
+        let mut out = std::mem::take(&mut frame);
+        let (enc, job, out, stats) = tokio::task::spawn_blocking(move || {
+            out.clear();
+            let stats = enc.encode_into(
                 job.epoch,
                 job.kind,
                 &job.staging.gfns,
                 &job.staging.data,
                 &job.state,
-                &mut frame,
-            )
-            .map_err(|e| event::error_chain(&e))?;
+                &mut out,
+            );
+            (enc, job, out, stats)
+        })
+        .await
+        .map_err(|e| format!("the checkpoint encoder failed: {e}"))?;
+        encoder = Some(enc);
+        frame = out;
+        let stats = stats.map_err(|e| event::error_chain(&e))?;
         // The pages are in the frame: the buffer can take the next epoch's (a full
         // checkpoint's buffer is let go, it is the size of all of memory).
         if job.kind == FrameKind::Incremental {

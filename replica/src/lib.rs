@@ -138,8 +138,18 @@ async fn serve(conn: &transport::Connection, committed: &Shared) -> Result<(), S
             decoder = Some(Decoder::new(hello.shape).map_err(|e| chain(&e))?);
             continue;
         }
-        let dec = decoder.as_mut().ok_or("a checkpoint before the greeting")?;
-        let epoch = commit(dec, &bytes, committed)?;
+        let mut dec = decoder.take().ok_or("a checkpoint before the greeting")?;
+        // Verifying and applying a large checkpoint takes seconds: off the runtime's thread, so
+        // that the connection keeps answering keep-alives meanwhile.
+        let shared = committed.clone();
+        let (dec, result) = tokio::task::spawn_blocking(move || {
+            let result = commit(&mut dec, &bytes, &shared);
+            (dec, result)
+        })
+        .await
+        .map_err(|e| format!("the checkpoint worker failed: {e}"))?;
+        decoder = Some(dec);
+        let epoch = result?;
         transport::send_frame(&mut send, &epoch.to_le_bytes())
             .await
             .map_err(|e| chain(&e))?;
