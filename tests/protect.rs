@@ -80,6 +80,19 @@ impl Replica {
     fn log(&self) -> String {
         self.log.lock().unwrap().clone()
     }
+
+    /// Waits until the replica's log mentions `needle`.
+    fn wait_log(&self, needle: &str) {
+        let deadline = Instant::now() + LIMIT;
+        while !self.log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "no '{needle}' in the replica's log: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 fn status(sock: &Path) -> Value {
@@ -185,11 +198,7 @@ fn peers_with_other_certificates_or_machines_are_refused() {
     let replica = Replica::start("127.0.0.1:0", &rc, &ofp);
     let sock = dir.path().join("a.sock");
     let (vm, _) = primary(&sock, "64M", &replica.addr, &pc, &rfp);
-    let deadline = Instant::now() + LIMIT;
-    while !replica.log().contains("but --peer pins") {
-        assert!(Instant::now() < deadline, "no refusal: {}", replica.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    replica.wait_log("but --peer pins");
     assert_ne!(status(&sock)["protection"]["state"], "protected");
     drop(vm);
     drop(replica);
@@ -212,15 +221,7 @@ fn peers_with_other_certificates_or_machines_are_refused() {
     drop(first);
     let sock = dir.path().join("d.sock");
     let (_second, _) = primary(&sock, "128M", &replica.addr, &pc, &rfp);
-    let deadline = Instant::now() + LIMIT;
-    while !replica.log().contains("differs from this one") {
-        assert!(
-            Instant::now() < deadline,
-            "no shape refusal: {}",
-            replica.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    replica.wait_log("differs from this one");
     assert_ne!(status(&sock)["protection"]["state"], "protected");
 }
 

@@ -208,9 +208,19 @@ fn a_bad_frame_never_changes_what_the_replica_committed() {
         .encode(0, FrameKind::Full, &staging.gfns, &staging.data, &state)
         .unwrap();
     assert_eq!(replica::commit(&mut decoder, &full, &shared), Ok(0));
-    std::thread::sleep(Duration::from_millis(20));
-    let (state, stats) = capture(&vm, Scope::Dirty, &mut staging, None).unwrap();
-    assert!(stats.pages > 0);
+    // Capture until the guest has dirtied something (it writes all the time), with a deadline.
+    let deadline = std::time::Instant::now() + LIMIT;
+    let state = loop {
+        let (state, stats) = capture(&vm, Scope::Dirty, &mut staging, None).unwrap();
+        if stats.pages > 0 {
+            break state;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest dirtied nothing"
+        );
+        std::thread::yield_now();
+    };
     let next = encoder
         .encode(
             1,

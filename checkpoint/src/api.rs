@@ -368,7 +368,7 @@ fn serve_all(
                 let service = hyper::service::service_fn(move |req| {
                     let (state, tx, protection) = (state.clone(), tx.clone(), protection.clone());
                     async move {
-                        let status = status_json(&state, protection.as_ref());
+                        let status = || status_json(&state, protection.as_ref());
                         Ok::<_, std::convert::Infallible>(answer(req, status, &tx).await)
                     }
                 });
@@ -425,14 +425,16 @@ async fn read_body(body: Incoming, declared: Option<u64>) -> Result<Bytes, Reque
     }
 }
 
+/// Answers one request; `status` is only built for `GET /status` (it reads the replication
+/// thread's status under its lock).
 async fn answer(
     req: HttpRequest<Incoming>,
-    status: Value,
+    status: impl FnOnce() -> Value,
     tx: &Sender<Request>,
 ) -> Response<Full<Bytes>> {
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     if method == Method::GET && path == "/status" {
-        return json_response(200, &status);
+        return json_response(200, &status());
     }
     let declared = req
         .headers()
