@@ -109,6 +109,10 @@ struct ProtectArgs {
     /// Epoch length in milliseconds (1 to 10000).
     #[arg(long, value_name = "MS", default_value = "25")]
     epoch_ms: u64,
+    /// Most pre-copy rounds of an initial sync (memory sent while the guest runs, before
+    /// one short pause); 0 copies all of memory in one pause instead.
+    #[arg(long, value_name = "N", default_value = "5")]
+    precopy_rounds: u32,
 }
 
 impl ProtectArgs {
@@ -132,6 +136,7 @@ impl ProtectArgs {
                 .parse()
                 .with_context(|| format!("Invalid --peer fingerprint '{peer}'"))?,
             epoch: std::time::Duration::from_millis(self.epoch_ms),
+            precopy_rounds: self.precopy_rounds,
         }))
     }
 }

@@ -1,6 +1,8 @@
-//! `ftvm run --replica` and `ftvm replica` on loopback: the guest becomes protected, stays
-//! running unprotected when its replica dies, is protected again when one comes back; a peer
-//! with another certificate or another machine is refused.
+//! `ftvm run --replica` and `ftvm replica` on loopback: the replica's committed image equals
+//! the primary's at every epoch (a test mode logs digests on both sides) while the guest does
+//! TCP and disk I/O; the guest becomes protected after an initial sync of pre-copy rounds,
+//! stays running unprotected when its replica dies, is protected again when one comes back; a
+//! peer with another certificate or another machine is refused.
 
 mod common;
 
@@ -10,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::netns::Netns;
 use common::{Guarded, ftvm_ok, last_count, require_kvm, spawn_ftvm};
 use serde_json::Value;
 
@@ -36,42 +39,68 @@ struct Replica {
     addr: String,
 }
 
+/// What [`spawn_logged`] returns: the child, its log (stderr), the lines that contained the
+/// word asked for, and its console (stdout).
+type LoggedChild = (
+    Guarded,
+    Arc<Mutex<String>>,
+    std::sync::mpsc::Receiver<String>,
+    common::Console,
+);
+
+/// Starts `ftvm ARGS` with `env` and RUST_LOG=info; its stdout goes to the returned console,
+/// its stderr lines to the returned log, and each line containing `tell` to the channel.
+fn spawn_logged(args: &[&str], env: &[(&str, &str)], tell: &'static str) -> LoggedChild {
+    let mut child: Child = Command::new(env!("CARGO_BIN_EXE_ftvm"))
+        .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let console = common::Console::default();
+    let (mut out, mut sink) = (child.stdout.take().unwrap(), console.clone());
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut out, &mut sink);
+    });
+    let log = Arc::new(Mutex::new(String::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (err, l) = (child.stderr.take().unwrap(), log.clone());
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            if line.contains(tell) {
+                let _ = tx.send(line.clone());
+            }
+            l.lock().unwrap().push_str(&(line + "\n"));
+        }
+    });
+    (Guarded(Some(child)), log, rx, console)
+}
+
 impl Replica {
     fn start(listen: &str, cert: &Path, peer: &str) -> Self {
-        let mut child: Child = Command::new(env!("CARGO_BIN_EXE_ftvm"))
-            .env("RUST_LOG", "info")
-            .args([
-                "replica",
-                "--listen",
-                listen,
-                "--cert",
-                &s(cert),
-                "--peer",
-                peer,
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (err, l) = (child.stderr.take().unwrap(), log.clone());
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if let Some(a) = line
-                    .split("addr=")
-                    .nth(1)
-                    .filter(|_| line.contains("listening"))
-                {
-                    let _ = tx.send(a.trim().to_string());
-                }
-                l.lock().unwrap().push_str(&(line + "\n"));
-            }
-        });
-        let addr = rx.recv_timeout(LIMIT).expect("the replica listens");
+        Self::start_with(listen, cert, peer, &[])
+    }
+
+    fn start_with(listen: &str, cert: &Path, peer: &str, env: &[(&str, &str)]) -> Self {
+        let args = [
+            "replica",
+            "--listen",
+            listen,
+            "--cert",
+            &s(cert),
+            "--peer",
+            peer,
+        ];
+        let (child, log, listening, _) = spawn_logged(&args, env, "replica listening");
+        let line = listening.recv_timeout(LIMIT).expect("the replica listens");
+        let addr = field(&line, "addr")
+            .expect("the replica says where")
+            .to_string();
         Replica {
-            _child: Guarded(Some(child)),
+            _child: child,
             log,
             addr,
         }
@@ -93,6 +122,25 @@ impl Replica {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// The value of `key=` in a log line.
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// (epoch, digest) of each log line with `message` (the digest test mode's lines).
+fn digests(log: &str, message: &str) -> Vec<(u64, String)> {
+    log.lines()
+        .filter(|l| l.contains(message))
+        .filter_map(|l| {
+            Some((
+                field(l, "epoch")?.parse().ok()?,
+                field(l, "digest")?.to_string(),
+            ))
+        })
+        .collect()
 }
 
 fn status(sock: &Path) -> Value {
@@ -142,6 +190,140 @@ fn primary(
     // The socket is bound before the guest runs: once it counts, the API answers.
     console.wait_until("counting", LIMIT, |t| last_count(t, 0) >= Some(1));
     (vm, console)
+}
+
+/// The acceptance test of replication: over more than 100 epochs of a guest that dirties
+/// memory, echoes TCP and reads its disk (so the VMM writes guest memory too), what the replica
+/// committed for each epoch equals, byte for byte, memory and state as the primary captured
+/// them in that epoch's pause — the first one built by pre-copy rounds while the guest ran.
+#[test]
+fn the_replica_equals_the_primary_after_every_epoch_over_the_network() {
+    require_kvm();
+    let ns = Netns::create("protect", 9);
+    ns.enter();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    let mut pattern = vec![0u8; 8 << 20];
+    ftvm_guest_abi::fill_pattern(3, 0, &mut pattern);
+    std::fs::write(&img, &pattern).unwrap();
+    let (pc, rc) = (dir.path().join("p"), dir.path().join("r"));
+    let (pfp, rfp) = (cert(&pc), cert(&rc));
+    let env = [(checkpoint::wire::DIGEST_ENV, "1")];
+    let replica = Replica::start_with("127.0.0.1:0", &rc, &pfp, &env);
+    let sock = dir.path().join("api.sock");
+    let cmdline = format!(
+        "ip={}/24 tcp-echo @1:disk-randread=8,100000000 @1:chunk-kib=16 @2:dirty=100,8",
+        ns.guest_ip()
+    );
+    let disk = format!("{},readonly", s(&img));
+    let tap = format!("tap={}", ns.tap);
+    let (primary, primary_log, _, console) = spawn_logged(
+        &[
+            "run",
+            "--vcpus",
+            "3",
+            "--mem",
+            "64M",
+            "--api",
+            &s(&sock),
+            "--disk",
+            &disk,
+            "--net",
+            &tap,
+            "--replica",
+            &replica.addr,
+            "--cert",
+            &s(&pc),
+            "--peer",
+            &rfp,
+            "--precopy-rounds",
+            "3",
+            "--cmdline",
+            &cmdline,
+        ],
+        &env,
+        "protected",
+    );
+
+    // TCP traffic through the guest's echo service for as long as the epochs run.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let addr: std::net::SocketAddr = format!("{}:7", ns.guest_ip()).parse().unwrap();
+    let echo = {
+        let stop = stop.clone();
+        std::thread::spawn(move || -> u64 {
+            use std::io::{Read, Write};
+            let deadline = Instant::now() + LIMIT;
+            let mut conn = loop {
+                match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+                    Ok(c) => break c,
+                    Err(e) if Instant::now() > deadline => panic!("no echo service: {e}"),
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            };
+            conn.set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            let (mut echoed, mut n) = (0u64, 0u8);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                n = n.wrapping_add(1);
+                let out = vec![n; 4096];
+                conn.write_all(&out).unwrap();
+                let mut back = vec![0u8; out.len()];
+                conn.read_exact(&mut back).unwrap();
+                assert!(back == out, "the echo differs");
+                echoed += back.len() as u64;
+            }
+            echoed
+        })
+    };
+
+    let deadline = Instant::now() + LIMIT * 2;
+    while digests(&replica.log(), "committed image").len() < 110 {
+        assert!(
+            Instant::now() < deadline,
+            "fewer than 110 epochs committed in time; replica: {}\nprimary: {}",
+            replica.log(),
+            primary_log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let st = status(&sock);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let echoed = echo.join().expect("the echo client");
+    drop(primary);
+
+    assert!(echoed > 0, "TCP went through the guest");
+    assert_eq!(st["protection"]["state"], "protected", "{st}");
+    let text = console.text();
+    assert!(
+        text.contains("vcpu1 workload disk-randread") && !text.contains("refused"),
+        "the guest read its disk all along: {text}"
+    );
+    let primary_log = primary_log.lock().unwrap().clone();
+    let captured: std::collections::HashMap<u64, String> =
+        digests(&primary_log, "epoch image").into_iter().collect();
+    let committed = digests(&replica.log(), "committed image");
+    assert!(
+        primary_log.contains("sync round sent round=0"),
+        "the sync used pre-copy rounds: {primary_log}"
+    );
+    for (epoch, digest) in &committed {
+        assert_eq!(
+            captured.get(epoch),
+            Some(digest),
+            "epoch {epoch}: the replica's image differs from the primary's"
+        );
+    }
+    let epochs: Vec<u64> = committed.iter().map(|c| c.0).collect();
+    assert!(epochs.len() >= 110 && epochs[0] == 0, "{epochs:?}");
+    assert!(
+        epochs.windows(2).all(|w| w[1] == w[0] + 1),
+        "committed epochs follow each other: {epochs:?}"
+    );
+    let distinct: std::collections::HashSet<_> = committed.iter().map(|c| &c.1).collect();
+    assert!(
+        distinct.len() > 100,
+        "the image changed from epoch to epoch"
+    );
 }
 
 #[test]

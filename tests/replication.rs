@@ -90,7 +90,7 @@ fn the_replica_equals_the_primary_after_every_epoch() {
         wire::apply(&decoded, &replica).unwrap();
         committed = Some(decoded.epoch);
         assert_eq!(
-            checkpoint::codec::encode(&decoded.state).unwrap(),
+            checkpoint::codec::encode(decoded.state.as_ref().unwrap()).unwrap(),
             checkpoint::codec::encode(&state).unwrap(),
             "epoch {epoch}: the replica's state is the primary's"
         );
@@ -105,7 +105,7 @@ fn the_replica_equals_the_primary_after_every_epoch() {
                 panic!("epoch {epoch}: region {i} differs first at page {page}");
             }
         }
-        committed_state = decoded.state;
+        committed_state = decoded.state.unwrap();
         if epoch == EPOCHS {
             break;
         }
@@ -207,7 +207,10 @@ fn a_bad_frame_never_changes_what_the_replica_committed() {
     let full = encoder
         .encode(0, FrameKind::Full, &staging.gfns, &staging.data, &state)
         .unwrap();
-    assert_eq!(replica::commit(&mut decoder, &full, &shared), Ok(0));
+    assert_eq!(
+        replica::commit(&mut decoder, &mut None, &full, &shared),
+        Ok(0)
+    );
     // Capture until the guest has dirtied something (it writes all the time), with a deadline.
     let deadline = std::time::Instant::now() + LIMIT;
     let state = loop {
@@ -263,7 +266,7 @@ fn a_bad_frame_never_changes_what_the_replica_committed() {
     bad.push(("a trailing byte".into(), trailing));
     for (what, frame) in &bad {
         assert!(
-            replica::commit(&mut decoder, frame, &shared).is_err(),
+            replica::commit(&mut decoder, &mut None, frame, &shared).is_err(),
             "{what}: accepted"
         );
         assert!(
@@ -272,6 +275,50 @@ fn a_bad_frame_never_changes_what_the_replica_committed() {
         );
     }
     // The good next frame still commits.
-    assert_eq!(replica::commit(&mut decoder, &next, &shared), Ok(1));
+    assert_eq!(
+        replica::commit(&mut decoder, &mut None, &next, &shared),
+        Ok(1)
+    );
     assert!(held(&shared) != before);
+
+    // Pre-copy rounds build a separate image: what is committed does not move until the full
+    // frame that ends the sync, and a sync that never ends (the primary died) changes nothing.
+    let committed = held(&shared);
+    let mut sync = None;
+    let mut frame = Vec::new();
+    let gfns: Vec<u64> = (0..8).collect();
+    let ones = vec![0x11u8; 8 * 4096];
+    encoder
+        .encode_precopy_into(0, &gfns, &ones, &mut frame)
+        .unwrap();
+    assert_eq!(
+        replica::commit(&mut decoder, &mut sync, &frame, &shared),
+        Ok(0)
+    );
+    assert!(sync.is_some(), "the pre-copy round landed in a sync image");
+    assert!(held(&shared) == committed, "a pre-copy round was committed");
+    let twos = vec![0x22u8; 4096];
+    encoder
+        .encode_precopy_into(1, &[3], &twos, &mut frame)
+        .unwrap();
+    replica::commit(&mut decoder, &mut sync, &frame, &shared).unwrap();
+    assert!(held(&shared) == committed, "a pre-copy round was committed");
+    // The full frame ends the sync: its pages over the rounds' image, with its state.
+    let threes = vec![0x33u8; 4096];
+    let full = encoder
+        .encode(9, FrameKind::Full, &[5], &threes, &state)
+        .unwrap();
+    assert_eq!(
+        replica::commit(&mut decoder, &mut sync, &full, &shared),
+        Ok(9)
+    );
+    assert!(sync.is_none(), "the sync image became the committed one");
+    let (epoch, _, memory) = held(&shared);
+    assert_eq!(epoch, 9);
+    let page = |g: usize| &memory[0][g * 4096..(g + 1) * 4096];
+    for (g, byte) in [(0, 0x11), (3, 0x22), (5, 0x33), (7, 0x11)] {
+        assert!(page(g).iter().all(|&b| b == byte), "page {g}");
+    }
+    // Everything the rounds did not send is zero, not the old committed image.
+    assert!(memory[0][8 * 4096..].iter().all(|&b| b == 0));
 }

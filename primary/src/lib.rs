@@ -5,4 +5,5 @@
 
 pub mod capture;
 pub mod control;
+mod precopy;
 pub mod protect;

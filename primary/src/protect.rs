@@ -8,30 +8,31 @@
 //! - One checkpoint is in flight at a time. When the next epoch is due before the replica has
 //!   acknowledged the last one, no capture is made: the dirty log keeps accumulating, so the
 //!   next capture carries both epochs' pages (merged, never queued).
-//! - The first checkpoint of a connection is full (all of memory); the replica commits it, the
-//!   primary logs "protected". A lost or silent replica leaves the guest running unprotected
-//!   (logged, and visible in `status`); when one answers again, a new full checkpoint
-//!   re-protects it.
+//! - A new connection starts with an initial sync (see [`crate::precopy`]): pre-copy rounds
+//!   send all of memory, then what was dirtied meanwhile, while the guest runs; then one short
+//!   pause captures the full checkpoint that ends the sync (the pages dirtied since the last
+//!   round, and the machine state). The replica commits it, the primary logs "protected". A
+//!   lost or silent replica leaves the guest running unprotected (logged, and visible in
+//!   `status`); when one answers again, a new sync re-protects it.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use checkpoint::transport::{self, Fingerprint, Identity, PeerAddr};
-use checkpoint::wire::{self, Encoder, EncoderOptions, FrameKind, Hello, MachineShape};
+use checkpoint::wire::{self, Encoder, EncoderOptions, FrameKind, Hello};
 use serde_json::{Value, json};
 use vmm::RunningVm;
 use vmm::event::{self, Reporter, ThreadError};
 use vmm::vm::MachineState;
 
 use crate::capture::{self, CaptureError, CaptureStats, Scope, Staging};
+use crate::precopy::{self, HarvestRequest, Link, SyncProgress, explain};
 
 /// Default epoch length.
 pub const DEFAULT_EPOCH: Duration = Duration::from_millis(25);
-/// Longest acknowledgement frame.
-const ACK_LEN: usize = 8;
 /// How long to wait before calling a lost replica again.
 const RECONNECT: Duration = Duration::from_millis(500);
 
@@ -45,6 +46,8 @@ pub struct ProtectConfig {
     pub peer: Fingerprint,
     /// Epoch length.
     pub epoch: Duration,
+    /// Most pre-copy rounds of an initial sync; 0 copies all of memory in one pause.
+    pub precopy_rounds: u32,
 }
 
 /// One captured checkpoint on its way to the replica.
@@ -57,7 +60,7 @@ struct Job {
 
 /// What `status` reports about protection.
 #[derive(Debug, Default)]
-struct Status {
+pub(crate) struct Status {
     state: &'static str,
     replica: String,
     committed: Option<u64>,
@@ -66,20 +69,33 @@ struct Status {
     last_ack: Duration,
     last_pages: usize,
     last_wire_bytes: u64,
+    /// The initial sync in progress.
+    pub(crate) sync: Option<SyncProgress>,
+    /// The last initial sync: how long it took to protected, its final pause.
+    last_sync: Option<(Duration, Duration)>,
 }
 
-struct Shared {
+/// No replica is connected.
+const IDLE: u8 = 0;
+/// An initial sync's pre-copy rounds are running: the owner only answers harvests.
+const SYNCING: u8 = 1;
+/// The owner captures the full checkpoint that ends the sync at its next epoch.
+const FINAL_DUE: u8 = 2;
+/// A chain of checkpoints is under way: the owner captures incremental epochs.
+const CHAIN: u8 = 3;
+
+pub(crate) struct Shared {
     status: Mutex<Status>,
-    /// A connection is up and ready for checkpoints.
-    connected: AtomicBool,
-    /// The next checkpoint must be full (a new connection).
-    need_full: AtomicBool,
+    /// IDLE, SYNCING, FINAL_DUE or CHAIN.
+    phase: AtomicU8,
+    /// The full checkpoint covers all of memory (no pre-copy rounds ran).
+    final_all: AtomicBool,
     /// A checkpoint is on its way and not yet acknowledged.
     in_flight: AtomicBool,
 }
 
 impl Shared {
-    fn status(&self) -> std::sync::MutexGuard<'_, Status> {
+    pub(crate) fn status(&self) -> std::sync::MutexGuard<'_, Status> {
         self.status.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -91,11 +107,15 @@ pub struct Protector {
     /// Staging buffers back from the replication thread, reused so that a pause does not
     /// fault in fresh memory.
     spare: std::sync::mpsc::Receiver<Staging>,
+    /// Dirty-log harvests asked for by an initial sync.
+    harvests: std::sync::mpsc::Receiver<HarvestRequest>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<JoinHandle<Result<(), String>>>,
     epoch: Duration,
     next_due: Instant,
     next_epoch: u64,
+    /// Log a digest of each epoch's image (a test mode).
+    digests: bool,
 }
 
 impl Protector {
@@ -107,27 +127,35 @@ impl Protector {
                 replica: config.replica.to_string(),
                 ..Status::default()
             }),
-            connected: AtomicBool::new(false),
-            need_full: AtomicBool::new(true),
+            phase: AtomicU8::new(IDLE),
+            final_all: AtomicBool::new(true),
             in_flight: AtomicBool::new(false),
         });
         let (jobs, rx) = tokio::sync::mpsc::channel(1);
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let (give_back, spare) = std::sync::mpsc::channel();
+        let (ask, harvests) = std::sync::mpsc::channel();
         let epoch = config.epoch;
         let s = shared.clone();
         let thread = reporter.spawn("replication", move || {
-            replicate(config, s, rx, give_back, stopped)
+            let channels = Channels {
+                jobs: rx,
+                give_back,
+                harvests: ask,
+            };
+            replicate(config, s, channels, stopped)
         })?;
         Ok(Self {
             shared,
             jobs,
             spare,
+            harvests,
             stop: Some(stop),
             thread: Some(thread),
             epoch,
             next_due: Instant::now() + epoch,
             next_epoch: 0,
+            digests: wire::digests_enabled(),
         })
     }
 
@@ -136,27 +164,48 @@ impl Protector {
         self.next_due
     }
 
-    /// Captures a checkpoint if one is due and the replica is ready for it.
+    /// Answers an initial sync's harvests, and captures a checkpoint if one is due and the
+    /// replica is ready for it.
     pub fn tick(&mut self, vm: &RunningVm) -> Result<Option<CaptureStats>, CaptureError> {
+        // A harvest reads and clears the dirty log while the guest runs: no pause.
+        while let Ok(request) = self.harvests.try_recv() {
+            let _ = request.send(precopy::harvest(vm));
+        }
         let now = Instant::now();
         if now < self.next_due {
             return Ok(None);
         }
         // The next epoch starts a whole epoch from now, not from a missed deadline.
         self.next_due = now + self.epoch;
-        if !self.shared.connected.load(Ordering::SeqCst)
-            || self.shared.in_flight.load(Ordering::SeqCst)
-        {
+        if self.shared.in_flight.load(Ordering::SeqCst) {
             return Ok(None);
         }
-        let full = self.shared.need_full.swap(false, Ordering::SeqCst);
-        let (scope, kind) = if full {
-            (Scope::All, FrameKind::Full)
-        } else {
-            (Scope::Dirty, FrameKind::Incremental)
+        let (scope, kind) = match self.shared.phase.load(Ordering::SeqCst) {
+            CHAIN => (Scope::Dirty, FrameKind::Incremental),
+            // The sync ends: what its last round left, or all of memory if there were none.
+            FINAL_DUE if self.shared.final_all.load(Ordering::SeqCst) => {
+                (Scope::All, FrameKind::Full)
+            }
+            FINAL_DUE => (Scope::Dirty, FrameKind::Full),
+            _ => return Ok(None),
         };
         let mut staging = self.spare.try_recv().unwrap_or_default();
-        let (state, stats) = capture::capture(vm, scope, &mut staging, None)?;
+        // The test mode of `checkpoint::wire::digests_enabled`: memory as the pause saw it.
+        let mut memory_crc = None;
+        let mut digest =
+            |m: &vmm::memory::GuestMemoryMmap| memory_crc = wire::memory_digest(m).ok();
+        let inspect: Option<&mut dyn FnMut(&vmm::memory::GuestMemoryMmap)> = if self.digests {
+            Some(&mut digest)
+        } else {
+            None
+        };
+        let (state, stats) = capture::capture(vm, scope, &mut staging, inspect)?;
+        if let Some(crc) = memory_crc {
+            match wire::image_digest(crc, &state) {
+                Ok(d) => tracing::info!(epoch = self.next_epoch, digest = %d, "epoch image"),
+                Err(e) => tracing::warn!("no digest: {}", event::error_chain(&e)),
+            }
+        }
         {
             let mut st = self.shared.status();
             st.last_pause = stats.pause;
@@ -170,10 +219,19 @@ impl Protector {
         };
         self.next_epoch += 1;
         self.shared.in_flight.store(true, Ordering::SeqCst);
+        if kind == FrameKind::Full {
+            self.shared.status().sync_pause(stats.pause);
+            let _ = self.shared.phase.compare_exchange(
+                FINAL_DUE,
+                CHAIN,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            );
+        }
         if self.jobs.try_send(job).is_err() {
-            // The thread is gone (its failure is reported) or busy: start over with a full one.
+            // The thread is gone: its failure is reported; nothing more to send.
             self.shared.in_flight.store(false, Ordering::SeqCst);
-            self.shared.need_full.store(true, Ordering::SeqCst);
+            self.shared.phase.store(IDLE, Ordering::SeqCst);
         }
         Ok(Some(stats))
     }
@@ -213,8 +271,17 @@ impl Drop for Protector {
     }
 }
 
+impl Status {
+    /// The pause that ended the sync in progress.
+    fn sync_pause(&mut self, pause: Duration) {
+        if let Some(s) = &mut self.sync {
+            s.final_pause = Some(pause);
+        }
+    }
+}
+
 fn status_json(st: &Status) -> Value {
-    json!({
+    let mut v = json!({
         "state": st.state,
         "replica": st.replica,
         "committed_epoch": st.committed,
@@ -223,14 +290,28 @@ fn status_json(st: &Status) -> Value {
         "last_ack_ms": st.last_ack.as_secs_f64() * 1000.0,
         "last_pages": st.last_pages,
         "last_wire_bytes": st.last_wire_bytes,
-    })
+    });
+    if let Some(sync) = &st.sync {
+        v["sync"] = sync.json();
+    }
+    if let Some((took, pause)) = st.last_sync {
+        v["last_sync_ms"] = json!(took.as_secs_f64() * 1000.0);
+        v["last_sync_pause_us"] = json!(pause.as_micros() as u64);
+    }
+    v
+}
+
+/// The replication thread's ends of the channels to the owner.
+struct Channels {
+    jobs: tokio::sync::mpsc::Receiver<Job>,
+    give_back: std::sync::mpsc::Sender<Staging>,
+    harvests: std::sync::mpsc::Sender<HarvestRequest>,
 }
 
 fn replicate(
     config: ProtectConfig,
     shared: Arc<Shared>,
-    mut jobs: tokio::sync::mpsc::Receiver<Job>,
-    give_back: std::sync::mpsc::Sender<Staging>,
+    mut channels: Channels,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) -> Result<(), String> {
     event::check_fault("replication")?;
@@ -241,15 +322,18 @@ fn replicate(
     rt.block_on(async {
         let mut warned = false;
         loop {
-            let session = session(&config, &shared, &mut jobs, &give_back, &mut warned);
+            let session = session(&config, &shared, &mut channels, &mut warned);
             let outcome = tokio::select! {
                 _ = &mut stop => return Ok(()),
                 outcome = session => outcome,
             };
-            shared.connected.store(false, Ordering::SeqCst);
+            shared.phase.store(IDLE, Ordering::SeqCst);
             shared.in_flight.store(false, Ordering::SeqCst);
-            shared.need_full.store(true, Ordering::SeqCst);
-            let was = std::mem::replace(&mut shared.status().state, "unprotected");
+            let was = {
+                let mut st = shared.status();
+                st.sync = None;
+                std::mem::replace(&mut st.state, "unprotected")
+            };
             if let Err(e) = outcome
                 && (!warned || was == "protected")
             {
@@ -268,8 +352,7 @@ fn replicate(
 async fn session(
     config: &ProtectConfig,
     shared: &Shared,
-    jobs: &mut tokio::sync::mpsc::Receiver<Job>,
-    give_back: &std::sync::mpsc::Sender<Staging>,
+    channels: &mut Channels,
     warned: &mut bool,
 ) -> Result<(), String> {
     let addr: SocketAddr = config
@@ -284,51 +367,70 @@ async fn session(
         .open_stream()
         .await
         .map_err(|e| event::error_chain(&conn.explain(e)))?;
-    shared.status().state = "syncing";
-    // A stale checkpoint from before this connection is dropped; a full one is made next.
-    while jobs.try_recv().is_ok() {}
+    let started = Instant::now();
+    {
+        let mut st = shared.status();
+        st.state = "syncing";
+        st.sync = Some(SyncProgress::default());
+    }
+    // A stale checkpoint from before this connection is dropped.
+    while channels.jobs.try_recv().is_ok() {}
     shared.in_flight.store(false, Ordering::SeqCst);
-    shared.need_full.store(true, Ordering::SeqCst);
-    shared.connected.store(true, Ordering::SeqCst);
-    let mut encoder: Option<Encoder> = None;
-    let mut frame = Vec::new();
-    // Errors on the connection, in the words of what the replica did (e.g. refused our pin).
-    let limit = |what: &'static str| {
-        let conn = &conn;
-        move |e: transport::Error| format!("{what}: {}", event::error_chain(&conn.explain(e)))
+    shared.phase.store(SYNCING, Ordering::SeqCst);
+    // The first harvest starts dirty tracking afresh and tells the machine's shape.
+    let first = precopy::ask(&channels.harvests).await?;
+    let hello = Hello {
+        protocol: wire::PROTOCOL,
+        shape: first.shape.clone(),
     };
+    let bytes = wire::encode_hello(&hello).map_err(|e| event::error_chain(&e))?;
+    transport::send_frame(&mut send, &bytes)
+        .await
+        .map_err(explain(&conn, "cannot greet the replica"))?;
+    let answer = transport::recv_frame(&mut recv, 64 << 10)
+        .await
+        .map_err(explain(&conn, "no greeting from the replica"))?;
+    let theirs = wire::decode_hello(&answer).map_err(|e| event::error_chain(&e))?;
+    wire::check_hello(&hello, &theirs).map_err(|e| event::error_chain(&e))?;
+    let mut encoder = Encoder::new(first.shape.clone(), EncoderOptions::default())
+        .map_err(|e| event::error_chain(&e))?;
+
+    let mut link = Link {
+        conn: &conn,
+        send: &mut send,
+        recv: &mut recv,
+    };
+    let all = config.precopy_rounds == 0;
+    if !all {
+        encoder = precopy::sync(
+            &mut link,
+            encoder,
+            first,
+            config.precopy_rounds,
+            &channels.harvests,
+            shared,
+        )
+        .await?;
+    }
+    shared.final_all.store(all, Ordering::SeqCst);
+    shared.phase.store(FINAL_DUE, Ordering::SeqCst);
+
+    let mut encoder = Some(encoder);
+    let mut frame = Vec::new();
     loop {
-        let job = jobs
+        let job = channels
+            .jobs
             .recv()
             .await
             .ok_or_else(|| "the VM's owner is gone".to_string())?;
-        let shape = MachineShape::of(&job.state).map_err(|e| event::error_chain(&e))?;
-        if job.kind == FrameKind::Full {
-            let hello = Hello {
-                protocol: wire::PROTOCOL,
-                shape: shape.clone(),
-            };
-            let bytes = wire::encode_hello(&hello).map_err(|e| event::error_chain(&e))?;
-            transport::send_frame(&mut send, &bytes)
-                .await
-                .map_err(limit("cannot greet the replica"))?;
-            let answer = transport::recv_frame(&mut recv, 64 << 10)
-                .await
-                .map_err(limit("no greeting from the replica"))?;
-            let theirs = wire::decode_hello(&answer).map_err(|e| event::error_chain(&e))?;
-            wire::check_hello(&hello, &theirs).map_err(|e| event::error_chain(&e))?;
-            encoder = Some(
-                Encoder::new(shape, EncoderOptions::default())
-                    .map_err(|e| event::error_chain(&e))?,
-            );
-        }
-        let mut enc = encoder
+        let enc = encoder
             .take()
-            .ok_or_else(|| "an incremental checkpoint before a full one".to_string())?;
+            .ok_or_else(|| "the checkpoint encoder was lost".to_string())?;
         // Encoding all of memory takes seconds: off the runtime's thread, so that the
         // connection keeps its keep-alives going meanwhile.
         let mut out = std::mem::take(&mut frame);
         let (enc, job, out, stats) = tokio::task::spawn_blocking(move || {
+            let mut enc = enc;
             out.clear();
             let stats = enc.encode_into(
                 job.epoch,
@@ -345,27 +447,14 @@ async fn session(
         encoder = Some(enc);
         frame = out;
         let stats = stats.map_err(|e| event::error_chain(&e))?;
-        // The pages are in the frame: the buffer can take the next epoch's (a full
-        // checkpoint's buffer is let go, it is the size of all of memory).
-        if job.kind == FrameKind::Incremental {
-            let _ = give_back.send(job.staging);
+        // The pages are in the frame: the buffer can take the next epoch's (a buffer the size
+        // of all of memory is let go).
+        if !(all && job.kind == FrameKind::Full) {
+            let _ = channels.give_back.send(job.staging);
         }
         let sent = Instant::now();
-        transport::send_frame(&mut send, &frame)
-            .await
-            .map_err(limit("cannot send a checkpoint"))?;
-        let ack = transport::recv_frame(&mut recv, ACK_LEN)
-            .await
-            .map_err(limit("no acknowledgement"))?;
-        let acked = <[u8; 8]>::try_from(ack.as_slice())
-            .map(u64::from_le_bytes)
-            .map_err(|_| "a malformed acknowledgement".to_string())?;
-        if acked != job.epoch {
-            return Err(format!(
-                "the replica acknowledged epoch {acked} for epoch {}",
-                job.epoch
-            ));
-        }
+        link.exchange(&frame, job.epoch).await?;
+        let acked = job.epoch;
         let mut st = shared.status();
         st.committed = Some(acked);
         st.epochs_committed += 1;
@@ -373,9 +462,21 @@ async fn session(
         st.last_wire_bytes = stats.wire_bytes;
         if job.kind == FrameKind::Full {
             st.state = "protected";
+            let pause = st
+                .sync
+                .take()
+                .and_then(|s| s.final_pause)
+                .unwrap_or_default();
+            st.last_sync = Some((started.elapsed(), pause));
             drop(st);
             *warned = false;
-            tracing::info!(replica = %config.replica, epoch = acked, "protected");
+            tracing::info!(
+                replica = %config.replica,
+                epoch = acked,
+                sync_ms = started.elapsed().as_millis() as u64,
+                final_pause_us = pause.as_micros() as u64,
+                "protected"
+            );
         }
         shared.in_flight.store(false, Ordering::SeqCst);
     }

@@ -111,6 +111,9 @@ fn fresh_memory(shape: &MachineShape) -> Result<GuestMemoryMmap, String> {
 async fn serve(conn: &transport::Connection, committed: &Shared) -> Result<(), String> {
     let (mut send, mut recv) = conn.accept_stream().await.map_err(|e| chain(&e))?;
     let mut decoder: Option<Decoder> = None;
+    // The image an initial sync's pre-copy rounds are building, until its full frame.
+    let mut sync: Option<GuestMemoryMmap> = None;
+    let digests = wire::digests_enabled();
     loop {
         let limit = decoder.as_ref().map_or(64 << 10, |d| max_frame(d.shape()));
         let bytes = match transport::recv_frame(&mut recv, limit).await {
@@ -136,20 +139,28 @@ async fn serve(conn: &transport::Connection, committed: &Shared) -> Result<(), S
                 .await
                 .map_err(|e| chain(&e))?;
             decoder = Some(Decoder::new(hello.shape).map_err(|e| chain(&e))?);
+            sync = None;
             continue;
         }
         let mut dec = decoder.take().ok_or("a checkpoint before the greeting")?;
+        let precopy = wire::FrameHeader::parse(&bytes, dec.shape())
+            .is_ok_and(|h| h.kind == FrameKind::Precopy);
         // Verifying and applying a large checkpoint takes seconds: off the runtime's thread, so
         // that the connection keeps answering keep-alives meanwhile.
         let shared = committed.clone();
-        let (dec, result) = tokio::task::spawn_blocking(move || {
-            let result = commit(&mut dec, &bytes, &shared);
-            (dec, result)
+        let mut image = sync.take();
+        let (dec, image, result) = tokio::task::spawn_blocking(move || {
+            let result = commit(&mut dec, &mut image, &bytes, &shared);
+            (dec, image, result)
         })
         .await
         .map_err(|e| format!("the checkpoint worker failed: {e}"))?;
         decoder = Some(dec);
+        sync = image;
         let epoch = result?;
+        if digests && !precopy {
+            log_digest(committed);
+        }
         transport::send_frame(&mut send, &epoch.to_le_bytes())
             .await
             .map_err(|e| chain(&e))?;
@@ -157,39 +168,70 @@ async fn serve(conn: &transport::Connection, committed: &Shared) -> Result<(), S
     }
 }
 
-/// Verifies `frame` completely (with `dec`, made for the primary's shape) and applies it to
-/// `committed`; returns its epoch. On any error the committed image is unchanged.
-pub fn commit(dec: &mut Decoder, frame: &[u8], committed: &Shared) -> Result<u64, String> {
+/// The test mode of `checkpoint::wire::digests_enabled`: logs what was committed.
+fn log_digest(committed: &Shared) {
+    let guard = committed.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(c) = guard.as_ref() else { return };
+    match wire::memory_digest(&c.memory).and_then(|crc| wire::image_digest(crc, &c.state)) {
+        Ok(d) => tracing::info!(epoch = c.epoch, digest = %d, "committed image"),
+        Err(e) => tracing::warn!("no digest: {}", chain(&e)),
+    }
+}
+
+/// Verifies `frame` completely (with `dec`, made for the primary's shape) and applies it;
+/// returns its epoch (a pre-copy frame's round). A checkpoint frame lands in `committed`; a
+/// pre-copy frame in `sync`, the image an initial sync is building (made on its first
+/// frame), which the sync's full frame completes and commits. On any error the committed
+/// image is unchanged.
+pub fn commit(
+    dec: &mut Decoder,
+    sync: &mut Option<GuestMemoryMmap>,
+    frame: &[u8],
+    committed: &Shared,
+) -> Result<u64, String> {
     let mut guard = committed.lock().unwrap_or_else(|p| p.into_inner());
     let shape = dec.shape().clone();
     let base = guard
         .as_ref()
         .filter(|c| c.shape == shape)
         .map(|c| &c.memory);
-    let decoded = dec.decode(frame, base).map_err(|e| chain(&e))?;
+    let mut decoded = dec.decode(frame, base).map_err(|e| chain(&e))?;
     let current = guard.as_ref().filter(|c| c.shape == shape).map(|c| c.epoch);
     wire::check_order(current, decoded.epoch, decoded.kind).map_err(|e| chain(&e))?;
     let epoch = decoded.epoch;
-    match decoded.kind {
-        FrameKind::Full => {
-            // A full checkpoint lands in fresh memory: the old image stays until it is whole.
-            let memory = fresh_memory(&shape)?;
+    match (decoded.kind, decoded.state.take()) {
+        (FrameKind::Precopy, _) => {
+            drop(guard);
+            if sync.is_none() {
+                *sync = Some(fresh_memory(&shape)?);
+            }
+            let image = sync.as_ref().ok_or("no sync image")?;
+            wire::apply(&decoded, image).map_err(|e| chain(&e))?;
+        }
+        (FrameKind::Full, Some(state)) => {
+            // A full checkpoint lands on the image its sync built, or on fresh memory: the old
+            // committed image stays until the new one is whole.
+            let memory = match sync.take() {
+                Some(m) => m,
+                None => fresh_memory(&shape)?,
+            };
             wire::apply(&decoded, &memory).map_err(|e| chain(&e))?;
             *guard = Some(Committed {
                 shape,
                 memory,
-                state: decoded.state,
+                state,
                 epoch,
             });
         }
-        FrameKind::Incremental => {
+        (FrameKind::Incremental, Some(state)) => {
             let c = guard
                 .as_mut()
                 .ok_or("an incremental checkpoint before a full one")?;
             wire::apply(&decoded, &c.memory).map_err(|e| chain(&e))?;
-            c.state = decoded.state;
+            c.state = state;
             c.epoch = epoch;
         }
+        (_, None) => return Err("a checkpoint frame without machine state".into()),
     }
     Ok(epoch)
 }

@@ -45,8 +45,8 @@ pub struct DecodedEpoch {
     pub kind: FrameKind,
     /// The pages, their final contents (deltas already resolved).
     pub pages: Pages,
-    /// The machine state.
-    pub state: MachineState,
+    /// The machine state (None in a pre-copy frame, which carries none).
+    pub state: Option<MachineState>,
 }
 
 /// Decodes frames of one machine, keeping the zstd context between frames.
@@ -129,10 +129,16 @@ impl Decoder {
 
         let mut state = vec![0u8; header.state_len as usize];
         read(&mut state)?;
-        let state: MachineState = codec::decode(&state).map_err(WireError::Codec)?;
-        if MachineShape::of(&state).ok().as_ref() != Some(&self.shape) {
-            return Err(malformed("its machine state describes another machine"));
-        }
+        // The header check made sure that exactly the frames that are not pre-copy have state.
+        let state = if header.kind == FrameKind::Precopy {
+            None
+        } else {
+            let state: MachineState = codec::decode(&state).map_err(WireError::Codec)?;
+            if MachineShape::of(&state).ok().as_ref() != Some(&self.shape) {
+                return Err(malformed("its machine state describes another machine"));
+            }
+            Some(state)
+        };
 
         // Zero-filled by the allocator: pages left zero cost nothing until written.
         let mut data = vec![0u8; page_count * PAGE_SIZE];
@@ -251,10 +257,11 @@ pub fn apply(epoch: &DecodedEpoch, memory: &GuestMemoryMmap) -> Result<(), WireE
 
 /// Refuses an epoch that cannot follow `committed` (the last committed epoch, None before
 /// the first): an incremental epoch must be exactly the next one; a full one starts a new
-/// chain at any epoch.
+/// chain at any epoch; a pre-copy round is not part of the chain (its number is the sync's
+/// round).
 pub fn check_order(committed: Option<u64>, epoch: u64, kind: FrameKind) -> Result<(), WireError> {
     match (kind, committed) {
-        (FrameKind::Full, _) => Ok(()),
+        (FrameKind::Full | FrameKind::Precopy, _) => Ok(()),
         (FrameKind::Incremental, None) => Err(WireError::NoFullCheckpoint(epoch)),
         (FrameKind::Incremental, Some(c)) if c.checked_add(1) == Some(epoch) => Ok(()),
         (FrameKind::Incremental, Some(committed)) => {

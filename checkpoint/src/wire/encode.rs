@@ -50,6 +50,9 @@ pub struct Encoder {
     ctx: CCtx<'static>,
     /// Per RAM range, the content as last sent (zero-filled lazily by the allocator).
     shadow: Option<Vec<Vec<u8>>>,
+    /// Pre-copy frames have been encoded since the last full one: the receiver's image is
+    /// being built, the full frame that ends the sync lands on it (so the shadow stays).
+    syncing: bool,
     scratch: Vec<u8>,
 }
 
@@ -70,6 +73,7 @@ impl Encoder {
             shape,
             ctx,
             shadow,
+            syncing: false,
             scratch: vec![0; PAGE_SIZE],
         })
     }
@@ -89,9 +93,10 @@ impl Encoder {
     }
 
     /// Encodes one epoch into `out` (cleared first): `gfns` strictly ascending, `data` their
-    /// contents, 4096 bytes each. With delta, a full frame restarts the shadow (the receiver
-    /// applies it to fresh memory) and is sent without delta; an incremental frame is a
-    /// delta against the previous one, which the receiver must have applied.
+    /// contents, 4096 bytes each. With delta, a full frame that follows no pre-copy frames
+    /// restarts the shadow (the receiver applies it to fresh memory) and is sent without
+    /// delta; an incremental frame is a delta against the previous one, which the receiver
+    /// must have applied. Pre-copy frames carry no state: see [`Self::encode_precopy_into`].
     pub fn encode_into(
         &mut self,
         epoch: u64,
@@ -101,16 +106,53 @@ impl Encoder {
         state: &MachineState,
         out: &mut Vec<u8>,
     ) -> Result<FrameStats, WireError> {
-        let runs = self.runs(gfns, data)?;
+        if kind == FrameKind::Precopy {
+            return Err(WireError::Input(
+                "a pre-copy frame carries no machine state".into(),
+            ));
+        }
         if MachineShape::of(state).ok().as_ref() != Some(&self.shape) {
             return Err(WireError::Input(
                 "the machine state describes another machine".into(),
             ));
         }
         let state = codec::encode(state).map_err(WireError::Codec)?;
+        self.encode_frame(epoch, kind, gfns, data, &state, out)
+    }
+
+    /// Encodes a pre-copy round of an initial sync into `out`: pages read while the guest
+    /// ran (`round` numbers them), no machine state. The full frame that follows the rounds
+    /// ends the sync.
+    pub fn encode_precopy_into(
+        &mut self,
+        round: u64,
+        gfns: &[u64],
+        data: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<FrameStats, WireError> {
+        self.encode_frame(round, FrameKind::Precopy, gfns, data, &[], out)
+    }
+
+    fn encode_frame(
+        &mut self,
+        epoch: u64,
+        kind: FrameKind,
+        gfns: &[u64],
+        data: &[u8],
+        state: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<FrameStats, WireError> {
+        let runs = self.runs(gfns, data)?;
         let state_len = u32::try_from(state.len())
             .map_err(|_| WireError::Input("the machine state is too large".into()))?;
-        if kind == FrameKind::Full && self.shadow.is_some() {
+        // The receiver builds a new image from zero at the first pre-copy frame, or at a
+        // full frame no pre-copy frame came before; the shadow follows it.
+        let restart = match kind {
+            FrameKind::Precopy => !std::mem::replace(&mut self.syncing, true),
+            FrameKind::Full => !std::mem::replace(&mut self.syncing, false),
+            FrameKind::Incremental => false,
+        };
+        if restart && self.shadow.is_some() {
             self.shadow = Some(fresh_shadow(&self.shape));
         }
         let delta = kind == FrameKind::Incremental && self.shadow.is_some();
@@ -135,7 +177,7 @@ impl Encoder {
         let compress = WireError::Compress;
         z.write_all(&run_bytes).map_err(compress)?;
         z.write_all(&zeros).map_err(compress)?;
-        z.write_all(&state).map_err(compress)?;
+        z.write_all(state).map_err(compress)?;
         let bit = |i: usize| zeros[i / 8] & (1 << (i % 8)) != 0;
         let mut i = 0;
         while i < gfns.len() {

@@ -11,16 +11,24 @@ pub const HEADER_LEN: usize = 56;
 pub(super) const FLAG_FULL: u32 = 1;
 /// Flag: pages are XOR-ed with their previous epoch's content.
 pub(super) const FLAG_DELTA: u32 = 2;
+/// Flag: a pre-copy round: pages read while the guest ran, no machine state.
+pub(super) const FLAG_PRECOPY: u32 = 4;
 /// Bytes of one encoded run.
 pub(super) const RUN_LEN: usize = 12;
 
-/// Whether a frame continues the chain or starts a new one.
+/// Whether a frame continues the chain, starts a new one, or prepares one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FrameKind {
-    /// The pages of a whole machine (initial sync, re-protection): starts a new chain.
+    /// A consistent checkpoint that starts a new chain (initial sync, re-protection): the
+    /// receiver applies its pages over the image the pre-copy rounds since the greeting built
+    /// (or over zeroed memory if there were none) and commits the result.
     Full,
     /// The pages changed since the previous epoch.
     Incremental,
+    /// A pre-copy round of an initial sync: pages read while the guest ran, so not a
+    /// consistent machine and never committed on its own; it carries no machine state. The
+    /// full frame that ends the sync makes the image consistent.
+    Precopy,
 }
 
 /// A frame's header, checked against a machine's shape.
@@ -85,6 +93,7 @@ impl FrameHeader {
         let flags = match self.kind {
             FrameKind::Full => FLAG_FULL,
             FrameKind::Incremental => 0,
+            FrameKind::Precopy => FLAG_PRECOPY,
         } | if self.delta { FLAG_DELTA } else { 0 };
         h[0..8].copy_from_slice(&MAGIC);
         h[8..12].copy_from_slice(&PROTOCOL.to_le_bytes());
@@ -128,14 +137,21 @@ impl FrameHeader {
         let flags = le_u32(h, 12);
         let full = flags & FLAG_FULL != 0;
         let delta = flags & FLAG_DELTA != 0;
-        // A full frame has no previous version to be a delta against.
-        if flags & !(FLAG_FULL | FLAG_DELTA) != 0 || (full && delta) {
+        let precopy = flags & FLAG_PRECOPY != 0;
+        // Full and pre-copy frames have no previous version to be a delta against; a frame is
+        // one kind only.
+        if flags & !(FLAG_FULL | FLAG_DELTA | FLAG_PRECOPY) != 0
+            || (full && delta)
+            || (precopy && (full || delta))
+        {
             return Err(WireError::Flags(flags));
         }
         let header = FrameHeader {
             epoch: le_u64(h, 16),
             kind: if full {
                 FrameKind::Full
+            } else if precopy {
+                FrameKind::Precopy
             } else {
                 FrameKind::Incremental
             },
@@ -165,6 +181,17 @@ impl FrameHeader {
             header.state_len.into(),
             MAX_STATE_LEN as u64,
         )?;
+        if (header.kind == FrameKind::Precopy) != (header.state_len == 0) {
+            return Err(WireError::Malformed(format!(
+                "a {} frame with {} bytes of machine state",
+                if header.kind == FrameKind::Precopy {
+                    "pre-copy"
+                } else {
+                    "checkpoint"
+                },
+                header.state_len
+            )));
+        }
         // zstd never grows its input by more than its bound: a body beyond it is not ours.
         let bound = zstd::zstd_safe::compress_bound(header.raw_len() as usize) as u64;
         limit("bytes of body", header.body_len, bound)?;

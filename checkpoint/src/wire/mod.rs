@@ -8,7 +8,8 @@
 //! frame    header (56 bytes, little endian), then body_len bytes of body
 //!   0      magic "FTVMEPCH"
 //!   8      protocol u32
-//!  12      flags u32            bit 0: full (starts a new chain), bit 1: XOR-delta pages
+//!  12      flags u32            bit 0: full (starts a new chain), bit 1: XOR-delta pages,
+//!                               bit 2: pre-copy round (no state; never with bit 0 or 1)
 //!  16      epoch u64
 //!  24      page_count u32       pages the frame describes, zero pages included
 //!  28      data_pages u32       pages carried as data (page_count - zero pages)
@@ -21,7 +22,8 @@
 //!          runs      run_count x (first gfn u64, count u32), sorted, non-overlapping
 //!          zeros     ceil(page_count / 8) bytes, bit i (LSB first) set: page i is zero
 //!                    and carries no data; the padding bits are clear
-//!          state     state_len bytes (crate::codec of vmm::vm::MachineState)
+//!          state     state_len bytes (crate::codec of vmm::vm::MachineState); none (and
+//!                    only then none) in a pre-copy frame
 //!          pages     data_pages x 4096 bytes, in gfn order; with the delta flag each page
 //!                    is XOR-ed with the page's content at the previous epoch
 //! ```
@@ -39,6 +41,7 @@
 //! the limit. zstd level 1 gives the same sizes as 3 on these workloads, faster.
 
 mod decode;
+mod digest;
 mod encode;
 mod frame;
 mod shape;
@@ -46,6 +49,7 @@ mod shape;
 mod tests;
 
 pub use decode::{DecodedEpoch, Decoder, Pages, apply, check_order};
+pub use digest::{DIGEST_ENV, digests_enabled, image_digest, memory_digest};
 pub use encode::{Encoder, EncoderOptions, FrameStats};
 pub use frame::{FrameHeader, FrameKind, HEADER_LEN};
 pub use shape::{DeviceKind, Hello, MachineShape, check_hello, decode_hello, encode_hello};

@@ -5,7 +5,7 @@ use vmm::memory::GuestMemoryMmap;
 use vmm::state::{CountersState, KvmVmState, VcpuState};
 use vmm::vm::{MachineState, SavedConfig};
 
-use super::frame::{FLAG_DELTA, FLAG_FULL};
+use super::frame::{FLAG_DELTA, FLAG_FULL, FLAG_PRECOPY};
 use super::*;
 use crate::codec;
 
@@ -175,7 +175,10 @@ fn frames_round_trip() {
             assert_eq!(d.kind, kind, "{name}");
             assert_eq!(d.pages.gfns, gfns, "{name}");
             assert!(d.pages.data == data, "{name}: page contents differ");
-            assert!(same_state(&d.state, &state_of(&shape)), "{name}");
+            assert!(
+                same_state(d.state.as_ref().unwrap(), &state_of(&shape)),
+                "{name}"
+            );
             let header = FrameHeader::parse(&frame, &shape).unwrap();
             assert_eq!(header.frame_len(), frame.len() as u64, "{name}");
         }
@@ -264,6 +267,141 @@ fn delta_frames_round_trip_against_the_replica_memory() {
 }
 
 #[test]
+fn precopy_frames_round_trip_without_state() {
+    let shape = holed();
+    let gfns: Vec<u64> = (HOLE - 3..HOLE).chain(HIGH..HIGH + 2).collect();
+    let data = pages(&gfns, 6);
+    let mut enc = Encoder::new(shape.clone(), EncoderOptions::default()).unwrap();
+    let mut frame = Vec::new();
+    let stats = enc
+        .encode_precopy_into(2, &gfns, &data, &mut frame)
+        .unwrap();
+    assert_eq!(stats.raw_bytes, data.len() as u64, "no state bytes");
+    let header = FrameHeader::parse(&frame, &shape).unwrap();
+    assert_eq!((header.kind, header.state_len), (FrameKind::Precopy, 0));
+    let d = decode(&shape, &frame).unwrap();
+    assert_eq!((d.epoch, d.kind), (2, FrameKind::Precopy));
+    assert!(d.state.is_none());
+    assert!(d.pages.gfns == gfns && d.pages.data == data);
+    check_order(Some(40), 2, FrameKind::Precopy).unwrap();
+    check_order(None, 0, FrameKind::Precopy).unwrap();
+    // A checkpoint kind cannot be encoded without state, nor a pre-copy one with it.
+    let e = enc
+        .encode_into(
+            3,
+            FrameKind::Precopy,
+            &gfns,
+            &data,
+            &state_of(&shape),
+            &mut frame,
+        )
+        .unwrap_err();
+    assert!(matches!(e, WireError::Input(_)), "{e}");
+}
+
+#[test]
+fn precopy_flags_and_state_must_agree() {
+    let (raw, counts) = body(&[(3, 2)]);
+    // Pre-copy with full or delta is no kind of frame.
+    for flags in [
+        FLAG_PRECOPY | FLAG_FULL,
+        FLAG_PRECOPY | FLAG_DELTA,
+        8,
+        1 << 31,
+    ] {
+        let e = decode(&shape(), &sealed(flags, counts, &raw)).unwrap_err();
+        assert!(
+            matches!(e, WireError::Flags(f) if f == flags),
+            "{flags:#x}: {e}"
+        );
+    }
+    // A pre-copy frame with state, and a checkpoint frame without.
+    let e = decode(&shape(), &sealed(FLAG_PRECOPY, counts, &raw)).unwrap_err();
+    assert!(e.to_string().contains("pre-copy frame with"), "{e}");
+    let stateless: Vec<u8> = raw[..12 + 1]
+        .iter()
+        .chain(&raw[raw.len() - 2 * PAGE_SIZE..])
+        .copied()
+        .collect();
+    let no_state = [counts[0], counts[1], counts[2], 0];
+    for flags in [0, FLAG_FULL] {
+        let e = decode(&shape(), &sealed(flags, no_state, &stateless)).unwrap_err();
+        assert!(
+            e.to_string().contains("checkpoint frame with 0 bytes"),
+            "{e}"
+        );
+    }
+    let d = decode(&shape(), &sealed(FLAG_PRECOPY, no_state, &stateless)).unwrap();
+    assert_eq!(d.pages.gfns, [3, 4]);
+}
+
+/// With delta on, the full frame that ends a sync lands on the image the pre-copy rounds
+/// built: later deltas are against that image, not against zeroed memory.
+#[test]
+fn deltas_after_a_precopy_sync_are_against_the_synced_image() {
+    let shape = shape();
+    let mut enc = Encoder::new(
+        shape.clone(),
+        EncoderOptions {
+            level: 1,
+            delta: true,
+        },
+    )
+    .unwrap();
+    let mut dec = Decoder::new(shape.clone()).unwrap();
+    let state = machine(MIB16, 2);
+    let mut primary = vec![0u8; MIB16 as usize];
+    let mut rng = Rng(5);
+    let mut frame = Vec::new();
+    for sync in 0..2 {
+        // Each sync builds a fresh image; the second one after a chain of deltas.
+        let image = memory(&shape);
+        let rounds: [Vec<u64>; 3] = [(0..4096).collect(), vec![1, 2, 900], vec![2, 7]];
+        for (round, gfns) in rounds.iter().enumerate() {
+            for &g in gfns {
+                rng.fill(&mut primary[g as usize * PAGE_SIZE..][..PAGE_SIZE]);
+            }
+            let data: Vec<u8> = gfns
+                .iter()
+                .flat_map(|&g| primary[g as usize * PAGE_SIZE..][..PAGE_SIZE].to_vec())
+                .collect();
+            if round < 2 {
+                enc.encode_precopy_into(round as u64, gfns, &data, &mut frame)
+                    .unwrap();
+            } else {
+                enc.encode_into(10 * sync, FrameKind::Full, gfns, &data, &state, &mut frame)
+                    .unwrap();
+            }
+            let d = dec.decode(&frame, Some(&image)).unwrap();
+            apply(&d, &image).unwrap();
+        }
+        assert!(contents(&image) == primary, "sync {sync}: image differs");
+        for epoch in 1..4 {
+            let gfns = vec![1, 3, 900 + epoch];
+            for &g in &gfns {
+                primary[g as usize * PAGE_SIZE + 8 * epoch as usize] ^= 0x77;
+            }
+            let data: Vec<u8> = gfns
+                .iter()
+                .flat_map(|&g| primary[g as usize * PAGE_SIZE..][..PAGE_SIZE].to_vec())
+                .collect();
+            let f = enc
+                .encode(
+                    10 * sync + epoch,
+                    FrameKind::Incremental,
+                    &gfns,
+                    &data,
+                    &state,
+                )
+                .unwrap();
+            assert!(FrameHeader::parse(&f, &shape).unwrap().delta);
+            apply(&dec.decode(&f, Some(&image)).unwrap(), &image).unwrap();
+            assert!(contents(&image) == primary, "sync {sync} epoch {epoch}");
+        }
+    }
+}
+
+#[test]
 fn every_flipped_header_bit_is_refused() {
     let frame = small();
     for byte in 0..HEADER_LEN {
@@ -307,12 +445,8 @@ fn sealed(flags: u32, counts: [u32; 4], raw: &[u8]) -> Vec<u8> {
     let body = zstd::bulk::compress(raw, 1).unwrap();
     let header = FrameHeader {
         epoch: 3,
-        kind: if flags & FLAG_FULL != 0 {
-            FrameKind::Full
-        } else {
-            FrameKind::Incremental
-        },
-        delta: flags & FLAG_DELTA != 0,
+        kind: FrameKind::Incremental,
+        delta: false,
         page_count: counts[0],
         data_pages: counts[1],
         run_count: counts[2],
@@ -321,6 +455,8 @@ fn sealed(flags: u32, counts: [u32; 4], raw: &[u8]) -> Vec<u8> {
         body_crc: crc32fast::hash(&body),
     };
     let mut out = header.to_bytes().to_vec();
+    // Any flags, meaningful or not, with a valid header checksum.
+    patch_header(&mut out, 12, &flags.to_le_bytes());
     out.extend(body);
     out
 }
@@ -411,7 +547,7 @@ fn inconsistent_counts_are_refused() {
     assert!(decode(&shape(), &sealed(0, [pages, data, runs, state - 1], &raw)).is_err());
     assert!(decode(&shape(), &sealed(0, [pages, data, runs, state + 1], &raw)).is_err());
     // Unknown flags, and a full frame that claims to be a delta.
-    for flags in [4, 1 << 31, FLAG_FULL | FLAG_DELTA] {
+    for flags in [8, 1 << 31, FLAG_FULL | FLAG_DELTA] {
         let mut frame = sealed(0, [pages, data, runs, state], &raw);
         patch_header(&mut frame, 12, &flags.to_le_bytes());
         let e = decode(&shape(), &frame).unwrap_err();

@@ -574,6 +574,11 @@ impl Machine {
         self.layout.as_ref()
     }
 
+    /// The configuration a snapshot records (memory size, devices), as built.
+    pub fn saved_config(&self) -> &SavedConfig {
+        &self.saved
+    }
+
     /// The test guest's boot information, read from guest memory (None for other guests).
     pub fn boot_info(&self) -> Option<ftvm_guest_abi::BootInfo> {
         let mut info = ftvm_guest_abi::BootInfo::default();
