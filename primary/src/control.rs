@@ -74,7 +74,7 @@ pub fn supervise(
     let bound = api.map(api::bind).transpose()?;
     vmm::signals::watch(&vm.reporter()).map_err(ControlError::Signals)?;
     let mut protector = protect
-        .map(|p| Protector::start(p, &vm.reporter()))
+        .map(|p| Protector::start(p, &vm.reporter(), vm.output_gate().clone()))
         .transpose()
         .map_err(ControlError::Replication)?;
     let vm = vm.start()?;

@@ -8,6 +8,10 @@
 //! - One checkpoint is in flight at a time. When the next epoch is due before the replica has
 //!   acknowledged the last one, no capture is made: the dirty log keeps accumulating, so the
 //!   next capture carries both epochs' pages (merged, never queued).
+//! - Output commit: from the pause that ends the initial sync on, the VM's output gate
+//!   (`vmm::output`) holds what the guest sends; each capture seals the output produced
+//!   before its pause, and the acknowledgement of that checkpoint releases it. Unprotected
+//!   (no replica, or a lost one), output goes out at once.
 //! - A new connection starts with an initial sync (see [`crate::precopy`]): pre-copy rounds
 //!   send all of memory, then what was dirtied meanwhile, while the guest runs; then one short
 //!   pause captures the full checkpoint that ends the sync (the pages dirtied since the last
@@ -26,6 +30,7 @@ use checkpoint::wire::{self, Encoder, EncoderOptions, FrameKind, Hello};
 use serde_json::{Value, json};
 use vmm::RunningVm;
 use vmm::event::{self, Reporter, ThreadError};
+use vmm::output::OutputGate;
 use vmm::vm::MachineState;
 
 use crate::capture::{self, CaptureError, CaptureStats, Scope, Staging};
@@ -53,6 +58,8 @@ pub struct ProtectConfig {
 /// One captured checkpoint on its way to the replica.
 struct Job {
     epoch: u64,
+    /// The output generation this checkpoint covers: released when it is acknowledged.
+    generation: u64,
     kind: FrameKind,
     staging: Staging,
     state: MachineState,
@@ -86,6 +93,8 @@ const CHAIN: u8 = 3;
 
 pub(crate) struct Shared {
     status: Mutex<Status>,
+    /// The VM's output gate.
+    gate: Arc<OutputGate>,
     /// IDLE, SYNCING, FINAL_DUE or CHAIN.
     phase: AtomicU8,
     /// The full checkpoint covers all of memory (no pre-copy rounds ran).
@@ -120,13 +129,19 @@ pub struct Protector {
 
 impl Protector {
     /// Starts the `replication` thread, which connects to the replica (and reconnects).
-    pub fn start(config: ProtectConfig, reporter: &Reporter) -> std::io::Result<Self> {
+    /// `gate` is the VM's output gate: protection holds output until it is safe.
+    pub fn start(
+        config: ProtectConfig,
+        reporter: &Reporter,
+        gate: Arc<OutputGate>,
+    ) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             status: Mutex::new(Status {
                 state: "connecting",
                 replica: config.replica.to_string(),
                 ..Status::default()
             }),
+            gate,
             phase: AtomicU8::new(IDLE),
             final_all: AtomicBool::new(true),
             in_flight: AtomicBool::new(false),
@@ -190,16 +205,20 @@ impl Protector {
             _ => return Ok(None),
         };
         let mut staging = self.spare.try_recv().unwrap_or_default();
-        // The test mode of `checkpoint::wire::digests_enabled`: memory as the pause saw it.
-        let mut memory_crc = None;
-        let mut digest =
-            |m: &vmm::memory::GuestMemoryMmap| memory_crc = wire::memory_digest(m).ok();
-        let inspect: Option<&mut dyn FnMut(&vmm::memory::GuestMemoryMmap)> = if self.digests {
-            Some(&mut digest)
-        } else {
-            None
+        // In the pause: the output so far belongs to this checkpoint (from the one that ends
+        // a sync on, output is held); the digest test mode reads memory as the pause saw it.
+        let (mut memory_crc, mut generation) = (None, 0);
+        let (digests, gate) = (self.digests, &self.shared.gate);
+        let mut in_pause = |m: &vmm::memory::GuestMemoryMmap| {
+            if kind == FrameKind::Full {
+                gate.hold();
+            }
+            generation = gate.seal();
+            if digests {
+                memory_crc = wire::memory_digest(m).ok();
+            }
         };
-        let (state, stats) = capture::capture(vm, scope, &mut staging, inspect)?;
+        let (state, stats) = capture::capture(vm, scope, &mut staging, Some(&mut in_pause))?;
         if let Some(crc) = memory_crc {
             match wire::image_digest(crc, &state) {
                 Ok(d) => tracing::info!(epoch = self.next_epoch, digest = %d, "epoch image"),
@@ -213,6 +232,7 @@ impl Protector {
         }
         let job = Job {
             epoch: self.next_epoch,
+            generation,
             kind,
             staging,
             state,
@@ -238,13 +258,13 @@ impl Protector {
 
     /// Protection's part of `status`.
     pub fn status_json(&self) -> Value {
-        status_json(&self.shared.status())
+        status_json(&self.shared.status(), &self.shared.gate)
     }
 
     /// A shared handle on the status, for the API thread.
     pub fn status_source(&self) -> Arc<dyn Fn() -> Value + Send + Sync> {
         let shared = self.shared.clone();
-        Arc::new(move || status_json(&shared.status()))
+        Arc::new(move || status_json(&shared.status(), &shared.gate))
     }
 
     /// Stops the `replication` thread and waits for it.
@@ -256,10 +276,13 @@ impl Protector {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
-        match self.thread.take() {
+        let joined = match self.thread.take() {
             Some(t) => event::join("replication", t),
             None => Ok(()),
-        }
+        };
+        // The VM is ending: what it said last goes out (there is nothing left to protect).
+        self.shared.gate.open();
+        joined
     }
 }
 
@@ -280,7 +303,24 @@ impl Status {
     }
 }
 
-fn status_json(st: &Status) -> Value {
+fn output_json(o: &vmm::output::OutputStats) -> Value {
+    let us = |q| o.hold_quantile(q).map(|d: Duration| d.as_micros() as u64);
+    json!({
+        "held": o.holding,
+        "held_items": o.held_items,
+        "held_bytes": o.held_bytes,
+        "high_water_bytes": o.high_water_bytes,
+        "released_items": o.released_items,
+        "released_bytes": o.released_bytes,
+        "passed_items": o.passed_items,
+        "full": o.full,
+        "write_errors": o.write_errors,
+        "hold_p50_us_at_most": us(0.5),
+        "hold_p99_us_at_most": us(0.99),
+    })
+}
+
+fn status_json(st: &Status, gate: &OutputGate) -> Value {
     let mut v = json!({
         "state": st.state,
         "replica": st.replica,
@@ -294,6 +334,7 @@ fn status_json(st: &Status) -> Value {
     if let Some(sync) = &st.sync {
         v["sync"] = sync.json();
     }
+    v["output"] = output_json(&gate.stats());
     if let Some((took, pause)) = st.last_sync {
         v["last_sync_ms"] = json!(took.as_secs_f64() * 1000.0);
         v["last_sync_pause_us"] = json!(pause.as_micros() as u64);
@@ -329,6 +370,15 @@ fn replicate(
             };
             shared.phase.store(IDLE, Ordering::SeqCst);
             shared.in_flight.store(false, Ordering::SeqCst);
+            // Unprotected, output goes out at once: what was held too.
+            let (items, bytes) = shared.gate.open();
+            if items > 0 {
+                tracing::info!(
+                    items,
+                    bytes,
+                    "released the held output: the guest is unprotected"
+                );
+            }
             let was = {
                 let mut st = shared.status();
                 st.sync = None;
@@ -455,6 +505,8 @@ async fn session(
         let sent = Instant::now();
         link.exchange(&frame, job.epoch).await?;
         let acked = job.epoch;
+        let (items, bytes) = shared.gate.release(job.generation);
+        tracing::debug!(epoch = acked, items, bytes, "acknowledged, output released");
         let mut st = shared.status();
         st.committed = Some(acked);
         st.epochs_committed += 1;

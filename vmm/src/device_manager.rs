@@ -17,6 +17,7 @@ use crate::devices::virtio::net::{
 use crate::devices::virtio::{Interrupt, VirtioDevice, Waker};
 use crate::event_loop::EventHandler;
 use crate::memory::GuestMemoryMmap;
+use crate::output::OutputGate;
 use crate::vcpu::VcpuWaker;
 
 /// Errors of setting up devices.
@@ -77,6 +78,8 @@ pub struct DeviceManager {
     pub net_counters: Vec<Arc<NetCounters>>,
     /// Who device interrupts wake.
     pub wakers: Arc<Wakers>,
+    /// What every output of the guest (network frames, console bytes) goes through.
+    pub output: Arc<OutputGate>,
 }
 
 impl DeviceManager {
@@ -178,7 +181,15 @@ impl DeviceManager {
             .unwrap_or_else(|| default_mac(self.net_counters.len()));
         let (base, irq, interrupt, notify) = self.wire(vm, 2)?;
         let interrupt = Arc::new(interrupt);
-        let net = Net::new(tap, mac, mem.clone(), interrupt.clone());
+        // Frames leave through the output gate, on a descriptor of their own.
+        let writer = tap.writer().map_err(DeviceError::EventFd)?;
+        let name = format!("TAP {}", tap.name());
+        let sink = self.output.add_sink(&name, Box::new(writer), false);
+        let room = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
+        self.output
+            .add_waiter(room.try_clone().map_err(DeviceError::EventFd)?);
+        let mut net = Net::new(tap, mac, mem.clone(), interrupt.clone());
+        net.set_output(self.output.clone(), sink);
         self.net_counters.push(net.counters());
         let net = Arc::new(Mutex::new(net));
         let clone = |i: usize| notify[i].try_clone().map_err(DeviceError::EventFd);
@@ -187,6 +198,7 @@ impl DeviceManager {
             rx_evt: clone(0)?,
             tx_evt: clone(1)?,
             tap_fd,
+            room,
         }));
         self.place(mmio, mem, net, (base, irq, interrupt, notify))
     }

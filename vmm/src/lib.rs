@@ -17,6 +17,7 @@ pub mod hostfile;
 pub mod linux;
 pub mod loader;
 pub mod memory;
+pub mod output;
 pub mod signals;
 pub mod state;
 pub mod vcpu;

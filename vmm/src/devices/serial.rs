@@ -9,6 +9,7 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::{BusDevice, VcpuAction};
+use crate::output::OutputGate;
 use crate::state::{DeviceState, SerialState, StateError};
 
 /// Number of port addresses the UART decodes.
@@ -49,13 +50,33 @@ impl SerialEvents for Events {
     fn in_buffer_empty(&self) {}
 }
 
-/// The host side of the console, shared so that a restored UART writes to the same place.
+/// The host writer, shared by the output gate's console sink and [`ConsoleOut::sync`].
 #[derive(Clone)]
-pub struct ConsoleOut(Arc<Mutex<Box<dyn Write + Send>>>);
+struct Shared(Arc<Mutex<Box<dyn Write + Send>>>);
+
+impl Write for Shared {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).flush()
+    }
+}
+
+/// The host side of the console, shared so that a restored UART writes to the same place.
+/// Bytes go through the VM's output gate, which writes them at once or holds them until their
+/// checkpoint is safe.
+#[derive(Clone)]
+pub struct ConsoleOut {
+    host: Shared,
+    gate: Arc<OutputGate>,
+    sink: usize,
+}
 
 impl Write for ConsoleOut {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).write(buf)
+        self.gate.emit(self.sink, buf)?;
+        Ok(buf.len())
     }
     /// A no-op: the UART flushes after every byte, which would cost a system call per byte.
     /// The host side is flushed by [`ConsoleOut::sync`] instead.
@@ -68,7 +89,7 @@ impl ConsoleOut {
     /// Pushes everything the guest wrote so far to the host side (e.g. a partial line when
     /// the VM pauses: a snapshot must not leave console bytes in a buffer).
     pub fn sync(&self) {
-        if let Err(e) = self.0.lock().unwrap_or_else(|p| p.into_inner()).flush() {
+        if let Err(e) = self.host.clone().flush() {
             tracing::warn!("console output failed: {e}");
         }
     }
@@ -83,10 +104,16 @@ pub struct SerialConsole {
 }
 
 impl SerialConsole {
-    /// A UART whose output goes to `out` and whose interrupt fires `irq`.
-    pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
+    /// A UART whose output goes to `out` through `gate` and whose interrupt fires `irq`.
+    pub fn new(irq: EventFd, out: Box<dyn Write + Send>, gate: &Arc<OutputGate>) -> Self {
         let counters = Arc::new(SerialCounters::default());
-        let out = ConsoleOut(Arc::new(Mutex::new(out)));
+        let host = Shared(Arc::new(Mutex::new(out)));
+        let sink = gate.add_sink("the console", Box::new(host.clone()), true);
+        let out = ConsoleOut {
+            host,
+            gate: gate.clone(),
+            sink,
+        };
         let trigger = IrqTrigger(irq.try_clone().expect("eventfd can be duplicated"));
         let uart = Serial::with_events(trigger, Events(counters.clone()), out.clone());
         Self {
@@ -197,7 +224,8 @@ mod tests {
     #[test]
     fn bytes_written_to_thr_reach_the_writer_and_are_counted() {
         let sink = Sink::default();
-        let mut uart = SerialConsole::new(EventFd::new(0).unwrap(), Box::new(sink.clone()));
+        let gate = Arc::new(OutputGate::default());
+        let mut uart = SerialConsole::new(EventFd::new(0).unwrap(), Box::new(sink.clone()), &gate);
         for b in b"hi\n" {
             uart.write(0, &[*b]);
         }

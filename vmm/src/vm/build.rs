@@ -132,7 +132,7 @@ pub(super) fn build(
     })?;
     fd.register_irqfd(&irq, SERIAL_IRQ)
         .map_err(kvm_err("connect the serial interrupt"))?;
-    let console = SerialConsole::new(irq, console);
+    let console = SerialConsole::new(irq, console, &devices.output);
     let serial = console.counters();
     let console_out = console.output();
     // One UART, reachable both as COM1 (ring-0 guests) and through MMIO (the test guest).

@@ -574,6 +574,11 @@ impl Machine {
         self.layout.as_ref()
     }
 
+    /// What every output of the guest goes through (see [`crate::output`]).
+    pub fn output_gate(&self) -> &Arc<crate::output::OutputGate> {
+        &self.devices.output
+    }
+
     /// The configuration a snapshot records (memory size, devices), as built.
     pub fn saved_config(&self) -> &SavedConfig {
         &self.saved

@@ -13,6 +13,7 @@ use vm_memory::Bytes;
 use crate::devices::virtio::chain::{self, Chain};
 use crate::devices::virtio::{ActivateError, Interrupt, VirtioDevice, read_config_bytes};
 use crate::memory::GuestMemoryMmap;
+use crate::output::{FRAME_ROOM, OutputGate};
 use crate::state::{StateError, VirtioDeviceState};
 
 /// Size of each queue.
@@ -157,6 +158,8 @@ pub struct Net<B: NetBackend> {
     pending: Option<usize>,
     frame: Vec<u8>,
     counters: Arc<NetCounters>,
+    /// Where frames go instead of the backend: the output gate and this card's sink in it.
+    output: Option<(Arc<OutputGate>, usize)>,
 }
 
 impl<B: NetBackend> Net<B> {
@@ -172,7 +175,14 @@ impl<B: NetBackend> Net<B> {
             pending: None,
             frame: vec![0; FRAME_BUF],
             counters: Arc::new(NetCounters::default()),
+            output: None,
         }
+    }
+
+    /// Sends frames through `gate` (sink `sink`, which writes them to this card's TAP) rather
+    /// than the backend: when the gate is full, frames stay in the transmit ring.
+    pub fn set_output(&mut self, gate: Arc<OutputGate>, sink: usize) {
+        self.output = Some((gate, sink));
     }
 
     /// The card's counters.
@@ -192,7 +202,17 @@ impl<B: NetBackend> Net<B> {
         };
         let mem = self.mem.clone();
         let mut done = 0;
-        while let Some(head) = q.pop_descriptor_chain(&mem) {
+        loop {
+            // Backpressure: a full output gate leaves the guest's frames in its ring; the
+            // gate's waiter brings the device back here when there is room.
+            if let Some((gate, _)) = &self.output
+                && !gate.has_room(FRAME_ROOM)
+            {
+                break;
+            }
+            let Some(head) = q.pop_descriptor_chain(&mem) else {
+                break;
+            };
             let index = head.head_index();
             self.transmit(head);
             if let Err(e) = q.add_used(&mem, index, 0) {
@@ -225,7 +245,11 @@ impl<B: NetBackend> Net<B> {
             at = end;
         }
         let frame = &self.frame[NET_HDR_LEN..at];
-        match self.backend.send(frame) {
+        let sent = match &self.output {
+            Some((gate, sink)) => gate.emit(*sink, frame).map(|()| frame.len()),
+            None => self.backend.send(frame),
+        };
+        match sent {
             Ok(_) => {
                 add(&self.counters.tx_packets, 1);
                 add(&self.counters.tx_bytes, frame.len() as u64);

@@ -11,6 +11,7 @@ use crate::event_loop::{EventHandler, Interest};
 const RX_QUEUE: u32 = 0;
 const TX_QUEUE: u32 = 1;
 const TAP: u32 = 2;
+const ROOM: u32 = 3;
 
 /// Moves frames when the guest posts buffers, queues frames, or the TAP has frames.
 pub struct NetHandler {
@@ -22,6 +23,8 @@ pub struct NetHandler {
     pub tx_evt: EventFd,
     /// The TAP's descriptor.
     pub tap_fd: std::os::fd::RawFd,
+    /// Written when the output gate has room again after it was full.
+    pub room: EventFd,
 }
 
 impl EventHandler for NetHandler {
@@ -43,6 +46,11 @@ impl EventHandler for NetHandler {
                 tag: TAP,
                 edge: true,
             },
+            Interest {
+                fd: self.room.as_raw_fd(),
+                tag: ROOM,
+                edge: false,
+            },
         ]
     }
 
@@ -55,6 +63,10 @@ impl EventHandler for NetHandler {
             }
             TX_QUEUE => {
                 let _ = self.tx_evt.read();
+                dev.process_tx();
+            }
+            ROOM => {
+                let _ = self.room.read();
                 dev.process_tx();
             }
             _ => {

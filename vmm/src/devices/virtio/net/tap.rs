@@ -91,6 +91,12 @@ impl Tap {
     pub fn write_frame(&mut self, frame: &[u8]) -> std::io::Result<usize> {
         self.file.write(frame)
     }
+
+    /// Another descriptor of the same interface, to write frames from elsewhere (one write,
+    /// one frame).
+    pub fn writer(&self) -> std::io::Result<File> {
+        self.file.try_clone()
+    }
 }
 
 impl AsRawFd for Tap {
