@@ -6,162 +6,16 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::netns::Netns;
-use common::{Guarded, ftvm_ok, last_count, require_kvm, spawn_ftvm};
-use serde_json::Value;
+use common::protection::{Replica, cert, digests, s, spawn_logged, status, wait_protection};
+use common::{Guarded, last_count, require_kvm, spawn_ftvm};
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-fn s(p: &Path) -> String {
-    p.to_str().unwrap().to_string()
-}
-
-/// `ftvm cert --out DIR`; returns the fingerprint it prints.
-fn cert(dir: &Path) -> String {
-    ftvm_ok(&["cert", "--out", &s(dir)])
-        .trim()
-        .lines()
-        .last()
-        .unwrap()
-        .to_string()
-}
-
-/// A replica process and its log.
-struct Replica {
-    _child: Guarded,
-    log: Arc<Mutex<String>>,
-    addr: String,
-}
-
-/// What [`spawn_logged`] returns: the child, its log (stderr), the lines that contained the
-/// word asked for, and its console (stdout).
-type LoggedChild = (
-    Guarded,
-    Arc<Mutex<String>>,
-    std::sync::mpsc::Receiver<String>,
-    common::Console,
-);
-
-/// Starts `ftvm ARGS` with `env` and RUST_LOG=info; its stdout goes to the returned console,
-/// its stderr lines to the returned log, and each line containing `tell` to the channel.
-fn spawn_logged(args: &[&str], env: &[(&str, &str)], tell: &'static str) -> LoggedChild {
-    let mut child: Child = Command::new(env!("CARGO_BIN_EXE_ftvm"))
-        .env("RUST_LOG", "info")
-        .envs(env.iter().copied())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let console = common::Console::default();
-    let (mut out, mut sink) = (child.stdout.take().unwrap(), console.clone());
-    std::thread::spawn(move || {
-        let _ = std::io::copy(&mut out, &mut sink);
-    });
-    let log = Arc::new(Mutex::new(String::new()));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let (err, l) = (child.stderr.take().unwrap(), log.clone());
-    std::thread::spawn(move || {
-        for line in BufReader::new(err).lines().map_while(Result::ok) {
-            if line.contains(tell) {
-                let _ = tx.send(line.clone());
-            }
-            l.lock().unwrap().push_str(&(line + "\n"));
-        }
-    });
-    (Guarded(Some(child)), log, rx, console)
-}
-
-impl Replica {
-    fn start(listen: &str, cert: &Path, peer: &str) -> Self {
-        Self::start_with(listen, cert, peer, &[])
-    }
-
-    fn start_with(listen: &str, cert: &Path, peer: &str, env: &[(&str, &str)]) -> Self {
-        let args = [
-            "replica",
-            "--listen",
-            listen,
-            "--cert",
-            &s(cert),
-            "--peer",
-            peer,
-        ];
-        let (child, log, listening, _) = spawn_logged(&args, env, "replica listening");
-        let line = listening.recv_timeout(LIMIT).expect("the replica listens");
-        let addr = field(&line, "addr")
-            .expect("the replica says where")
-            .to_string();
-        Replica {
-            _child: child,
-            log,
-            addr,
-        }
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    /// Waits until the replica's log mentions `needle`.
-    fn wait_log(&self, needle: &str) {
-        let deadline = Instant::now() + LIMIT;
-        while !self.log().contains(needle) {
-            assert!(
-                Instant::now() < deadline,
-                "no '{needle}' in the replica's log: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-/// The value of `key=` in a log line.
-fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
-}
-
-/// (epoch, digest) of each log line with `message` (the digest test mode's lines).
-fn digests(log: &str, message: &str) -> Vec<(u64, String)> {
-    log.lines()
-        .filter(|l| l.contains(message))
-        .filter_map(|l| {
-            Some((
-                field(l, "epoch")?.parse().ok()?,
-                field(l, "digest")?.to_string(),
-            ))
-        })
-        .collect()
-}
-
-fn status(sock: &Path) -> Value {
-    serde_json::from_str(&ftvm_ok(&["status", "--api", &s(sock)])).unwrap()
-}
-
-/// Waits until the primary's protection satisfies `done`.
-fn wait_protection(sock: &Path, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + LIMIT;
-    loop {
-        let st = status(sock);
-        if done(&st["protection"]) {
-            return st;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {st}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn primary(
     sock: &Path,

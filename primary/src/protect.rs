@@ -342,6 +342,14 @@ fn status_json(st: &Status, gate: &OutputGate) -> Value {
     v
 }
 
+/// Now, in nanoseconds since the Unix epoch (the release log's clock, the one packet
+/// captures use).
+fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
 /// The replication thread's ends of the channels to the owner.
 struct Channels {
     jobs: tokio::sync::mpsc::Receiver<Job>,
@@ -371,12 +379,14 @@ fn replicate(
             shared.phase.store(IDLE, Ordering::SeqCst);
             shared.in_flight.store(false, Ordering::SeqCst);
             // Unprotected, output goes out at once: what was held too.
-            let (items, bytes) = shared.gate.open();
-            if items > 0 {
+            if shared.gate.stats().holding {
+                let at = unix_ns();
+                let r = shared.gate.open();
                 tracing::info!(
-                    items,
-                    bytes,
-                    "released the held output: the guest is unprotected"
+                    frames = r.frames,
+                    console_bytes = r.console_bytes,
+                    at_unix_ns = at,
+                    "output released: the guest is unprotected, its output goes out at once"
                 );
             }
             let was = {
@@ -505,8 +515,16 @@ async fn session(
         let sent = Instant::now();
         link.exchange(&frame, job.epoch).await?;
         let acked = job.epoch;
-        let (items, bytes) = shared.gate.release(job.generation);
-        tracing::debug!(epoch = acked, items, bytes, "acknowledged, output released");
+        let at = unix_ns();
+        let r = shared.gate.release(job.generation);
+        tracing::debug!(
+            epoch = acked,
+            frames = r.frames,
+            frame_bytes = r.frame_bytes,
+            console_bytes = r.console_bytes,
+            at_unix_ns = at,
+            "acknowledged: output released"
+        );
         let mut st = shared.status();
         st.committed = Some(acked);
         st.epochs_committed += 1;

@@ -200,7 +200,9 @@ pub fn ftvm_with(cmd: &mut Command, timeout: Duration) -> Output {
         }
     }
 }
+pub mod capture;
 pub mod netns;
+pub mod protection;
 
 /// Starts `ftvm` with `args`, its stdout collected into a [`Console`] the test can wait on;
 /// the handle ends when ftvm's stdout closes (join it to know the console is complete).

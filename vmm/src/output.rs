@@ -84,6 +84,24 @@ impl OutputStats {
     }
 }
 
+/// What one release (or opening) wrote.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Released {
+    /// Items of frame sinks (network frames).
+    pub frames: u64,
+    /// Their bytes.
+    pub frame_bytes: u64,
+    /// Bytes of merging sinks (the console).
+    pub console_bytes: u64,
+}
+
+impl Released {
+    /// Nothing was written.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
 struct Inner {
     holding: bool,
     /// The generation new output is tagged with.
@@ -211,14 +229,14 @@ impl OutputGate {
         sealed
     }
 
-    /// Writes, in order, every held output of generations up to `upto`; returns (items,
-    /// bytes) written. A failed write drops that item and is counted.
-    pub fn release(&self, upto: u64) -> (u64, u64) {
+    /// Writes, in order, every held output of generations up to `upto`; returns what it
+    /// wrote. A failed write drops that item and is counted.
+    pub fn release(&self, upto: u64) -> Released {
         release_locked(&mut self.lock(), upto)
     }
 
     /// Stops holding: everything held goes out now, and later output at once.
-    pub fn open(&self) -> (u64, u64) {
+    pub fn open(&self) -> Released {
         let mut g = self.lock();
         g.holding = false;
         let released = release_locked(&mut g, u64::MAX);
@@ -236,8 +254,9 @@ impl OutputGate {
     }
 }
 
-fn release_locked(g: &mut Inner, upto: u64) -> (u64, u64) {
+fn release_locked(g: &mut Inner, upto: u64) -> Released {
     let (mut items, mut bytes) = (0u64, 0u64);
+    let mut out = Released::default();
     while g.queue.front().is_some_and(|h| h.generation <= upto) {
         let Some(h) = g.queue.pop_front() else { break };
         g.bytes -= h.data.len();
@@ -258,6 +277,12 @@ fn release_locked(g: &mut Inner, upto: u64) -> (u64, u64) {
         }
         items += 1;
         bytes += h.data.len() as u64;
+        if g.sinks.get(h.sink).is_some_and(|s| s.merge) {
+            out.console_bytes += h.data.len() as u64;
+        } else {
+            out.frames += 1;
+            out.frame_bytes += h.data.len() as u64;
+        }
     }
     g.stats.released_items += items;
     g.stats.released_bytes += bytes;
@@ -265,7 +290,7 @@ fn release_locked(g: &mut Inner, upto: u64) -> (u64, u64) {
     if items > 0 {
         wake(g);
     }
-    (items, bytes)
+    out
 }
 
 /// Wakes the devices that found the gate full.
@@ -348,12 +373,14 @@ mod tests {
         g.emit(1, b"!").unwrap();
         let g2 = g.seal();
         assert!(net.take().is_empty() && console.take().is_empty());
-        assert_eq!(g.release(g0), (0, 0), "nothing was produced in {g0}");
-        assert_eq!(g.release(g1), (3, 9));
+        assert!(g.release(g0).is_empty(), "nothing was produced in {g0}");
+        let r = g.release(g1);
+        assert_eq!((r.frames, r.frame_bytes, r.console_bytes), (2, 4, 5));
         assert_eq!(net.take(), [b"a1".to_vec(), b"a2".to_vec()]);
         assert_eq!(console.take(), [b"hello".to_vec()], "merged console bytes");
         assert_eq!(g.stats().held_bytes, 3);
-        assert_eq!(g.release(g2), (2, 3));
+        let r = g.release(g2);
+        assert_eq!((r.frames, r.frame_bytes, r.console_bytes), (1, 2, 1));
         assert_eq!(net.take(), [b"b1".to_vec()]);
         assert_eq!(console.take(), [b"!".to_vec()]);
         let s = g.stats();
@@ -391,7 +418,7 @@ mod tests {
         let (g, net, _) = gate(100);
         g.hold();
         g.emit(0, b"held").unwrap();
-        assert_eq!(g.open(), (1, 4));
+        assert_eq!(g.open().frame_bytes, 4);
         g.emit(0, b"now").unwrap();
         assert_eq!(net.take(), [b"held".to_vec(), b"now".to_vec()]);
         assert!(!g.stats().holding);
