@@ -113,6 +113,18 @@ struct ProtectArgs {
     /// one short pause); 0 copies all of memory in one pause instead.
     #[arg(long, value_name = "N", default_value = "5")]
     precopy_rounds: u32,
+    /// When checkpoints are taken: `early` every epoch and also as soon as the guest's output
+    /// waits and none is in flight (so a quiet guest's replies are not held for an epoch);
+    /// `fixed` every epoch only.
+    #[arg(long, value_name = "POLICY", value_enum, default_value_t = PolicyArg::Early)]
+    checkpoint_policy: PolicyArg,
+}
+
+/// `--checkpoint-policy`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PolicyArg {
+    Early,
+    Fixed,
 }
 
 impl ProtectArgs {
@@ -137,6 +149,10 @@ impl ProtectArgs {
                 .with_context(|| format!("Invalid --peer fingerprint '{peer}'"))?,
             epoch: std::time::Duration::from_millis(self.epoch_ms),
             precopy_rounds: self.precopy_rounds,
+            policy: match self.checkpoint_policy {
+                PolicyArg::Fixed => primary::protect::Policy::Fixed,
+                PolicyArg::Early => primary::protect::Policy::Early,
+            },
         }))
     }
 }

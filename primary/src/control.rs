@@ -108,6 +108,11 @@ pub fn supervise(
         VmEvent::ThreadFailed { thread, cause } => {
             Err(ControlError::Thread(ThreadError { thread, cause }))
         }
+        // `run` handles it and never ends with it.
+        VmEvent::OutputWaiting => Err(ControlError::Thread(ThreadError {
+            thread: "control".into(),
+            cause: "the control loop ended on an output notice".into(),
+        })),
     };
     // Every thread is joined; a failure found here that was not the reason the VM ended is
     // still an error.
@@ -142,8 +147,15 @@ fn run(
             None if api.is_some() => POLL,
             None => Duration::from_secs(3600),
         };
-        if let Some(event) = vm.wait_event(Some(wait)) {
-            return event;
+        match vm.wait_event(Some(wait)) {
+            // Output waits: the checkpoint policy may start one now (tick decides).
+            Some(VmEvent::OutputWaiting) => {
+                if let Some(p) = protector.as_deref_mut() {
+                    p.output_waiting();
+                }
+            }
+            Some(event) => return event,
+            None => {}
         }
         if let Some(p) = protector.as_deref_mut()
             && let Err(e) = p.tick(vm)

@@ -53,7 +53,22 @@ pub struct ProtectConfig {
     pub epoch: Duration,
     /// Most pre-copy rounds of an initial sync; 0 copies all of memory in one pause.
     pub precopy_rounds: u32,
+    /// When checkpoints are taken.
+    pub policy: Policy,
 }
+
+/// When checkpoints are taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Policy {
+    /// Every epoch, whatever the guest does.
+    Fixed,
+    /// Every epoch, and also as soon as output waits and no checkpoint is in flight (at most
+    /// one per [`MIN_EARLY`]), so that a quiet guest's replies are not held for an epoch.
+    Early,
+}
+
+/// The shortest time between two checkpoints started early for waiting output.
+pub const MIN_EARLY: Duration = Duration::from_millis(2);
 
 /// One captured checkpoint on its way to the replica.
 struct Job {
@@ -125,6 +140,10 @@ pub struct Protector {
     next_epoch: u64,
     /// Log a digest of each epoch's image (a test mode).
     digests: bool,
+    policy: Policy,
+    /// Output waits for a checkpoint (the early policy's doorbell rang).
+    waiting: bool,
+    last_capture: Instant,
 }
 
 impl Protector {
@@ -150,7 +169,13 @@ impl Protector {
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let (give_back, spare) = std::sync::mpsc::channel();
         let (ask, harvests) = std::sync::mpsc::channel();
-        let epoch = config.epoch;
+        let (epoch, policy) = (config.epoch, config.policy);
+        if policy == Policy::Early {
+            let r = reporter.clone();
+            shared
+                .gate
+                .set_doorbell(Box::new(move || r.send(vmm::event::VmEvent::OutputWaiting)));
+        }
         let s = shared.clone();
         let thread = reporter.spawn("replication", move || {
             let channels = Channels {
@@ -171,12 +196,24 @@ impl Protector {
             next_due: Instant::now() + epoch,
             next_epoch: 0,
             digests: wire::digests_enabled(),
+            policy,
+            waiting: false,
+            last_capture: Instant::now(),
         })
     }
 
-    /// When the next epoch is due.
+    /// When the next checkpoint is due.
     pub fn next_due(&self) -> Instant {
-        self.next_due
+        if self.waiting {
+            self.next_due.min(self.last_capture + MIN_EARLY)
+        } else {
+            self.next_due
+        }
+    }
+
+    /// Output waits for a checkpoint: with the early policy, the next tick may take one.
+    pub fn output_waiting(&mut self) {
+        self.waiting = self.policy == Policy::Early;
     }
 
     /// Answers an initial sync's harvests, and captures a checkpoint if one is due and the
@@ -187,9 +224,13 @@ impl Protector {
             let _ = request.send(precopy::harvest(vm));
         }
         let now = Instant::now();
-        if now < self.next_due {
+        let early = self.waiting && now >= self.last_capture + MIN_EARLY;
+        if now < self.next_due && !early {
             return Ok(None);
         }
+        // Output that waits while a checkpoint is in flight rings again when that one's
+        // acknowledgement releases what it covers.
+        self.waiting = false;
         // The next epoch starts a whole epoch from now, not from a missed deadline.
         self.next_due = now + self.epoch;
         if self.shared.in_flight.load(Ordering::SeqCst) {
@@ -219,6 +260,7 @@ impl Protector {
             }
         };
         let (state, stats) = capture::capture(vm, scope, &mut staging, Some(&mut in_pause))?;
+        self.last_capture = now;
         if let Some(crc) = memory_crc {
             match wire::image_digest(crc, &state) {
                 Ok(d) => tracing::info!(epoch = self.next_epoch, digest = %d, "epoch image"),

@@ -37,6 +37,10 @@ pub enum VmEvent {
     },
     /// The VMM received a termination signal (SIGTERM, SIGINT): stop in order.
     Signal(i32),
+    /// The output gate holds output waiting for a checkpoint (see
+    /// [`crate::output::OutputGate::set_doorbell`]): whoever checkpoints may start one early.
+    /// Not an end of the VM.
+    OutputWaiting,
 }
 
 /// Sends VM events from any thread, and starts threads whose end is reported.

@@ -113,6 +113,8 @@ struct Inner {
     waiters: Vec<EventFd>,
     /// A device found the gate full since the last release.
     blocked: bool,
+    /// Rung when output starts waiting, or still waits after a release.
+    doorbell: Option<Box<dyn Fn() + Send>>,
     stats: OutputStats,
 }
 
@@ -140,6 +142,7 @@ impl OutputGate {
                 sinks: Vec::new(),
                 waiters: Vec::new(),
                 blocked: false,
+                doorbell: None,
                 stats: OutputStats::default(),
             }),
         }
@@ -165,6 +168,12 @@ impl OutputGate {
     /// full.
     pub fn add_waiter(&self, evt: EventFd) {
         self.lock().waiters.push(evt);
+    }
+
+    /// Sets what is called when held output starts waiting (the queue was empty) and when
+    /// output still waits after a release: a checkpoint policy can start one early.
+    pub fn set_doorbell(&self, ring: Box<dyn Fn() + Send>) {
+        self.lock().doorbell = Some(ring);
     }
 
     /// Whether `len` more bytes fit; when not, the caller should stop taking output until its
@@ -200,6 +209,11 @@ impl OutputGate {
                 last.data.extend_from_slice(data);
             }
             _ => {
+                if g.queue.is_empty()
+                    && let Some(ring) = &g.doorbell
+                {
+                    ring();
+                }
                 g.queue.push_back(Held {
                     generation,
                     sink,
@@ -289,6 +303,12 @@ fn release_locked(g: &mut Inner, upto: u64) -> Released {
     g.stats.held_bytes = g.bytes as u64;
     if items > 0 {
         wake(g);
+    }
+    if g.holding
+        && !g.queue.is_empty()
+        && let Some(ring) = &g.doorbell
+    {
+        ring();
     }
     out
 }
@@ -411,6 +431,34 @@ mod tests {
         assert_eq!(waiter.read().unwrap(), 1, "woken by the release");
         assert!(g.has_room(10));
         assert_eq!(net.take().len(), 1);
+    }
+
+    #[test]
+    fn the_doorbell_rings_when_output_starts_waiting_and_when_it_still_waits() {
+        let (g, _, _) = gate(1000);
+        let rings = Arc::new(Mutex::new(0));
+        let r = rings.clone();
+        g.set_doorbell(Box::new(move || *r.lock().unwrap() += 1));
+        g.emit(0, b"open: no ring").unwrap();
+        assert_eq!(*rings.lock().unwrap(), 0);
+        g.hold();
+        g.emit(0, b"first").unwrap();
+        g.emit(0, b"second").unwrap();
+        assert_eq!(
+            *rings.lock().unwrap(),
+            1,
+            "one ring for a queue that was empty"
+        );
+        let first = g.seal();
+        g.emit(0, b"third").unwrap();
+        g.release(first);
+        assert_eq!(
+            *rings.lock().unwrap(),
+            2,
+            "output still waits after the release"
+        );
+        g.release(g.seal());
+        assert_eq!(*rings.lock().unwrap(), 2, "nothing waits");
     }
 
     #[test]
