@@ -15,6 +15,7 @@ use crate::devices::virtio::net::{
     Net, NetConfig, NetCounters, NetHandler, Tap, TapError, default_mac,
 };
 use crate::devices::virtio::{Interrupt, VirtioDevice, Waker};
+use crate::disk_track::DiskTracker;
 use crate::event_loop::EventHandler;
 use crate::memory::GuestMemoryMmap;
 use crate::output::OutputGate;
@@ -80,6 +81,8 @@ pub struct DeviceManager {
     pub wakers: Arc<Wakers>,
     /// What every output of the guest (network frames, console bytes) goes through.
     pub output: Arc<OutputGate>,
+    /// Which blocks the guest wrote, per disk in `--disk` order.
+    pub disk_trackers: Vec<Arc<DiskTracker>>,
 }
 
 impl DeviceManager {
@@ -157,6 +160,7 @@ impl DeviceManager {
         let interrupt = Arc::new(interrupt);
         let block = Block::new(config, mem.clone(), interrupt.clone())?;
         self.block_counters.push(block.counters());
+        self.disk_trackers.push(block.tracker());
         let block = Arc::new(Mutex::new(block));
         let queue_evt = notify[0].try_clone().map_err(DeviceError::EventFd)?;
         self.handlers.push(Box::new(BlockHandler {

@@ -42,6 +42,7 @@
 
 mod decode;
 mod digest;
+mod disk;
 mod encode;
 mod frame;
 mod shape;
@@ -50,6 +51,10 @@ mod tests;
 
 pub use decode::{DecodedEpoch, Decoder, Pages, apply, check_order};
 pub use digest::{DIGEST_ENV, digests_enabled, image_digest, memory_digest};
+pub use disk::{
+    DISK_HEADER_LEN, DISK_MAGIC, DiskFrameHeader, MAX_DISK_BYTES, MAX_DISK_FRAME_BLOCKS,
+    decode_disk_frame, disk_encoder, disk_shape, encode_disk_frame,
+};
 pub use encode::{Encoder, EncoderOptions, FrameStats};
 pub use frame::{FrameHeader, FrameKind, HEADER_LEN};
 pub use shape::{DeviceKind, Hello, MachineShape, check_hello, decode_hello, encode_hello};

@@ -574,6 +574,12 @@ impl Machine {
         self.layout.as_ref()
     }
 
+    /// Which blocks of each disk the guest wrote (see [`crate::disk_track`]), in `--disk`
+    /// order.
+    pub fn disk_trackers(&self) -> &[Arc<crate::disk_track::DiskTracker>] {
+        &self.devices.disk_trackers
+    }
+
     /// What every output of the guest goes through (see [`crate::output`]).
     pub fn output_gate(&self) -> &Arc<crate::output::OutputGate> {
         &self.devices.output

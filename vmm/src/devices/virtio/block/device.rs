@@ -17,6 +17,7 @@ use super::request::{MAX_DATA_LEN, Op, Request, RequestError};
 use crate::devices::counters::counters;
 use crate::devices::virtio::chain;
 use crate::devices::virtio::{ActivateError, Interrupt, VirtioDevice, read_config_bytes};
+use crate::disk_track::DiskTracker;
 use crate::hostfile::{self, HostFileError, InputKind};
 use crate::memory::GuestMemoryMmap;
 use crate::state::{StateError, VirtioDeviceState};
@@ -140,6 +141,8 @@ pub struct Block {
     interrupt: Arc<Interrupt>,
     queue: Option<Queue>,
     counters: Arc<BlockCounters>,
+    /// The blocks the guest wrote (marked after each write reaches the image).
+    tracker: Arc<DiskTracker>,
 }
 
 impl Block {
@@ -176,6 +179,14 @@ impl Block {
             .unwrap_or_default();
         let n = name.len().min(BLK_ID_LEN);
         id[..n].copy_from_slice(&name.as_bytes()[..n]);
+        let reader = file.try_clone().map_err(|source| {
+            BlockError::Host(HostFileError::Open {
+                what: WHAT,
+                path: config.path.clone(),
+                source,
+            })
+        })?;
+        let tracker = Arc::new(DiskTracker::new(reader, sectors * SECTOR_SIZE));
         Ok(Self {
             file,
             config,
@@ -185,7 +196,13 @@ impl Block {
             interrupt,
             queue: None,
             counters: Arc::new(BlockCounters::default()),
+            tracker,
         })
+    }
+
+    /// Which blocks the guest wrote, for whoever copies the disk.
+    pub fn tracker(&self) -> Arc<DiskTracker> {
+        self.tracker.clone()
     }
 
     /// The device's counters.
@@ -346,16 +363,22 @@ impl Block {
             Ok(o) => o,
             Err(e) => return Outcome::Refused(e),
         };
+        let start = offset;
+        // Marked once the data is in the image, also when only part of it got there.
+        let mark = |end: u64| self.tracker.mark(start, end - start);
         for b in &req.data {
             let mut buf = vec![0u8; b.len as usize];
             if self.mem.read_slice(&mut buf, b.addr).is_err() {
                 return Outcome::Refused(RequestError::Memory);
             }
             if let Err(source) = self.file.write_all_at(&buf, offset) {
+                // A failed write may have changed part of the range: it counts as written.
+                mark(offset + u64::from(b.len));
                 return Outcome::Host(self.host_error("write", offset, source));
             }
             offset += u64::from(b.len);
         }
+        mark(offset);
         Outcome::Done(0)
     }
 }
