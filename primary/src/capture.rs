@@ -8,7 +8,8 @@
 //!   harvests the rings, resets them and copies the pages it found — in that order, so a page
 //!   written after its copy is logged again —, and the pause copies only what was written since
 //!   the last harvest. The epoch's pages are put in order for the staging buffer after the
-//!   guest has resumed.
+//!   guest has resumed. A full capture ([`Scope::All`]) copies all of memory while the guest
+//!   runs, after a harvest, and the pause patches in the pages written since.
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -79,7 +80,8 @@ pub struct CaptureStats {
     /// Pages copied while the guest ran, since the previous capture (ring mode; a page written
     /// again after its copy counts each time).
     pub copied_running: usize,
-    /// Ring mode: the last pre-copy round, just before the pause (guest running).
+    /// Ring mode: the copying just before the pause, guest running (the last pre-copy round;
+    /// for [`Scope::All`], all of memory and a round).
     pub last_round: Duration,
     /// Ring mode: putting the epoch's pages in order into the staging buffer, after the resume.
     pub assemble: Duration,
@@ -301,32 +303,37 @@ fn ring_capture(
 ) -> Result<(MachineState, CaptureStats), CaptureError> {
     staging.clear();
     let mut stats = CaptureStats::default();
-    if scope == Scope::Dirty {
-        // A last round while the guest runs: the pause is left with a few µs' writes.
-        let t = Instant::now();
-        buffer.round(live)?;
-        stats.last_round = t.elapsed();
+    let t = Instant::now();
+    match scope {
+        Scope::Dirty => {
+            // A last round while the guest runs: the pause is left with a few µs' writes.
+            buffer.round(live)?;
+            stats.copied_running = std::mem::take(&mut buffer.copied);
+        }
+        Scope::All => {
+            // Everything, copied while the guest runs after a harvest (which re-arms the
+            // ring), then what was written meanwhile; the pause patches in the rest.
+            buffer.discard();
+            buffer.harvest(live)?;
+            copy_all_running(live.memory(), staging)?;
+            buffer.harvest(live)?;
+            stats.copied_running = staging.gfns.len() + buffer.patch(live.memory(), staging)?;
+        }
     }
-    stats.copied_running = std::mem::take(&mut buffer.copied);
+    stats.last_round = t.elapsed();
     let start = Instant::now();
     let state = vm.with_paused(|vm| -> Result<_, CaptureError> {
         let t0 = Instant::now();
         stats.stop = t0 - start;
-        buffer.dirty.clear();
-        live.take_into(&mut buffer.dirty)
-            .map_err(vmm::VmError::from)?;
+        buffer.harvest(live)?;
         let t1 = Instant::now();
-        match scope {
-            Scope::All => {
-                buffer.discard();
-                copy_all(vm.memory(), staging)?;
-                stats.copied_paused = staging.gfns.len();
-            }
+        stats.copied_paused = match scope {
+            Scope::All => buffer.patch(vm.memory(), staging)?,
             Scope::Dirty => {
                 buffer.copy_dirty(vm.memory())?;
-                stats.copied_paused = std::mem::take(&mut buffer.copied);
+                std::mem::take(&mut buffer.copied)
             }
-        }
+        };
         let t2 = Instant::now();
         let state = vm.save_state()?;
         let t3 = Instant::now();
@@ -344,6 +351,31 @@ fn ring_capture(
     }
     stats.pages = staging.gfns.len();
     Ok((state, stats))
+}
+
+/// Copies all of guest memory into `staging` while the guest may run (a page it writes
+/// meanwhile must be harvested and patched in afterwards).
+fn copy_all_running(memory: &GuestMemoryMmap, staging: &mut Staging) -> Result<(), CaptureError> {
+    for region in memory.iter() {
+        let start = region.start_addr();
+        let len = region.len() as usize;
+        let base = memory
+            .get_host_address(start)
+            .map_err(|_| CaptureError::Page(start.0))?;
+        staging
+            .gfns
+            .extend((0..region.len() / PAGE_SIZE).map(|p| start.0 / PAGE_SIZE + p));
+        staging.data.reserve(len);
+        let at = staging.data.len();
+        // SAFETY: the source is the whole mapped region, alive as long as `memory`; the
+        // destination is the `len` bytes reserved past the end of `data`, then made part of it.
+        // The guest may write the source concurrently (see above).
+        unsafe {
+            std::ptr::copy_nonoverlapping(base, staging.data.as_mut_ptr().add(at), len);
+            staging.data.set_len(at + len);
+        }
+    }
+    Ok(())
 }
 
 /// The pages of the current epoch copied so far, each once (a page copied again replaces its
@@ -390,10 +422,50 @@ impl Precopy {
 
     /// Harvest (the ring is reset as part of it), then copy what it found.
     fn round(&mut self, live: &LiveDirty) -> Result<(), CaptureError> {
+        self.harvest(live)?;
+        self.copy_dirty(live.memory())
+    }
+
+    /// The pages written since the last harvest, into `self.dirty`; from now on a write to
+    /// one of them is logged again.
+    fn harvest(&mut self, live: &LiveDirty) -> Result<(), CaptureError> {
         self.dirty.clear();
         live.take_into(&mut self.dirty)
             .map_err(vmm::VmError::from)?;
-        self.copy_dirty(live.memory())
+        Ok(())
+    }
+
+    /// Copies the pages of `self.dirty` over their place in `staging`, which holds all of
+    /// guest memory in order (see [`copy_all_running`]). Returns the pages copied.
+    fn patch(
+        &mut self,
+        memory: &GuestMemoryMmap,
+        staging: &mut Staging,
+    ) -> Result<usize, CaptureError> {
+        let mut n = 0;
+        for (r, (start, bits)) in self.dirty.ranges.iter().enumerate() {
+            let &(_, pages, first_index) = &self.ranges[r];
+            let base = memory
+                .get_host_address(*start)
+                .map_err(|_| CaptureError::Page(start.0))?;
+            for page in set_bits(bits) {
+                let index = first_index + page as usize;
+                if page >= pages || (index + 1) * PAGE > staging.data.len() {
+                    return Err(CaptureError::Page(start.0 + page * PAGE_SIZE));
+                }
+                // SAFETY: the source is page `page` of a mapped region of `pages` pages, the
+                // destination a page inside `staging.data` (both checked above).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        base.add(page as usize * PAGE),
+                        staging.data.as_mut_ptr().add(index * PAGE),
+                        PAGE,
+                    );
+                }
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// Copies the pages of `self.dirty` into the buffer. The guest may be running: a page it
@@ -404,41 +476,36 @@ impl Precopy {
             let base = memory
                 .get_host_address(*start)
                 .map_err(|_| CaptureError::Page(start.0))?;
-            for (w, &word) in bits.iter().enumerate() {
-                let mut word = word;
-                while word != 0 {
-                    let page = w as u64 * 64 + u64::from(word.trailing_zeros());
-                    word &= word - 1;
-                    if page >= pages {
-                        return Err(CaptureError::Page(start.0 + page * PAGE_SIZE));
-                    }
-                    let index = first_index + page as usize;
-                    let slot = match self.slot_of[index] {
-                        NONE => {
-                            let slot = self.gfns.len();
-                            self.gfns.push((first_gfn + page, index as u32));
-                            self.data.reserve(PAGE);
-                            self.slot_of[index] = slot as u32;
-                            slot
-                        }
-                        s => s as usize,
-                    };
-                    // SAFETY: the source is page `page` of a mapped region of `pages` pages
-                    // (checked above), alive as long as `memory`; the destination lies within
-                    // `data`'s allocation (one page reserved per slot). The guest may write
-                    // the source concurrently: such a page is logged again and recopied.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            base.add(page as usize * PAGE),
-                            self.data.as_mut_ptr().add(slot * PAGE),
-                            PAGE,
-                        );
-                        if slot * PAGE == self.data.len() {
-                            self.data.set_len((slot + 1) * PAGE);
-                        }
-                    }
-                    self.copied += 1;
+            for page in set_bits(bits) {
+                if page >= pages {
+                    return Err(CaptureError::Page(start.0 + page * PAGE_SIZE));
                 }
+                let index = first_index + page as usize;
+                let slot = match self.slot_of[index] {
+                    NONE => {
+                        let slot = self.gfns.len();
+                        self.gfns.push((first_gfn + page, index as u32));
+                        self.data.reserve(PAGE);
+                        self.slot_of[index] = slot as u32;
+                        slot
+                    }
+                    s => s as usize,
+                };
+                // SAFETY: the source is page `page` of a mapped region of `pages` pages
+                // (checked above), alive as long as `memory`; the destination lies within
+                // `data`'s allocation (one page reserved per slot). The guest may write
+                // the source concurrently: such a page is logged again and recopied.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        base.add(page as usize * PAGE),
+                        self.data.as_mut_ptr().add(slot * PAGE),
+                        PAGE,
+                    );
+                    if slot * PAGE == self.data.len() {
+                        self.data.set_len((slot + 1) * PAGE);
+                    }
+                }
+                self.copied += 1;
             }
         }
         Ok(())
@@ -533,4 +600,18 @@ fn copy_dirty(
         flush(r, staging)?;
     }
     Ok(())
+}
+
+/// The indices of the set bits of a bitmap, ascending.
+fn set_bits(words: &[u64]) -> impl Iterator<Item = u64> + '_ {
+    words.iter().enumerate().flat_map(|(w, &word)| {
+        let mut word = word;
+        std::iter::from_fn(move || {
+            (word != 0).then(|| {
+                let bit = word.trailing_zeros();
+                word &= word - 1;
+                w as u64 * 64 + u64::from(bit)
+            })
+        })
+    })
 }
