@@ -5,12 +5,13 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Console, TEST_GUEST, last_count, require_kvm};
 use primary::capture::{CaptureError, CaptureStats, Capturer, Mode, Scope, Staging};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm::devices::virtio::block::BlockConfig;
 use vmm::dirty_ring::DirtyLog;
 use vmm::event::error_chain;
@@ -324,5 +325,72 @@ fn bad_ring_settings_are_refused_with_the_reason() {
         .unwrap();
     assert_eq!(stats.pages, 16 << 8);
     capturer.stop().unwrap();
+    vm.stop().unwrap();
+}
+
+#[test]
+fn the_ring_reports_exactly_the_pages_written() {
+    // 8 pages spread over 24..31 MiB, not adjacent; vCPU 0 writes each of them every round.
+    let pages: Vec<u64> = (0..8u64)
+        .map(|i| (24 << 20) + i * (7 << 17) + (i % 3) * 0x3000)
+        .collect();
+    let list: Vec<String> = pages.iter().map(|p| format!("{p:#x}")).collect();
+    let (vm, console) = ring_vm(
+        1,
+        64,
+        &format!("touch={} interval-ms=5", list.join(",")),
+        Vec::new(),
+        1024,
+    );
+    let vm = vm.start().unwrap();
+    console.wait_for("vcpu0 touch round 1\n", LIMIT);
+    let rounds = |t: &str| {
+        t.lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("vcpu0 touch round ")?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    vm.pause().unwrap();
+    vm.take_dirty_pages().unwrap();
+    let at_pause = rounds(&console.text());
+    vm.resume();
+    let text = console.wait_until("two more rounds", LIMIT, |t| rounds(t) >= at_pause + 2);
+    vm.pause().unwrap();
+    let dirty: BTreeSet<u64> = vm.take_dirty_pages().unwrap().addresses().collect();
+
+    let chosen: BTreeSet<u64> = pages.iter().copied().collect();
+    let missing: Vec<_> = chosen.difference(&dirty).collect();
+    assert!(
+        missing.is_empty(),
+        "written pages not reported: {missing:x?}"
+    );
+    // Besides them the guest writes only its stack and the console lock when it prints.
+    let info = vm.boot_info().expect("a test guest");
+    let (lo, hi) = info.stack(0);
+    let lock = text
+        .split_whitespace()
+        .find_map(|w| u64::from_str_radix(w.strip_prefix("console-lock=0x")?, 16).ok())
+        .expect("boot line names the console lock");
+    let named: BTreeSet<u64> = (lo..hi).step_by(4096).chain([lock & !0xfff]).collect();
+    let unexplained: Vec<_> = dirty
+        .iter()
+        .filter(|p| !chosen.contains(p) && !named.contains(p))
+        .collect();
+    assert!(
+        unexplained.is_empty(),
+        "pages reported that nobody wrote: {unexplained:x?}"
+    );
+
+    // Paused, the ring logs nothing; what the VMM writes is reported, and only that.
+    assert_eq!(vm.take_dirty_pages().unwrap().count(), 0);
+    vm.memory()
+        .write_obj(0xfeed_u64, GuestAddress(0x200_0000 + 8))
+        .unwrap();
+    vm.memory()
+        .write_slice(&[1; 2], GuestAddress(0x300_0fff))
+        .unwrap();
+    let dirty: Vec<u64> = vm.take_dirty_pages().unwrap().addresses().collect();
+    assert_eq!(dirty, vec![0x200_0000, 0x300_0000, 0x300_1000]);
+    vm.resume();
     vm.stop().unwrap();
 }
