@@ -394,3 +394,57 @@ fn the_ring_reports_exactly_the_pages_written() {
     vm.resume();
     vm.stop().unwrap();
 }
+
+#[test]
+fn a_failed_precopy_thread_fails_the_capture_and_is_reported() {
+    const NAME: &str = "a_failed_precopy_thread_fails_the_capture_and_is_reported";
+    if std::env::var_os("FTVM_INJECT_FAULT").is_none() {
+        // The fault is read once per process: run this test again, alone, in a child with it.
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+            .env("FTVM_INJECT_FAULT", "precopy:error")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("1 passed"), "{text}");
+        return;
+    }
+    let (vm, console) = ring_vm(1, 16, "count=0 interval-ms=5", Vec::new(), 1024);
+    let vm = vm.start().unwrap();
+    console.wait_until("counting", LIMIT, |t| last_count(t, 0) >= Some(1));
+    let mut capturer = Capturer::new(
+        &vm,
+        Mode::Ring {
+            interval: Duration::from_millis(2),
+        },
+    )
+    .unwrap();
+    // The VM's owner hears of it, as of any VMM thread's failure.
+    match vm.wait_event(Some(LIMIT)) {
+        Some(vmm::VmEvent::ThreadFailed { thread, cause }) => {
+            assert_eq!(thread, "precopy");
+            assert!(cause.starts_with("fault injected at precopy"), "{cause}");
+        }
+        other => panic!("expected the precopy thread's failure, got {other:?}"),
+    }
+    // The next capture says why it cannot be trusted, on one line; so does every later one.
+    let err = capturer
+        .capture(&vm, Scope::Dirty, &mut Staging::default(), None)
+        .unwrap_err();
+    let msg = error_chain(&err);
+    assert!(
+        msg.starts_with("VMM thread precopy failed: fault injected at precopy"),
+        "{msg}"
+    );
+    let err = capturer
+        .capture(&vm, Scope::Dirty, &mut Staging::default(), None)
+        .unwrap_err();
+    assert!(matches!(err, CaptureError::Precopy(_)), "{err}");
+    capturer.stop().unwrap();
+    vm.stop().unwrap();
+}

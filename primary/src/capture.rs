@@ -11,6 +11,7 @@
 //!   guest has resumed. A full capture ([`Scope::All`]) copies all of memory while the guest
 //!   runs, after a harvest, and the pause patches in the pages written since.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -176,6 +177,17 @@ struct PrecopyShared {
     stop: Mutex<bool>,
     wake: Condvar,
     interval: Duration,
+    /// Set when the thread's body ends, however (before its failure is reported).
+    ended: AtomicBool,
+}
+
+/// Marks the `precopy` thread ended, unwinding included.
+struct Ended<'a>(&'a AtomicBool);
+
+impl Drop for Ended<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
 }
 
 impl Capturer {
@@ -193,6 +205,7 @@ impl Capturer {
                     stop: Mutex::new(false),
                     wake: Condvar::new(),
                     interval,
+                    ended: AtomicBool::new(false),
                 });
                 let s = shared.clone();
                 let thread = vm
@@ -225,11 +238,11 @@ impl Capturer {
         let Some(pre) = &mut self.precopy else {
             return capture(vm, scope, staging, inspect);
         };
-        if pre.thread.as_ref().is_some_and(|t| t.is_finished()) {
-            let t = pre.thread.take().expect("checked");
-            event::join("precopy", t)?;
-        }
-        if pre.thread.is_none() {
+        if pre.shared.ended.load(Ordering::SeqCst) {
+            // Its failure, once, then that it is gone.
+            if let Some(t) = pre.thread.take() {
+                event::join("precopy", t)?;
+            }
             return Err(CaptureError::Precopy("the thread has stopped".into()));
         }
         let shared = pre.shared.clone();
@@ -271,6 +284,7 @@ impl Drop for Capturer {
 }
 
 fn precopy_loop(shared: &PrecopyShared) -> Result<(), String> {
+    let _ended = Ended(&shared.ended);
     event::check_fault("precopy")?;
     loop {
         {
