@@ -42,6 +42,10 @@ pub enum CaptureError {
     /// The pre-copy thread ended.
     #[error(transparent)]
     Thread(#[from] ThreadError),
+    /// An earlier ring capture failed after harvesting: an incremental capture could miss
+    /// pages, so only a full one ([`Scope::All`]) is taken until then.
+    #[error("An earlier capture failed ({0}): only a full capture is complete now")]
+    Incomplete(String),
 }
 
 /// Pages captured in a pause: their frame numbers, ascending, and their contents, 4 KiB each in
@@ -253,7 +257,20 @@ impl Capturer {
         if let Some(cause) = &buffer.failed {
             return Err(CaptureError::Precopy(cause.clone()));
         }
-        ring_capture(vm, &shared.live, &mut buffer, scope, staging, inspect)
+        if scope == Scope::Dirty
+            && let Some(cause) = &buffer.lost
+        {
+            return Err(CaptureError::Incomplete(cause.clone()));
+        }
+        let result = ring_capture(vm, &shared.live, &mut buffer, scope, staging, inspect);
+        match &result {
+            // Pages it had harvested may be gone from the ring: only a full capture is
+            // complete from now on.
+            Err(e) => buffer.lost = Some(event::error_chain(e)),
+            Ok(_) if scope == Scope::All => buffer.lost = None,
+            Ok(_) => {}
+        }
+        result
     }
 
     /// Stops the `precopy` thread (if any) and says how it ended.
@@ -409,6 +426,8 @@ struct Precopy {
     copied: usize,
     /// Why the `precopy` thread failed (pages it had harvested were lost).
     failed: Option<String>,
+    /// Why a capture failed (pages it had harvested may be lost) until a full capture.
+    lost: Option<String>,
 }
 
 const NONE: u32 = u32::MAX;
@@ -431,6 +450,7 @@ impl Precopy {
             data: Vec::new(),
             copied: 0,
             failed: None,
+            lost: None,
         }
     }
 
