@@ -11,6 +11,7 @@ pub mod boot;
 pub mod bus;
 pub mod device_manager;
 pub mod devices;
+pub mod dirty_ring;
 pub mod disk_track;
 pub mod event;
 pub mod event_loop;

@@ -1,10 +1,16 @@
 //! Guest memory: anonymous mappings registered with KVM with dirty logging on, plus vm-memory's
-//! own dirty bitmap for the writes the VMM makes. [`DirtyPages`] is the union of both.
+//! own dirty bitmap for the writes the VMM makes. [`DirtyPages`] is the union of both; KVM's
+//! part comes from its dirty bitmap or, for a VM built with the dirty ring, from the rings
+//! ([`crate::dirty_ring`]), which [`LiveDirty`] can also harvest while the VM runs.
+
+use std::sync::Arc;
 
 use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::VmFd;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::dirty_ring::{DirtyRing, RingError};
 
 /// Guest memory with vm-memory's dirty bitmap (one bit per 4 KiB page).
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
@@ -50,6 +56,9 @@ pub enum MemoryError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// The dirty ring failed.
+    #[error(transparent)]
+    Ring(#[from] RingError),
 }
 
 /// The RAM ranges of a guest of `size` bytes: below the MMIO hole, then from 4 GiB.
@@ -121,6 +130,26 @@ pub struct DirtyPages {
 }
 
 impl DirtyPages {
+    /// No page dirty, shaped like `memory` (one bitmap per RAM range).
+    pub fn clean(memory: &GuestMemoryMmap) -> Self {
+        Self {
+            ranges: memory
+                .iter()
+                .map(|r| {
+                    let words = (r.len() / PAGE_SIZE).div_ceil(64) as usize;
+                    (r.start_addr(), vec![0; words])
+                })
+                .collect(),
+        }
+    }
+
+    /// Marks every page clean, keeping the shape (and the allocation).
+    pub fn clear(&mut self) {
+        for (_, bits) in &mut self.ranges {
+            bits.fill(0);
+        }
+    }
+
     /// Number of dirty pages.
     pub fn count(&self) -> usize {
         self.ranges
@@ -168,6 +197,60 @@ pub fn take_dirty(vm: &VmFd, memory: &GuestMemoryMmap) -> Result<DirtyPages, Mem
         out.ranges.push((region.start_addr(), bits));
     }
     Ok(out)
+}
+
+/// ORs the pages the VMM itself wrote since the last call (vm-memory's bitmap) into `out`, and
+/// clears that bitmap. vm-memory marks a page after writing it, so a page copied after this
+/// call holds at least what the VMM wrote before it; a write still under way is marked again.
+pub fn take_vmm_writes(memory: &GuestMemoryMmap, out: &mut DirtyPages) {
+    for (region, (_, bits)) in memory.iter().zip(&mut out.ranges) {
+        let own = region.bitmap_ref().get_and_reset();
+        for (word, extra) in bits.iter_mut().zip(own) {
+            *word |= extra;
+        }
+    }
+}
+
+/// The dirty pages of a VM built with the dirty ring, harvestable while it runs (from any
+/// thread; cheap to clone): the rings, then the VMM's own writes.
+#[derive(Clone, Debug)]
+pub struct LiveDirty {
+    ring: Arc<DirtyRing>,
+    memory: GuestMemoryMmap,
+}
+
+impl LiveDirty {
+    /// Harvesting `ring` and the VMM-write bitmap of `memory`.
+    pub fn new(ring: Arc<DirtyRing>, memory: GuestMemoryMmap) -> Self {
+        Self { ring, memory }
+    }
+
+    /// ORs into `out` (shaped by [`DirtyPages::clean`]) the pages written since the last
+    /// harvest, and re-arms tracking for them: a page written after this returns is reported
+    /// by the next call. Copy the pages only after this returns. Returns the ring entries
+    /// harvested.
+    pub fn take_into(&self, out: &mut DirtyPages) -> Result<usize, MemoryError> {
+        let n = self.ring.harvest(out)?;
+        take_vmm_writes(&self.memory, out);
+        Ok(n)
+    }
+
+    /// The pages written since the last harvest.
+    pub fn take(&self) -> Result<DirtyPages, MemoryError> {
+        let mut out = DirtyPages::clean(&self.memory);
+        self.take_into(&mut out)?;
+        Ok(out)
+    }
+
+    /// Guest memory (the same mapping the VM uses).
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// The rings.
+    pub fn ring(&self) -> &Arc<DirtyRing> {
+        &self.ring
+    }
 }
 
 /// Access to a region's whole bitmap (vm-memory hands out slices of it by default).

@@ -19,6 +19,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
 
 use crate::bus::{Bus, MmioAddress, PioAddress, VcpuAction};
+use crate::dirty_ring::{DirtyRing, EXIT_DIRTY_RING_FULL};
 use crate::event::{self, Reporter, ThreadError, VmEvent};
 
 /// Why a vCPU left KVM_RUN; the label of `ftvm_vcpu_exits_total{reason}`.
@@ -239,6 +240,8 @@ pub struct VcpuContext {
     pub mmio: Arc<Bus<MmioAddress>>,
     /// Where VM-level events go; also reports the thread's failure.
     pub events: Reporter,
+    /// The VM's dirty rings, if it has them: a full ring is harvested here.
+    pub dirty_ring: Option<Arc<DirtyRing>>,
 }
 
 impl VcpuHandle {
@@ -402,6 +405,8 @@ enum Step {
     Continue,
     Wait(Option<Duration>),
     Stop(VmEvent),
+    /// The VMM itself failed: the thread ends with this error.
+    Fail(String),
 }
 
 /// The vCPU thread's side.
@@ -441,6 +446,7 @@ impl Runner {
                     self.halted = true;
                     self.ctx.events.send(event);
                 }
+                Step::Fail(cause) => return Err(cause),
             }
         }
         Ok(())
@@ -552,6 +558,18 @@ impl Runner {
                 ));
             }
             VcpuExit::InternalError => return self.crash("KVM internal error".into()),
+            VcpuExit::Unsupported(EXIT_DIRTY_RING_FULL) => {
+                // Harvest and reset the rings (the pages go to the next harvest's caller),
+                // then enter the guest again: nothing was pending.
+                self.pending_io = false;
+                return match &ctx.dirty_ring {
+                    Some(ring) => match ring.on_full() {
+                        Ok(()) => Step::Continue,
+                        Err(e) => Step::Fail(event::error_chain(&e)),
+                    },
+                    None => self.crash("dirty ring full, but the VM has no dirty ring".into()),
+                };
+            }
             other => {
                 let what = format!("unexpected exit {other:?}");
                 return self.crash(what);

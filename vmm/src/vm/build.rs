@@ -21,6 +21,7 @@ use crate::devices::pvctl::PvControl;
 use crate::devices::serial::{
     ConsoleOut, SERIAL_IRQ, SERIAL_PORT_LEN, SerialConsole, SerialCounters,
 };
+use crate::dirty_ring::{self, DirtyLog, DirtyRing};
 use crate::event::Reporter;
 use crate::memory::{self, GuestMemoryMmap};
 use crate::vcpu::VcpuCounters;
@@ -31,6 +32,7 @@ pub(super) struct Parts {
     pub fd: VmFd,
     pub memory: GuestMemoryMmap,
     pub vcpu_fds: Vec<VcpuFd>,
+    pub dirty_ring: Option<Arc<DirtyRing>>,
     pub pio: Bus<PioAddress>,
     pub mmio: Bus<MmioAddress>,
     pub devices: DeviceManager,
@@ -60,6 +62,7 @@ impl Parts {
                 console: self.console,
                 layout,
                 saved,
+                dirty_ring: self.dirty_ring,
                 fd: self.fd,
                 memory: self.memory,
                 kvm: self.kvm,
@@ -69,13 +72,25 @@ impl Parts {
 }
 
 /// Builds the machine `config` describes: a Linux guest also gets the PIT and the legacy
-/// devices Linux uses.
+/// devices Linux uses. KVM's dirty bitmap tracks the guest's writes.
 pub(super) fn build(
     vcpus: u8,
     ram: &[(GuestAddress, u64)],
     config: &SavedConfig,
     console: Box<dyn Write + Send>,
     mapped: Option<GuestMemoryMmap>,
+) -> Result<Parts, VmError> {
+    build_with(vcpus, ram, config, console, mapped, DirtyLog::Bitmap)
+}
+
+/// [`build`], with the guest's writes tracked as `log` says.
+pub(super) fn build_with(
+    vcpus: u8,
+    ram: &[(GuestAddress, u64)],
+    config: &SavedConfig,
+    console: Box<dyn Write + Send>,
+    mapped: Option<GuestMemoryMmap>,
+    log: DirtyLog,
 ) -> Result<Parts, VmError> {
     let linux = config.linux;
     let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
@@ -87,6 +102,10 @@ pub(super) fn build(
         });
     }
     let fd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+    // The ring can only be turned on before any vCPU exists.
+    if let DirtyLog::Ring { entries } = log {
+        dirty_ring::enable(&fd, entries).map_err(memory::MemoryError::from)?;
+    }
     fd.create_irq_chip()
         .map_err(kvm_err("create the interrupt controller"))?;
     if linux {
@@ -115,6 +134,15 @@ pub(super) fn build(
                 .map_err(kvm_err("create a vCPU"))?,
         );
     }
+    let dirty_ring = match log {
+        DirtyLog::Bitmap => None,
+        DirtyLog::Ring { entries } => {
+            let pages = memory.iter().map(|r| r.len() / memory::PAGE_SIZE).collect();
+            let ring = DirtyRing::new(&fd, &vcpu_fds, entries, pages)
+                .map_err(memory::MemoryError::from)?;
+            Some(Arc::new(ring))
+        }
+    };
 
     let mut mmio = Bus::new();
     let mut devices = DeviceManager::default();
@@ -162,6 +190,7 @@ pub(super) fn build(
         fd,
         memory,
         vcpu_fds,
+        dirty_ring,
         pio,
         mmio,
         devices,

@@ -17,10 +17,11 @@ use crate::device_manager::{DeviceError, DeviceManager};
 use crate::devices::serial::{ConsoleOut, SerialCounters};
 use crate::devices::virtio::block::{BlockConfig, BlockCounters};
 use crate::devices::virtio::net::{NetConfig, NetCounters};
+use crate::dirty_ring::{DirtyLog, DirtyRing};
 use crate::event::{Reporter, ThreadError};
 use crate::event_loop::{EventLoop, EventLoopError};
 use crate::hostfile::{self, HostFileError, MappedFile};
-use crate::memory::{self, DirtyPages, GuestMemoryMmap, MemoryError};
+use crate::memory::{self, DirtyPages, GuestMemoryMmap, LiveDirty, MemoryError};
 use crate::vcpu::{VcpuContext, VcpuCounters, VcpuError, VcpuHandle, VcpuRunState};
 use crate::x86::cpuid;
 
@@ -161,6 +162,8 @@ pub struct Machine {
     /// How the guest was loaded (None for a VM restored from a snapshot).
     layout: Option<Boot>,
     saved: SavedConfig,
+    /// The vCPUs' dirty rings, for a VM built with [`DirtyLog::Ring`].
+    dirty_ring: Option<Arc<DirtyRing>>,
     // Field order is drop order: the VM fd closes before its memory is unmapped.
     fd: VmFd,
     memory: GuestMemoryMmap,
@@ -273,10 +276,17 @@ fn read_kernel(kernel: Kernel, max_len: u64) -> Result<(String, Image), VmError>
 
 impl Vm {
     /// Builds a VM from `config`: memory, image, devices and vCPUs, ready to [`Vm::start`].
+    /// KVM's dirty bitmap tracks the guest's writes.
     ///
     /// Arguments are checked before /dev/kvm is opened, so bad input is reported as such on
     /// any host.
     pub fn new(config: VmConfig) -> Result<Self, VmError> {
+        Self::with_dirty_log(config, DirtyLog::Bitmap)
+    }
+
+    /// [`Vm::new`], with the guest's writes tracked as `log` says: with
+    /// [`DirtyLog::Ring`], [`Machine::live_dirty`] harvests them while the VM runs.
+    pub fn with_dirty_log(config: VmConfig, log: DirtyLog) -> Result<Self, VmError> {
         let vcpus = match u8::try_from(config.vcpus) {
             Ok(n) if (1..=MAX_VCPUS).contains(&n) => n,
             _ => {
@@ -302,7 +312,7 @@ impl Vm {
             disks: config.disks.clone(),
             nets: config.nets.clone(),
         };
-        let parts = build::build(vcpus, &ram, &saved, config.console, None)?;
+        let parts = build::build_with(vcpus, &ram, &saved, config.console, None, log)?;
         let supported = parts
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -367,6 +377,7 @@ impl Vm {
                 pio: machine.pio.clone(),
                 mmio: machine.mmio.clone(),
                 events: machine.reporter.clone(),
+                dirty_ring: machine.dirty_ring.clone(),
             };
             vcpus.push(VcpuHandle::spawn(i as u8, fd, ctx, counters, paused)?);
         }
@@ -560,8 +571,29 @@ impl Machine {
     }
 
     /// Pages written since the previous call (KVM's log OR the VMM's own writes), clearing both.
+    /// KVM's log is its bitmap, or what the dirty ring logged since the last harvest.
     pub fn take_dirty_pages(&self) -> Result<DirtyPages, VmError> {
-        Ok(memory::take_dirty(&self.fd, &self.memory)?)
+        match self.live_dirty() {
+            Some(live) => Ok(live.take()?),
+            None => Ok(memory::take_dirty(&self.fd, &self.memory)?),
+        }
+    }
+
+    /// How the guest's writes are tracked.
+    pub fn dirty_log(&self) -> DirtyLog {
+        match &self.dirty_ring {
+            Some(r) => DirtyLog::Ring {
+                entries: r.entries(),
+            },
+            None => DirtyLog::Bitmap,
+        }
+    }
+
+    /// For a VM built with the dirty ring: a handle that harvests dirty pages while the VM
+    /// runs, from any thread (None with the dirty bitmap, which is read paused).
+    pub fn live_dirty(&self) -> Option<LiveDirty> {
+        let ring = self.dirty_ring.clone()?;
+        Some(LiveDirty::new(ring, self.memory.clone()))
     }
 
     /// Counters of the serial console.
