@@ -87,6 +87,9 @@ pub type Shared = Arc<Mutex<Option<Committed>>>;
 /// completes or fails).
 const ACCEPTORS: usize = 4;
 
+/// How long a stopping replica waits for its close to reach the primary.
+const CLOSE_GRACE: Duration = Duration::from_millis(50);
+
 /// What a replica's API answers to the VM's commands.
 pub const NOT_A_VM: &str = "This is a replica: it runs no VM to pause, resume or snapshot \
 (it holds the primary's committed checkpoints); send that to the primary's --api socket";
@@ -440,6 +443,9 @@ fn serve_all(
             _ = acceptors.join_next() => {}
         }
         server.close();
+        // The close is sent by quinn's driver task: give it a moment to go out, so that the
+        // primary learns "replica closing" at once rather than from 1.5 s of silence.
+        tokio::time::sleep(CLOSE_GRACE).await;
         Ok(())
     })
 }
