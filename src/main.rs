@@ -31,7 +31,9 @@ enum Command {
     /// (143, 130); any VMM failure exits 1 with a one-line `ftvm: error: ...`.
     Run(RunArgs),
     /// Keep a replica of a protected VM: accept checkpoints from the primary whose certificate
-    /// is pinned with --peer, commit each one whole, acknowledge it. Runs until killed.
+    /// is pinned with --peer, commit each one whole, acknowledge it; one primary at a time
+    /// (another is refused while it is connected). Runs until SIGTERM or SIGINT, which stop it
+    /// in order (API socket removed) and exit with 128 + the signal (143, 130).
     Replica(ReplicaArgs),
     /// Start a VM from a snapshot file and run it like `run` does (the guest continues where
     /// it was).
@@ -91,6 +93,10 @@ struct ReplicaArgs {
     /// The primary's certificate SHA-256 fingerprint (printed by its `ftvm cert`).
     #[arg(long, value_name = "FINGERPRINT")]
     peer: String,
+    /// Serve a status-only API (HTTP/JSON) on this Unix socket: `ftvm status --api SOCKET`
+    /// shows what the replica holds (state, primary, committed epoch, sync progress).
+    #[arg(long, value_name = "SOCKET")]
+    api: Option<PathBuf>,
 }
 
 /// Replication options of `run` and `restore`.
@@ -308,8 +314,10 @@ fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     supervise(vm, args.api, None)
 }
 
-/// Keeps a replica until the process is killed.
+/// Keeps a replica until a termination signal.
 fn replica(args: ReplicaArgs) -> anyhow::Result<ExitCode> {
+    // Before any thread starts, so that every thread inherits the mask.
+    vmm::signals::block_termination().context("Cannot block termination signals")?;
     let config = replica::ReplicaConfig {
         listen: args.listen,
         identity: checkpoint::transport::Identity::load(&args.cert)?,
@@ -317,12 +325,17 @@ fn replica(args: ReplicaArgs) -> anyhow::Result<ExitCode> {
             .peer
             .parse()
             .with_context(|| format!("Invalid --peer fingerprint '{}'", args.peer))?,
+        on_commit: None,
     };
     let committed = replica::Shared::default();
-    replica::run(config, committed, |addr| {
+    let sig = replica::supervise(config, committed, args.api.as_deref(), |addr| {
         tracing::info!(%addr, "replica listening");
     })?;
-    Ok(ExitCode::SUCCESS)
+    tracing::info!(
+        signal = sig,
+        "replica stopped in order after a termination signal"
+    );
+    Ok(ExitCode::from(128u8.wrapping_add(sig as u8)))
 }
 
 /// Sends one API request and prints the answer.

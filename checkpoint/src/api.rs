@@ -13,6 +13,9 @@
 //! `GET /status` is answered from the VM's [`RunState`] at once; the other commands are
 //! executed by the thread that owns the VM (see `crate::control`), so the API never races the
 //! VM's own life cycle.
+//!
+//! A replica serves the same API status-only ([`BoundApi::serve_status_only`]): `GET /status`
+//! answers its own JSON, and the VM's commands are refused with 409 and a reason.
 
 use std::io::{Read, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -293,10 +296,13 @@ impl BoundApi {
         let (shutdown, stop) = tokio::sync::oneshot::channel();
         let listener = self.listener;
         let path = self.socket.path.clone();
+        let handler = Handler::Vm {
+            state,
+            protection,
+            tx,
+        };
         let thread = reporter
-            .spawn("api", move || {
-                serve_all(listener, state, protection, tx, stop)
-            })
+            .spawn("api", move || serve_all(listener, handler, stop))
             .map_err(|source| ApiError::Listen { path, source })?;
         Ok((
             ApiServer {
@@ -306,6 +312,63 @@ impl BoundApi {
             },
             rx,
         ))
+    }
+
+    /// Serves a status-only API in a thread named `api` (its failure is reported through
+    /// `reporter`): `GET /status` answers `status()`; the VM's commands (pause, resume,
+    /// snapshot) are refused with 409 and `refusal`, which says why there is no VM here.
+    pub fn serve_status_only(
+        self,
+        status: StatusSource,
+        refusal: &'static str,
+        reporter: &Reporter,
+    ) -> Result<ApiServer, ApiError> {
+        let (shutdown, stop) = tokio::sync::oneshot::channel();
+        let listener = self.listener;
+        let path = self.socket.path.clone();
+        let handler = Handler::StatusOnly { status, refusal };
+        let thread = reporter
+            .spawn("api", move || serve_all(listener, handler, stop))
+            .map_err(|source| ApiError::Listen { path, source })?;
+        Ok(ApiServer {
+            shutdown: Some(shutdown),
+            thread: Some(thread),
+            _socket: self.socket,
+        })
+    }
+}
+
+/// What a server answers requests with.
+#[derive(Clone)]
+enum Handler {
+    /// A VM's API: status from its run state, commands to the VM's thread.
+    Vm {
+        state: Arc<RunState>,
+        protection: Option<StatusSource>,
+        tx: Sender<Request>,
+    },
+    /// Status only (a replica's API): the VM's commands are refused with this message.
+    StatusOnly {
+        status: StatusSource,
+        refusal: &'static str,
+    },
+}
+
+impl Handler {
+    async fn answer(&self, req: HttpRequest<Incoming>) -> Response<Full<Bytes>> {
+        match self {
+            Handler::Vm {
+                state,
+                protection,
+                tx,
+            } => {
+                let status = || status_json(state, protection.as_ref());
+                answer(req, status, tx).await
+            }
+            Handler::StatusOnly { status, refusal } => {
+                answer_status_only(req, status, refusal).await
+            }
+        }
     }
 }
 
@@ -337,9 +400,7 @@ impl Drop for ApiServer {
 
 fn serve_all(
     listener: UnixListener,
-    state: Arc<RunState>,
-    protection: Option<StatusSource>,
-    tx: Sender<Request>,
+    handler: Handler,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) -> Result<(), String> {
     event::check_fault("api")?;
@@ -363,14 +424,11 @@ fn serve_all(
                     }
                 },
             };
-            let (state, tx, protection) = (state.clone(), tx.clone(), protection.clone());
+            let handler = handler.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
-                    let (state, tx, protection) = (state.clone(), tx.clone(), protection.clone());
-                    async move {
-                        let status = || status_json(&state, protection.as_ref());
-                        Ok::<_, std::convert::Infallible>(answer(req, status, &tx).await)
-                    }
+                    let handler = handler.clone();
+                    async move { Ok::<_, std::convert::Infallible>(handler.answer(req).await) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
@@ -460,6 +518,38 @@ async fn answer(
         Err(_) => json_response(
             504,
             &json!({ "error": format!("No answer from the VM within {COMMAND_TIMEOUT:?}") }),
+        ),
+    }
+}
+
+/// Answers one request to a status-only API: `GET /status`, or why not.
+async fn answer_status_only(
+    req: HttpRequest<Incoming>,
+    status: &StatusSource,
+    refusal: &str,
+) -> Response<Full<Bytes>> {
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    if method == Method::GET && path == "/status" {
+        return json_response(200, &status());
+    }
+    // Read (a bounded) body before answering, so that a client still writing it is not cut off.
+    let declared = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Err(e) = read_body(req.into_body(), declared).await {
+        return refuse(&e);
+    }
+    match path.as_str() {
+        "/status" => json_response(
+            405,
+            &json!({ "error": "Wrong method for this path (this API has GET /status only)" }),
+        ),
+        "/pause" | "/resume" | "/snapshot" => json_response(409, &json!({ "error": refusal })),
+        _ => json_response(
+            404,
+            &json!({ "error": "No such request (this API has GET /status only)" }),
         ),
     }
 }
@@ -567,5 +657,44 @@ mod tests {
     fn errors_do_not_echo_the_input() {
         let e = parse_command("PUT", "/snapshot", br#"{"secretfield":1}"#).unwrap_err();
         assert!(!e.to_string().contains("secretfield"), "{e}");
+    }
+
+    #[test]
+    fn a_status_only_api_answers_status_and_refuses_the_vm_commands() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("api.sock");
+        let (tx, events) = channel();
+        let reporter = Reporter::new(tx);
+        let status: StatusSource = Arc::new(|| json!({ "role": "test" }));
+        let server = bind(&sock)
+            .unwrap()
+            .serve_status_only(status, "no VM here", &reporter)
+            .unwrap();
+        assert_eq!(
+            call(&sock, "GET", "/status", None).unwrap(),
+            json!({ "role": "test" })
+        );
+        for (method, path, body) in [
+            ("PUT", "/pause", None),
+            ("PUT", "/resume", None),
+            ("PUT", "/snapshot", Some(json!({ "path": "/tmp/x" }))),
+        ] {
+            match call(&sock, method, path, body) {
+                Err(ApiError::Refused(m)) => assert_eq!(m, "no VM here", "{path}"),
+                other => panic!("{path}: {other:?}"),
+            }
+        }
+        for (method, path, want) in [
+            ("PUT", "/status", "Wrong method"),
+            ("GET", "/nope", "No such request"),
+        ] {
+            match call(&sock, method, path, None) {
+                Err(ApiError::Refused(m)) => assert!(m.starts_with(want), "{path}: {m}"),
+                other => panic!("{path}: {other:?}"),
+            }
+        }
+        server.stop().unwrap();
+        assert!(!sock.exists(), "the socket is removed");
+        assert!(events.try_recv().is_err(), "no thread failed");
     }
 }

@@ -3,16 +3,35 @@
 //! to its committed image and only then acknowledges it. A half-received, truncated, corrupted
 //! or out-of-order checkpoint is never applied: the committed image stays exactly the last
 //! acknowledged checkpoint.
+//!
+//! One primary at a time: connections are accepted concurrently, and while one primary's
+//! session is alive every other is closed at once with the reason ("another primary is
+//! connected: ADDR"), which the refused primary logs. When the session ends (the primary
+//! closed it, or went silent for the link's idle timeout) the next primary to call is served.
+//! Only a session applies frames to the committed image, so no two ever do at once.
+//!
+//! [`Monitor`] tells what the replica is doing (`ftvm status --api` of `ftvm replica --api`);
+//! [`ReplicaConfig::on_commit`] lets others observe each commit.
 #![warn(missing_docs)]
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use checkpoint::transport::{self, Fingerprint, Identity};
+use checkpoint::api::{ApiError, StatusSource};
+use checkpoint::transport::{self, Fingerprint, Identity, Server};
 use checkpoint::wire::{self, Decoder, FrameKind, MachineShape};
+use serde_json::{Value, json};
 use vm_memory::GuestAddress;
+use vmm::event::{self, Reporter, ThreadError, VmEvent};
 use vmm::memory::GuestMemoryMmap;
 use vmm::vm::MachineState;
+
+/// Called after each commit of a checkpoint frame (full or incremental, not pre-copy), with
+/// the committed image's lock held: keep it short.
+pub type OnCommit = Arc<dyn Fn(&Committed) + Send + Sync>;
 
 /// Where and whom to listen for.
 pub struct ReplicaConfig {
@@ -22,6 +41,8 @@ pub struct ReplicaConfig {
     pub identity: Identity,
     /// The primary's certificate fingerprint.
     pub peer: Fingerprint,
+    /// Observes each commit (later: accounting); the replica's own [`Monitor`] is told first.
+    pub on_commit: Option<OnCommit>,
 }
 
 /// Errors of the replica.
@@ -30,9 +51,21 @@ pub enum ReplicaError {
     /// The runtime could not start.
     #[error("Cannot start the replica's runtime")]
     Runtime(#[source] std::io::Error),
+    /// The replica's thread could not start.
+    #[error("Cannot start the replica's thread")]
+    Spawn(#[source] std::io::Error),
+    /// Termination signals cannot be watched.
+    #[error("Cannot watch termination signals")]
+    Signals(#[source] std::io::Error),
     /// The transport failed.
     #[error(transparent)]
     Transport(#[from] transport::Error),
+    /// The API socket failed.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    /// A thread of the replica failed.
+    #[error(transparent)]
+    Thread(#[from] ThreadError),
 }
 
 /// The last acknowledged checkpoint: memory, machine state and epoch.
@@ -50,43 +83,418 @@ pub struct Committed {
 /// What the replica holds, shared with whoever looks at it (tests, later failover).
 pub type Shared = Arc<Mutex<Option<Committed>>>;
 
-/// Serves primaries one connection at a time until the process ends; `committed` holds the
-/// last acknowledged checkpoint. `ready` is told the bound address once it listens.
-pub fn run(
+/// How many handshakes may be under way at once (a handshake holds its acceptor until it
+/// completes or fails).
+const ACCEPTORS: usize = 4;
+
+/// How long a stopping replica waits for its close to reach the primary.
+const CLOSE_GRACE: Duration = Duration::from_millis(50);
+
+/// What a replica's API answers to the VM's commands.
+pub const NOT_A_VM: &str = "This is a replica: it runs no VM to pause, resume or snapshot \
+(it holds the primary's committed checkpoints); send that to the primary's --api socket";
+
+/// The initial sync under way: what its pre-copy rounds brought so far.
+struct SyncProgress {
+    started: Instant,
+    frames: u64,
+    pages: u64,
+    bytes: u64,
+}
+
+/// What [`Monitor`] reports.
+#[derive(Default)]
+struct Progress {
+    listen: Option<SocketAddr>,
+    /// The primary being served: the one session.
+    primary: Option<SocketAddr>,
+    /// That primary's sync has ended in a committed checkpoint.
+    synced: bool,
+    sync: Option<SyncProgress>,
+    /// The last initial sync: what its pre-copy rounds brought, and how long it took from the
+    /// greeting to its commit.
+    last_sync: Option<(SyncProgress, Duration)>,
+    /// Memory and vCPUs of the machine held or being synced.
+    shape: Option<(u64, u32)>,
+    committed_epoch: Option<u64>,
+    epochs_committed: u64,
+    last_commit: Option<Instant>,
+    sessions: u64,
+    refused: u64,
+    /// A refusal was logged as a warning during the current session (the rest go to debug:
+    /// a refused primary calls again every half second).
+    refusal_logged: bool,
+}
+
+/// What the replica is doing and holds, for `GET /status`: cheap to read (it never waits for
+/// the committed image's lock, which a large commit holds for seconds).
+#[derive(Clone, Default)]
+pub struct Monitor(Arc<Mutex<Progress>>);
+
+impl Monitor {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Progress> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The status as JSON: `role` ("replica"), `state` ("waiting" for a primary, "syncing" a
+    /// connected primary's initial sync, "committed": holding the connected primary's
+    /// checkpoints), `listen`, `primary` (its address or null), `committed_epoch`,
+    /// `epochs_committed`, `last_commit_ms_ago`, `memory_mib`, `vcpus`, `sync` (the sync in
+    /// progress: `precopy_frames`, `precopy_pages`, `precopy_bytes`, `elapsed_ms`; or null),
+    /// `last_sync` (the same figures for the last sync that ended in a commit, and its `ms` from
+    /// the greeting to that commit; or null), `sessions` (primaries served) and
+    /// `primaries_refused`.
+    pub fn json(&self) -> Value {
+        let p = self.lock();
+        let state = match (p.primary, p.synced) {
+            (None, _) => "waiting",
+            (Some(_), false) => "syncing",
+            (Some(_), true) => "committed",
+        };
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        json!({
+            "role": "replica",
+            "state": state,
+            "listen": p.listen.map(|a| a.to_string()),
+            "primary": p.primary.map(|a| a.to_string()),
+            "committed_epoch": p.committed_epoch,
+            "epochs_committed": p.epochs_committed,
+            "last_commit_ms_ago": p.last_commit.map(|t| ms(t.elapsed())),
+            "memory_mib": p.shape.map(|s| s.0),
+            "vcpus": p.shape.map(|s| s.1),
+            "sync": p.sync.as_ref().map(|s| json!({
+                "precopy_frames": s.frames,
+                "precopy_pages": s.pages,
+                "precopy_bytes": s.bytes,
+                "elapsed_ms": ms(s.started.elapsed()),
+            })),
+            "last_sync": p.last_sync.as_ref().map(|(s, took)| json!({
+                "precopy_frames": s.frames,
+                "precopy_pages": s.pages,
+                "precopy_bytes": s.bytes,
+                "ms": ms(*took),
+            })),
+            "sessions": p.sessions,
+            "primaries_refused": p.refused,
+        })
+    }
+
+    /// [`Monitor::json`] for the API.
+    pub fn status_source(&self) -> StatusSource {
+        let m = self.clone();
+        Arc::new(move || m.json())
+    }
+
+    /// Takes the one session for `primary`, or says whose it is (and whether this refusal is
+    /// the session's first).
+    fn claim(&self, primary: SocketAddr) -> Result<Session, (SocketAddr, bool)> {
+        let mut p = self.lock();
+        if let Some(current) = p.primary {
+            p.refused += 1;
+            let first = !std::mem::replace(&mut p.refusal_logged, true);
+            return Err((current, first));
+        }
+        p.primary = Some(primary);
+        p.refusal_logged = false;
+        p.synced = false;
+        p.sync = None;
+        p.sessions += 1;
+        Ok(Session(self.clone()))
+    }
+
+    /// A greeting: an initial sync of a machine of `shape` starts.
+    fn hello(&self, shape: &MachineShape) {
+        let mut p = self.lock();
+        p.shape = Some((shape.mem_size() >> 20, shape.vcpus));
+        p.synced = false;
+        p.sync = Some(SyncProgress {
+            started: Instant::now(),
+            frames: 0,
+            pages: 0,
+            bytes: 0,
+        });
+    }
+
+    /// A pre-copy frame of `pages` pages in `bytes` was applied to the sync's image.
+    fn precopy(&self, pages: usize, bytes: usize) {
+        if let Some(s) = &mut self.lock().sync {
+            s.frames += 1;
+            s.pages += pages as u64;
+            s.bytes += bytes as u64;
+        }
+    }
+
+    /// Checkpoint `epoch` of a machine of `shape` was committed (called under the committed
+    /// image's lock).
+    fn committed(&self, epoch: u64, shape: &MachineShape) {
+        let mut p = self.lock();
+        p.committed_epoch = Some(epoch);
+        p.epochs_committed += 1;
+        p.last_commit = Some(Instant::now());
+        p.shape = Some((shape.mem_size() >> 20, shape.vcpus));
+        if let Some(s) = p.sync.take() {
+            let took = s.started.elapsed();
+            p.last_sync = Some((s, took));
+        }
+        p.synced = true;
+    }
+}
+
+/// The one session, held while a primary is served; dropping it lets the next one in.
+struct Session(Monitor);
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let mut p = self.0.lock();
+        p.primary = None;
+        p.synced = false;
+        p.sync = None;
+    }
+}
+
+/// What every session shares.
+struct Context {
+    committed: Shared,
+    monitor: Monitor,
+    on_commit: Option<OnCommit>,
+}
+
+impl Context {
+    /// Tells the monitor, then the configured observer, of a commit.
+    fn observe(&self, c: &Committed) {
+        self.monitor.committed(c.epoch, &c.shape);
+        if let Some(f) = &self.on_commit {
+            f(c);
+        }
+    }
+}
+
+/// A running replica: its `replica` thread serves primaries until [`Replica::stop`].
+pub struct Replica {
+    addr: SocketAddr,
+    monitor: Monitor,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<Result<(), String>>>,
+}
+
+impl Replica {
+    /// Listens as `config` says and serves primaries in a thread named `replica` (its failure
+    /// is reported through `reporter`); `committed` holds the last acknowledged checkpoint.
+    /// Returns once it listens, or with the reason it cannot.
+    pub fn start(
+        config: ReplicaConfig,
+        committed: Shared,
+        reporter: &Reporter,
+    ) -> Result<Self, ReplicaError> {
+        let monitor = Monitor::default();
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let (stop_tx, stop) = tokio::sync::oneshot::channel();
+        let context = Context {
+            committed,
+            monitor: monitor.clone(),
+            on_commit: config.on_commit.clone(),
+        };
+        let thread = reporter
+            .spawn("replica", move || {
+                serve_all(config, context, ready_tx, stop)
+            })
+            .map_err(ReplicaError::Spawn)?;
+        match ready.recv() {
+            Ok(Ok(addr)) => Ok(Replica {
+                addr,
+                monitor,
+                stop: Some(stop_tx),
+                thread: Some(thread),
+            }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            // The thread ended before it listened: it failed.
+            Err(_) => Err(match event::join("replica", thread) {
+                Err(e) => e.into(),
+                Ok(()) => ThreadError {
+                    thread: "replica".into(),
+                    cause: "ended before it listened".into(),
+                }
+                .into(),
+            }),
+        }
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// What it is doing.
+    pub fn monitor(&self) -> &Monitor {
+        &self.monitor
+    }
+
+    /// Stops listening (closing the primary's connection) and waits for the thread.
+    pub fn stop(mut self) -> Result<(), ThreadError> {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Result<(), ThreadError> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        match self.thread.take() {
+            Some(t) => event::join("replica", t),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        if let Err(e) = self.finish() {
+            tracing::error!("{e}");
+        }
+    }
+}
+
+/// `ftvm replica`: keeps a replica (and, with `api`, its status-only API on that Unix socket)
+/// until a termination signal, then stops in order and returns the signal's number; a failed
+/// thread ends it with that failure. `ready` is told the bound address once it listens.
+/// Termination signals must be blocked (`vmm::signals::block_termination`) before any thread
+/// starts.
+pub fn supervise(
     config: ReplicaConfig,
     committed: Shared,
+    api: Option<&Path>,
     ready: impl FnOnce(SocketAddr),
-) -> Result<(), ReplicaError> {
-    let rt = tokio::runtime::Builder::new_current_thread()
+) -> Result<i32, ReplicaError> {
+    let (tx, events) = std::sync::mpsc::channel();
+    let reporter = Reporter::new(tx);
+    vmm::signals::watch(&reporter).map_err(ReplicaError::Signals)?;
+    // The socket first: a bad path ends ftvm before it listens for a primary.
+    let bound = api.map(checkpoint::api::bind).transpose()?;
+    let replica = Replica::start(config, committed, &reporter)?;
+    ready(replica.local_addr());
+    let server = bound
+        .map(|b| b.serve_status_only(replica.monitor().status_source(), NOT_A_VM, &reporter))
+        .transpose()?;
+    let outcome = loop {
+        match events.recv() {
+            Ok(VmEvent::Signal(sig)) => break Ok(sig),
+            Ok(VmEvent::ThreadFailed { thread, cause }) => {
+                break Err(ThreadError { thread, cause }.into());
+            }
+            Ok(_) => {}
+            // Cannot happen: `reporter` is alive.
+            Err(_) => break Ok(0),
+        }
+    };
+    let stopped = [server.map_or(Ok(()), |s| s.stop()), replica.stop()];
+    match outcome {
+        Ok(sig) => {
+            for r in stopped {
+                r?;
+            }
+            Ok(sig)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The `replica` thread: listens, tells `ready`, serves until `stop`.
+fn serve_all(
+    config: ReplicaConfig,
+    context: Context,
+    ready: std::sync::mpsc::Sender<Result<SocketAddr, ReplicaError>>,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) -> Result<(), String> {
+    event::check_fault("replica")?;
+    let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(ReplicaError::Runtime)?;
-    rt.block_on(async {
-        let server = transport::listen(config.listen, &config.identity, config.peer).await?;
-        ready(server.local_addr()?);
-        loop {
-            let conn = match server.accept().await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!("refused a connection: {}", vmm::event::error_chain(&e));
-                    continue;
-                }
-            };
-            tracing::info!(primary = %conn.remote_address(), "primary connected");
-            match serve(&conn, &committed).await {
-                Ok(()) => {
-                    tracing::info!("primary disconnected");
-                    conn.close("replica done");
-                }
-                Err(e) => {
-                    tracing::warn!("primary lost: {e}; the committed checkpoint stays as it was");
-                    // The primary learns why (QUIC carries a short close reason).
-                    let reason: String = e.chars().take(400).collect();
-                    conn.close(&format!("replica refused: {reason}"));
-                }
-            }
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = ready.send(Err(ReplicaError::Runtime(e)));
+            return Ok(());
         }
+    };
+    rt.block_on(async move {
+        let listening = transport::listen(config.listen, &config.identity, config.peer)
+            .await
+            .and_then(|s| s.local_addr().map(|a| (s, a)));
+        let (server, addr) = match listening {
+            Ok(l) => l,
+            Err(e) => {
+                // Told to the starter, which returns it: not a thread failure.
+                let _ = ready.send(Err(e.into()));
+                return Ok(());
+            }
+        };
+        context.monitor.lock().listen = Some(addr);
+        let _ = ready.send(Ok(addr));
+        let (server, context) = (Arc::new(server), Arc::new(context));
+        let mut acceptors = tokio::task::JoinSet::new();
+        for _ in 0..ACCEPTORS {
+            acceptors.spawn(accept(server.clone(), context.clone()));
+        }
+        tokio::select! {
+            _ = stop => {}
+            // An acceptor ends only when the endpoint is closed.
+            _ = acceptors.join_next() => {}
+        }
+        server.close();
+        // The close is sent by quinn's driver task: give it a moment to go out, so that the
+        // primary learns "replica closing" at once rather than from 1.5 s of silence.
+        tokio::time::sleep(CLOSE_GRACE).await;
+        Ok(())
     })
+}
+
+/// Accepts primaries (one handshake at a time) and starts a task for each.
+async fn accept(server: Arc<Server>, context: Arc<Context>) {
+    loop {
+        match server.accept().await {
+            Ok(conn) => {
+                tokio::spawn(session(conn, context.clone()));
+            }
+            Err(transport::Error::EndpointClosed) => return,
+            Err(e) => tracing::warn!("refused a connection: {}", chain(&e)),
+        }
+    }
+}
+
+/// Serves `conn` if no other primary is being served; refuses it at once otherwise.
+async fn session(conn: transport::Connection, context: Arc<Context>) {
+    let addr = conn.remote_address();
+    let _session = match context.monitor.claim(addr) {
+        Ok(s) => s,
+        Err((current, first)) => {
+            let reason = format!("another primary is connected: {current}");
+            if first {
+                tracing::warn!(primary = %addr, "refused a primary: {reason}");
+            } else {
+                tracing::debug!(primary = %addr, "refused a primary: {reason}");
+            }
+            conn.close(&reason);
+            return;
+        }
+    };
+    tracing::info!(primary = %addr, "serving the primary");
+    match serve(&conn, &context).await {
+        Ok(()) => {
+            tracing::info!(primary = %addr, "primary disconnected");
+            conn.close("replica done");
+        }
+        Err(e) => {
+            tracing::warn!(
+                primary = %addr,
+                "primary lost: {e}; the committed checkpoint stays as it was"
+            );
+            // The primary learns why (QUIC carries a short close reason).
+            let reason: String = e.chars().take(400).collect();
+            conn.close(&format!("replica refused: {reason}"));
+        }
+    }
 }
 
 fn chain(e: &dyn std::error::Error) -> String {
@@ -108,8 +516,9 @@ fn fresh_memory(shape: &MachineShape) -> Result<GuestMemoryMmap, String> {
     GuestMemoryMmap::from_ranges(&ranges).map_err(|e| format!("cannot allocate memory: {e}"))
 }
 
-async fn serve(conn: &transport::Connection, committed: &Shared) -> Result<(), String> {
+async fn serve(conn: &transport::Connection, context: &Arc<Context>) -> Result<(), String> {
     let (mut send, mut recv) = conn.accept_stream().await.map_err(|e| chain(&e))?;
+    let committed = &context.committed;
     let mut decoder: Option<Decoder> = None;
     // The image an initial sync's pre-copy rounds are building, until its full frame.
     let mut sync: Option<GuestMemoryMmap> = None;
@@ -118,7 +527,8 @@ async fn serve(conn: &transport::Connection, committed: &Shared) -> Result<(), S
         let limit = decoder.as_ref().map_or(64 << 10, |d| max_frame(d.shape()));
         let bytes = match transport::recv_frame(&mut recv, limit).await {
             Ok(b) => b,
-            Err(e) => return Err(chain(&e)),
+            // Silence or the primary's close, rather than a stream error.
+            Err(e) => return Err(chain(&conn.explain(e))),
         };
         if bytes.starts_with(b"FTVMHELO") {
             let hello = wire::decode_hello(&bytes).map_err(|e| chain(&e))?;
@@ -138,33 +548,35 @@ async fn serve(conn: &transport::Connection, committed: &Shared) -> Result<(), S
             transport::send_frame(&mut send, &answer)
                 .await
                 .map_err(|e| chain(&e))?;
+            context.monitor.hello(&hello.shape);
             decoder = Some(Decoder::new(hello.shape).map_err(|e| chain(&e))?);
             sync = None;
             continue;
         }
         let mut dec = decoder.take().ok_or("a checkpoint before the greeting")?;
-        let precopy = wire::FrameHeader::parse(&bytes, dec.shape())
-            .is_ok_and(|h| h.kind == FrameKind::Precopy);
         // Verifying and applying a large checkpoint takes seconds: off the runtime's thread, so
         // that the connection keeps answering keep-alives meanwhile.
-        let shared = committed.clone();
+        let ctx = context.clone();
         let mut image = sync.take();
-        let (dec, image, result) = tokio::task::spawn_blocking(move || {
-            let result = commit(&mut dec, &mut image, &bytes, &shared);
-            (dec, image, result)
+        let (dec, image, bytes, result) = tokio::task::spawn_blocking(move || {
+            let observe = |c: &Committed| ctx.observe(c);
+            let result = commit_observed(&mut dec, &mut image, &bytes, &ctx.committed, &observe);
+            (dec, image, bytes, result)
         })
         .await
         .map_err(|e| format!("the checkpoint worker failed: {e}"))?;
         decoder = Some(dec);
         sync = image;
-        let epoch = result?;
-        if digests && !precopy {
+        let applied = result?;
+        if applied.kind == FrameKind::Precopy {
+            context.monitor.precopy(applied.pages, bytes.len());
+        } else if digests {
             log_digest(committed);
         }
-        transport::send_frame(&mut send, &epoch.to_le_bytes())
+        transport::send_frame(&mut send, &applied.epoch.to_le_bytes())
             .await
             .map_err(|e| chain(&e))?;
-        tracing::debug!(epoch, "committed");
+        tracing::debug!(epoch = applied.epoch, "committed");
     }
 }
 
@@ -178,6 +590,17 @@ fn log_digest(committed: &Shared) {
     }
 }
 
+/// What [`commit_observed`] applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Applied {
+    /// The frame's epoch (a pre-copy frame's round).
+    pub epoch: u64,
+    /// Its kind.
+    pub kind: FrameKind,
+    /// How many pages it carried.
+    pub pages: usize,
+}
+
 /// Verifies `frame` completely (with `dec`, made for the primary's shape) and applies it;
 /// returns its epoch (a pre-copy frame's round). A checkpoint frame lands in `committed`; a
 /// pre-copy frame in `sync`, the image an initial sync is building (made on its first
@@ -189,6 +612,18 @@ pub fn commit(
     frame: &[u8],
     committed: &Shared,
 ) -> Result<u64, String> {
+    commit_observed(dec, sync, frame, committed, &|_| {}).map(|a| a.epoch)
+}
+
+/// [`commit`], calling `observe` with the committed image (its lock held) after a checkpoint
+/// frame is committed; not for a pre-copy frame, nor for a frame that fails.
+pub fn commit_observed(
+    dec: &mut Decoder,
+    sync: &mut Option<GuestMemoryMmap>,
+    frame: &[u8],
+    committed: &Shared,
+    observe: &dyn Fn(&Committed),
+) -> Result<Applied, String> {
     let mut guard = committed.lock().unwrap_or_else(|p| p.into_inner());
     let shape = dec.shape().clone();
     let base = guard
@@ -198,6 +633,11 @@ pub fn commit(
     let mut decoded = dec.decode(frame, base).map_err(|e| chain(&e))?;
     let current = guard.as_ref().filter(|c| c.shape == shape).map(|c| c.epoch);
     wire::check_order(current, decoded.epoch, decoded.kind).map_err(|e| chain(&e))?;
+    let applied = Applied {
+        epoch: decoded.epoch,
+        kind: decoded.kind,
+        pages: decoded.pages.gfns.len(),
+    };
     let epoch = decoded.epoch;
     match (decoded.kind, decoded.state.take()) {
         (FrameKind::Precopy, _) => {
@@ -207,6 +647,7 @@ pub fn commit(
             }
             let image = sync.as_ref().ok_or("no sync image")?;
             wire::apply(&decoded, image).map_err(|e| chain(&e))?;
+            return Ok(applied);
         }
         (FrameKind::Full, Some(state)) => {
             // A full checkpoint lands on the image its sync built, or on fresh memory: the old
@@ -233,5 +674,84 @@ pub fn commit(
         }
         (_, None) => return Err("a checkpoint frame without machine state".into()),
     }
-    Ok(epoch)
+    if let Some(c) = guard.as_ref() {
+        observe(c);
+    }
+    Ok(applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape() -> MachineShape {
+        MachineShape {
+            ram: vec![(0, 64 << 20)],
+            vcpus: 2,
+            devices: Vec::new(),
+            linux: false,
+        }
+    }
+
+    #[test]
+    fn the_status_follows_a_session_from_waiting_to_committed_and_back() {
+        let m = Monitor::default();
+        let st = m.json();
+        assert_eq!(st["role"], "replica");
+        assert_eq!(st["state"], "waiting");
+        assert!(
+            st["primary"].is_null() && st["committed_epoch"].is_null(),
+            "{st}"
+        );
+
+        let a: SocketAddr = "127.0.0.1:1000".parse().unwrap();
+        let session = m.claim(a).map_err(|_| ()).unwrap();
+        m.hello(&shape());
+        m.precopy(16384, 5000);
+        m.precopy(10, 200);
+        let st = m.json();
+        assert_eq!(st["state"], "syncing");
+        assert_eq!(st["primary"], "127.0.0.1:1000");
+        assert_eq!(
+            (st["memory_mib"].as_u64(), st["vcpus"].as_u64()),
+            (Some(64), Some(2))
+        );
+        assert_eq!(st["sync"]["precopy_frames"], 2);
+        assert_eq!(st["sync"]["precopy_pages"], 16394);
+        assert_eq!(st["sync"]["precopy_bytes"], 5200);
+
+        m.committed(0, &shape());
+        m.committed(1, &shape());
+        let st = m.json();
+        assert_eq!(st["state"], "committed");
+        assert_eq!(st["committed_epoch"], 1);
+        assert_eq!(st["epochs_committed"], 2);
+        assert!(st["sync"].is_null(), "{st}");
+        assert_eq!(st["last_sync"]["precopy_frames"], 2);
+        assert!(st["last_commit_ms_ago"].as_f64().is_some(), "{st}");
+
+        // A second primary is refused while the first is served; counted once each time.
+        let b: SocketAddr = "127.0.0.1:2000".parse().unwrap();
+        assert_eq!(m.claim(b).err(), Some((a, true)));
+        assert_eq!(
+            m.claim(b).err(),
+            Some((a, false)),
+            "only the first is a warning"
+        );
+        assert_eq!(m.json()["primaries_refused"], 2);
+
+        // The first goes away: the committed image stays, the next primary is served.
+        drop(session);
+        let st = m.json();
+        assert_eq!(st["state"], "waiting");
+        assert!(st["primary"].is_null(), "{st}");
+        assert_eq!(st["committed_epoch"], 1);
+        let _next = m.claim(b).map_err(|_| ()).unwrap();
+        let st = m.json();
+        assert_eq!(
+            (st["state"].as_str(), st["sessions"].as_u64()),
+            (Some("syncing"), Some(2))
+        );
+        assert!(st["sync"].is_null(), "no greeting yet: {st}");
+    }
 }
