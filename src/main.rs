@@ -97,6 +97,10 @@ struct ReplicaArgs {
     /// shows what the replica holds (state, primary, committed epoch, sync progress).
     #[arg(long, value_name = "SOCKET")]
     api: Option<PathBuf>,
+    /// Keep the copies of the primary's disks in this directory (`disk<N>.img`, as of the
+    /// committed epoch). Needed when the primary's VM has disks.
+    #[arg(long, value_name = "DIR")]
+    disk_dir: Option<PathBuf>,
 }
 
 /// Replication options of `run` and `restore`.
@@ -326,6 +330,7 @@ fn replica(args: ReplicaArgs) -> anyhow::Result<ExitCode> {
             .parse()
             .with_context(|| format!("Invalid --peer fingerprint '{}'", args.peer))?,
         on_commit: None,
+        disk_dir: args.disk_dir,
     };
     let committed = replica::Shared::default();
     let sig = replica::supervise(config, committed, args.api.as_deref(), |addr| {

@@ -60,13 +60,19 @@ fn the_replica_equals_the_primary_after_every_epoch_over_the_network() {
     let mut pattern = vec![0u8; 8 << 20];
     ftvm_guest_abi::fill_pattern(3, 0, &mut pattern);
     std::fs::write(&img, &pattern).unwrap();
+    // A second disk that the guest writes while the epochs run.
+    let written = dir.path().join("written.img");
+    std::fs::write(&written, vec![0u8; 8 << 20]).unwrap();
     let (pc, rc) = (dir.path().join("p"), dir.path().join("r"));
     let (pfp, rfp) = (cert(&pc), cert(&rc));
     let env = [(checkpoint::wire::DIGEST_ENV, "1")];
-    let replica = Replica::start_with("127.0.0.1:0", &rc, &pfp, &env);
+    let copies = dir.path().join("copies");
+    std::fs::create_dir(&copies).unwrap();
+    let replica = Replica::start_with("127.0.0.1:0", &rc, &pfp, &["--disk-dir", &s(&copies)], &env);
     let sock = dir.path().join("api.sock");
     let cmdline = format!(
-        "ip={}/24 tcp-echo @1:disk-randread=8,100000000 @1:chunk-kib=16 @2:dirty=100,8",
+        "ip={}/24 tcp-echo @1:disk-randread=8,100000000 @1:chunk-kib=16 @2:dirty=100,8 \
+         @3:disk-write=8,7 @3:disk=1 @3:chunk-kib=1",
         ns.guest_ip()
     );
     let disk = format!("{},readonly", s(&img));
@@ -75,13 +81,15 @@ fn the_replica_equals_the_primary_after_every_epoch_over_the_network() {
         &[
             "run",
             "--vcpus",
-            "3",
+            "4",
             "--mem",
             "64M",
             "--api",
             &s(&sock),
             "--disk",
             &disk,
+            "--disk",
+            &s(&written),
             "--net",
             &tap,
             "--replica",
@@ -177,6 +185,25 @@ fn the_replica_equals_the_primary_after_every_epoch_over_the_network() {
     assert!(
         distinct.len() > 100,
         "the image changed from epoch to epoch"
+    );
+    // Both disks are in every digest; the written one changed over several epochs.
+    assert!(
+        committed.iter().all(|c| c.1.split('-').count() == 4),
+        "{committed:?}"
+    );
+    let written_disk: std::collections::HashSet<_> = committed
+        .iter()
+        .map(|c| c.1.rsplit('-').next().unwrap().to_string())
+        .collect();
+    let took = text
+        .lines()
+        .find(|l| l.starts_with("vcpu3 disk-write ok"))
+        .unwrap_or("vcpu3 disk-write not finished");
+    eprintln!("{took}; the written disk had {} states", written_disk.len());
+    assert!(
+        written_disk.len() > 5,
+        "the written disk changed in only {} epochs",
+        written_disk.len()
     );
 }
 
@@ -321,4 +348,52 @@ fn a_2_gib_guest_is_protected() {
     wait_protection(&sock, "protection of 2 GiB", |p| {
         p["state"] == "protected" && p["epochs_committed"].as_u64() >= Some(5)
     });
+}
+
+/// A replica without `--disk-dir` cannot keep a primary's disks: it refuses the primary with
+/// the reason, which the primary logs; the guest runs on unprotected.
+#[test]
+fn a_primary_with_disks_needs_a_replica_with_a_disk_dir() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let (pc, rc) = (dir.path().join("p"), dir.path().join("r"));
+    let (pfp, rfp) = (cert(&pc), cert(&rc));
+    let replica = Replica::start("127.0.0.1:0", &rc, &pfp);
+    let (_vm, log, refused, console) = spawn_logged(
+        &[
+            "run",
+            "--mem",
+            "32M",
+            "--disk",
+            &s(&img),
+            "--replica",
+            &replica.addr,
+            "--cert",
+            &s(&pc),
+            "--peer",
+            &rfp,
+            "--cmdline",
+            "count=0 interval-ms=20",
+        ],
+        &[],
+        "--disk-dir",
+    );
+    let line = refused
+        .recv_timeout(LIMIT)
+        .unwrap_or_else(|_| panic!("no refusal: {}", log.lock().unwrap()));
+    assert!(
+        line.contains("has 1 disk(s)") && line.contains("unprotected"),
+        "{line}"
+    );
+    let now = last_count(&console.text(), 0).unwrap_or(0);
+    console.wait_until("counting unprotected", LIMIT, |t| {
+        last_count(t, 0) > Some(now + 3)
+    });
+    assert!(
+        replica.log().contains("start the replica with --disk-dir"),
+        "{}",
+        replica.log()
+    );
 }

@@ -31,6 +31,15 @@ pub enum CaptureError {
     /// A dirty page lies outside guest memory (a bug: KVM and the VMM disagree on the layout).
     #[error("Dirty page at {0:#x} is not in guest memory")]
     Page(u64),
+    /// The blocks the guest wrote to a disk cannot be read back from its image.
+    #[error("Cannot read the written blocks of disk {disk}")]
+    Disk {
+        /// The disk's index.
+        disk: usize,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// Ring capture asked of a VM that tracks dirty pages with the bitmap.
     #[error(
         "Capture with the dirty ring needs a VM built with it (vmm::dirty_ring::DirtyLog::Ring)"

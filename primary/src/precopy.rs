@@ -11,13 +11,15 @@
 //! Pre-copy frames are never committed on their own (`checkpoint::wire::FrameKind::Precopy`).
 
 use std::io::IsTerminal;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use checkpoint::transport::{self, Connection, RecvStream, SendStream};
-use checkpoint::wire::{Encoder, MachineShape};
+use checkpoint::wire::{self, DiskFrameHeader, Encoder, MachineShape};
 use serde_json::{Value, json};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm::RunningVm;
+use vmm::disk_track::DiskTracker;
 use vmm::event::error_chain;
 use vmm::memory::{DirtyPages, GuestMemoryMmap, PAGE_SIZE};
 
@@ -41,6 +43,8 @@ pub(crate) struct Harvest {
     pub memory: GuestMemoryMmap,
     /// The pages written since the previous harvest or capture.
     pub dirty: DirtyPages,
+    /// The disks' write trackers, in the machine's order.
+    pub disks: Vec<Arc<DiskTracker>>,
 }
 
 /// A request for a harvest, answered by the owner's next tick.
@@ -55,6 +59,7 @@ pub(crate) fn harvest(vm: &RunningVm) -> Result<Harvest, String> {
         shape,
         memory: vm.memory().clone(),
         dirty,
+        disks: vm.disk_trackers().to_vec(),
     })
 }
 
@@ -216,6 +221,7 @@ pub(crate) async fn sync(
     max_rounds: u32,
     owner: &std::sync::mpsc::Sender<HarvestRequest>,
     shared: &Shared,
+    disks: &mut DiskSync,
 ) -> Result<Encoder, String> {
     let memory = first.memory;
     let mut gfns = all_pages(&memory);
@@ -267,6 +273,8 @@ pub(crate) async fn sync(
             bar.draw(&progress);
         }
         bar.clear();
+        // The disks' blocks of this round: all of them first, then what the guest wrote.
+        disks.round(link, round).await?;
         let last = round + 1 >= max_rounds || (round > 0 && gfns.len() <= FINAL_PAGES);
         let dirty = if last {
             None
@@ -288,5 +296,77 @@ pub(crate) async fn sync(
         // Harvested pages must be sent: the log no longer holds them.
         gfns = dirty.addresses().map(|a| a / PAGE_SIZE).collect();
         round += 1;
+    }
+}
+
+/// The disks' side of an initial sync: each disk's write tracker and its encoder.
+pub(crate) struct DiskSync {
+    disks: Vec<(Arc<DiskTracker>, Encoder)>,
+    /// The next round is the first (all blocks).
+    first: bool,
+}
+
+impl DiskSync {
+    /// Starts tracking writes to `disks` (from now on every write is in a later round or the
+    /// final pause).
+    pub(crate) fn start(disks: &[Arc<DiskTracker>]) -> Result<Self, String> {
+        let mut out = Vec::new();
+        for t in disks {
+            t.start();
+            let enc = wire::disk_encoder(t.bytes()).map_err(|e| error_chain(&e))?;
+            out.push((t.clone(), enc));
+        }
+        Ok(Self {
+            disks: out,
+            first: true,
+        })
+    }
+
+    /// Sends one sync round of every disk: all blocks the first time, then the blocks
+    /// written since the round before; each frame is acknowledged.
+    pub(crate) async fn round(&mut self, link: &mut Link<'_>, round: u32) -> Result<(), String> {
+        let first = std::mem::replace(&mut self.first, false);
+        for (n, (t, enc)) in self.disks.iter_mut().enumerate() {
+            let blocks: Vec<u64> = if first {
+                (0..t.blocks()).collect()
+            } else {
+                t.take()
+            };
+            let header = DiskFrameHeader {
+                disk: n as u32,
+                sync: true,
+                epoch: round.into(),
+                bytes: t.bytes(),
+            };
+            let started = Instant::now();
+            let (mut sent, mut zero) = (0, 0);
+            let mut frame = Vec::new();
+            let mut data = Vec::new();
+            for chunk in blocks.chunks(CHUNK) {
+                data.clear();
+                t.read_blocks(chunk, &mut data)
+                    .map_err(|e| format!("cannot read disk {n}: {e}"))?;
+                let stats = wire::encode_disk_frame(enc, header, chunk, &data, &mut frame)
+                    .map_err(|e| error_chain(&e))?;
+                link.exchange(&frame, round.into()).await?;
+                sent += stats.wire_bytes;
+                zero += stats.zero_pages;
+            }
+            tracing::info!(
+                disk = n,
+                round,
+                blocks = blocks.len(),
+                zero_blocks = zero,
+                wire_mib = sent as f64 / (1 << 20) as f64,
+                ms = started.elapsed().as_millis() as u64,
+                "disk sync round sent"
+            );
+        }
+        Ok(())
+    }
+
+    /// The encoders, for the epochs' writes.
+    pub(crate) fn into_encoders(self) -> Vec<Encoder> {
+        self.disks.into_iter().map(|(_, e)| e).collect()
     }
 }

@@ -78,6 +78,8 @@ struct Job {
     kind: FrameKind,
     staging: Staging,
     state: MachineState,
+    /// Per disk, the blocks the guest wrote since the last checkpoint and their contents.
+    disks: Vec<(Vec<u64>, Vec<u8>)>,
 }
 
 /// What `status` reports about protection.
@@ -248,23 +250,50 @@ impl Protector {
         let mut staging = self.spare.try_recv().unwrap_or_default();
         // In the pause: the output so far belongs to this checkpoint (from the one that ends
         // a sync on, output is held); the digest test mode reads memory as the pause saw it.
+        // The disks' written blocks are read in the pause too: the device thread is stopped.
         let (mut memory_crc, mut generation) = (None, 0);
-        let (digests, gate) = (self.digests, &self.shared.gate);
+        let (digests, gate, trackers) = (self.digests, &self.shared.gate, vm.disk_trackers());
+        let mut disks: Vec<(Vec<u64>, Vec<u8>)> = Vec::new();
+        let mut disk_crcs = Vec::new();
+        let mut disk_error = None;
         let mut in_pause = |m: &vmm::memory::GuestMemoryMmap| {
             if kind == FrameKind::Full {
                 gate.hold();
             }
             generation = gate.seal();
+            for (n, t) in trackers.iter().enumerate() {
+                let blocks = t.take();
+                let mut data = Vec::new();
+                if let Err(source) = t.read_blocks(&blocks, &mut data) {
+                    disk_error.get_or_insert(CaptureError::Disk { disk: n, source });
+                }
+                disks.push((blocks, data));
+                if digests {
+                    disk_crcs.push(disk_digest(t));
+                }
+            }
             if digests {
                 memory_crc = wire::memory_digest(m).ok();
             }
         };
         let (state, stats) = capture::capture(vm, scope, &mut staging, Some(&mut in_pause))?;
+        if let Some(e) = disk_error {
+            return Err(e);
+        }
         self.last_capture = now;
         if let Some(crc) = memory_crc {
-            match wire::image_digest(crc, &state) {
+            let digest = wire::image_digest(crc, &state)
+                .map_err(|e| event::error_chain(&e))
+                .and_then(|mut d| {
+                    for crc in &disk_crcs {
+                        let crc = crc.as_ref().map_err(|e| e.to_string())?;
+                        d.push_str(&format!("-d{crc:08x}"));
+                    }
+                    Ok(d)
+                });
+            match digest {
                 Ok(d) => tracing::info!(epoch = self.next_epoch, digest = %d, "epoch image"),
-                Err(e) => tracing::warn!("no digest: {}", event::error_chain(&e)),
+                Err(e) => tracing::warn!("no digest: {e}"),
             }
         }
         {
@@ -278,6 +307,7 @@ impl Protector {
             kind,
             staging,
             state,
+            disks,
         };
         self.next_epoch += 1;
         self.shared.in_flight.store(true, Ordering::SeqCst);
@@ -382,6 +412,23 @@ fn status_json(st: &Status, gate: &OutputGate) -> Value {
         v["last_sync_pause_us"] = json!(pause.as_micros() as u64);
     }
     v
+}
+
+/// CRC-32 of a disk image's bytes (the digest test mode), read while the VM is paused.
+fn disk_digest(t: &vmm::disk_track::DiskTracker) -> std::io::Result<u32> {
+    let mut crc = crc32fast::Hasher::new();
+    let mut buf = Vec::new();
+    let mut block = 0;
+    while block < t.blocks() {
+        let n = (t.blocks() - block).min(4096);
+        let blocks: Vec<u64> = (block..block + n).collect();
+        buf.clear();
+        t.read_blocks(&blocks, &mut buf)?;
+        let end = (t.bytes() - block * 4096).min(buf.len() as u64) as usize;
+        crc.update(&buf[..end]);
+        block += n;
+    }
+    Ok(crc.finalize())
 }
 
 /// Now, in nanoseconds since the Unix epoch (the release log's clock, the one packet
@@ -503,7 +550,12 @@ async fn session(
         recv: &mut recv,
     };
     let all = config.precopy_rounds == 0;
-    if !all {
+    let disk_sizes: Vec<u64> = first.disks.iter().map(|t| t.bytes()).collect();
+    let mut disks = precopy::DiskSync::start(&first.disks)?;
+    if all {
+        // Memory goes in one pause; the disks still go while the guest runs.
+        disks.round(&mut link, 0).await?;
+    } else {
         encoder = precopy::sync(
             &mut link,
             encoder,
@@ -511,9 +563,11 @@ async fn session(
             config.precopy_rounds,
             &channels.harvests,
             shared,
+            &mut disks,
         )
         .await?;
     }
+    let mut disk_encoders = disks.into_encoders();
     shared.final_all.store(all, Ordering::SeqCst);
     shared.phase.store(FINAL_DUE, Ordering::SeqCst);
 
@@ -555,6 +609,27 @@ async fn session(
             let _ = channels.give_back.send(job.staging);
         }
         let sent = Instant::now();
+        // The epoch's disk writes first: the replica stages them for this epoch's commit.
+        for (n, (blocks, data)) in job.disks.iter().enumerate() {
+            let enc = disk_encoders
+                .get_mut(n)
+                .ok_or("a disk the sync did not know")?;
+            let header = wire::DiskFrameHeader {
+                disk: n as u32,
+                sync: false,
+                epoch: job.epoch,
+                bytes: disk_sizes.get(n).copied().unwrap_or_default(),
+            };
+            for (i, chunk) in blocks.chunks(4096).enumerate() {
+                let bytes = &data[i * 4096 * 4096..][..chunk.len() * 4096];
+                let mut out = Vec::new();
+                wire::encode_disk_frame(enc, header, chunk, bytes, &mut out)
+                    .map_err(|e| event::error_chain(&e))?;
+                transport::send_frame(link.send, &out)
+                    .await
+                    .map_err(explain(link.conn, "cannot send disk writes"))?;
+            }
+        }
         link.exchange(&frame, job.epoch).await?;
         let acked = job.epoch;
         let at = unix_ns();

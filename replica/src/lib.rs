@@ -22,12 +22,15 @@ use std::time::{Duration, Instant};
 
 use checkpoint::api::{ApiError, StatusSource};
 use checkpoint::transport::{self, Fingerprint, Identity, Server};
-use checkpoint::wire::{self, Decoder, FrameKind, MachineShape};
+use checkpoint::wire::{self, DecodedEpoch, Decoder, DeviceKind, FrameKind, MachineShape};
 use serde_json::{Value, json};
 use vm_memory::GuestAddress;
 use vmm::event::{self, Reporter, ThreadError, VmEvent};
 use vmm::memory::GuestMemoryMmap;
 use vmm::vm::MachineState;
+
+pub mod disks;
+use disks::DiskStore;
 
 /// Called after each commit of a checkpoint frame (full or incremental, not pre-copy), with
 /// the committed image's lock held: keep it short.
@@ -43,6 +46,9 @@ pub struct ReplicaConfig {
     pub peer: Fingerprint,
     /// Observes each commit (later: accounting); the replica's own [`Monitor`] is told first.
     pub on_commit: Option<OnCommit>,
+    /// Where the copies of a primary's disks are kept (see [`disks`]); a primary whose
+    /// machine has disks is refused without it.
+    pub disk_dir: Option<std::path::PathBuf>,
 }
 
 /// Errors of the replica.
@@ -257,6 +263,7 @@ struct Context {
     committed: Shared,
     monitor: Monitor,
     on_commit: Option<OnCommit>,
+    disk_dir: Option<std::path::PathBuf>,
 }
 
 impl Context {
@@ -293,6 +300,7 @@ impl Replica {
             committed,
             monitor: monitor.clone(),
             on_commit: config.on_commit.clone(),
+            disk_dir: config.disk_dir.clone(),
         };
         let thread = reporter
             .spawn("replica", move || {
@@ -522,6 +530,8 @@ async fn serve(conn: &transport::Connection, context: &Arc<Context>) -> Result<(
     let mut decoder: Option<Decoder> = None;
     // The image an initial sync's pre-copy rounds are building, until its full frame.
     let mut sync: Option<GuestMemoryMmap> = None;
+    // The copies of the primary's disks (a machine with disks).
+    let mut disks: Option<DiskStore> = None;
     let digests = wire::digests_enabled();
     loop {
         let limit = decoder.as_ref().map_or(64 << 10, |d| max_frame(d.shape()));
@@ -548,9 +558,45 @@ async fn serve(conn: &transport::Connection, context: &Arc<Context>) -> Result<(
             transport::send_frame(&mut send, &answer)
                 .await
                 .map_err(|e| chain(&e))?;
+            let count = hello
+                .shape
+                .devices
+                .iter()
+                .filter(|d| **d == DeviceKind::Block)
+                .count();
+            disks = match (&context.disk_dir, count) {
+                (_, 0) => None,
+                (Some(dir), n) => Some(DiskStore::new(dir, n)?),
+                (None, n) => {
+                    return Err(format!(
+                        "the primary's machine has {n} disk(s): start the replica with \
+                         --disk-dir DIR to keep their copies"
+                    ));
+                }
+            };
             context.monitor.hello(&hello.shape);
             decoder = Some(Decoder::new(hello.shape).map_err(|e| chain(&e))?);
             sync = None;
+            continue;
+        }
+        if bytes.starts_with(&wire::DISK_MAGIC) {
+            let mut store = disks
+                .take()
+                .ok_or("a disk frame for a machine without disks")?;
+            let (store, taken) = tokio::task::spawn_blocking(move || {
+                let taken = store.take(&bytes);
+                (store, taken)
+            })
+            .await
+            .map_err(|e| format!("the disk worker failed: {e}"))?;
+            disks = Some(store);
+            let header = taken?;
+            // A sync round is acknowledged; an epoch's writes wait for its checkpoint.
+            if header.sync {
+                transport::send_frame(&mut send, &header.epoch.to_le_bytes())
+                    .await
+                    .map_err(|e| chain(&e))?;
+            }
             continue;
         }
         let mut dec = decoder.take().ok_or("a checkpoint before the greeting")?;
@@ -558,20 +604,34 @@ async fn serve(conn: &transport::Connection, context: &Arc<Context>) -> Result<(
         // that the connection keeps answering keep-alives meanwhile.
         let ctx = context.clone();
         let mut image = sync.take();
-        let (dec, image, bytes, result) = tokio::task::spawn_blocking(move || {
+        let mut store = disks.take();
+        let (dec, image, store, bytes, result) = tokio::task::spawn_blocking(move || {
             let observe = |c: &Committed| ctx.observe(c);
-            let result = commit_observed(&mut dec, &mut image, &bytes, &ctx.committed, &observe);
-            (dec, image, bytes, result)
+            // The disks take the epoch's writes once its memory checkpoint has been verified.
+            let mut disks_first = |d: &DecodedEpoch| match store.as_mut() {
+                Some(s) => s.commit(d.epoch, d.kind == FrameKind::Full),
+                None => Ok(()),
+            };
+            let result = commit_with(
+                &mut dec,
+                &mut image,
+                &bytes,
+                &ctx.committed,
+                &observe,
+                &mut disks_first,
+            );
+            (dec, image, store, bytes, result)
         })
         .await
         .map_err(|e| format!("the checkpoint worker failed: {e}"))?;
         decoder = Some(dec);
         sync = image;
+        disks = store;
         let applied = result?;
         if applied.kind == FrameKind::Precopy {
             context.monitor.precopy(applied.pages, bytes.len());
         } else if digests {
-            log_digest(committed);
+            log_digest(committed, disks.as_ref());
         }
         transport::send_frame(&mut send, &applied.epoch.to_le_bytes())
             .await
@@ -581,12 +641,22 @@ async fn serve(conn: &transport::Connection, context: &Arc<Context>) -> Result<(
 }
 
 /// The test mode of `checkpoint::wire::digests_enabled`: logs what was committed.
-fn log_digest(committed: &Shared) {
+fn log_digest(committed: &Shared, disks: Option<&DiskStore>) {
     let guard = committed.lock().unwrap_or_else(|p| p.into_inner());
     let Some(c) = guard.as_ref() else { return };
-    match wire::memory_digest(&c.memory).and_then(|crc| wire::image_digest(crc, &c.state)) {
+    let digest = wire::memory_digest(&c.memory)
+        .and_then(|crc| wire::image_digest(crc, &c.state))
+        .map_err(|e| chain(&e))
+        .and_then(|mut d| {
+            for n in 0..disks.map_or(0, DiskStore::len) {
+                let crc = disks.ok_or("no disks")?.digest(n)?;
+                d.push_str(&format!("-d{crc:08x}"));
+            }
+            Ok(d)
+        });
+    match digest {
         Ok(d) => tracing::info!(epoch = c.epoch, digest = %d, "committed image"),
-        Err(e) => tracing::warn!("no digest: {}", chain(&e)),
+        Err(e) => tracing::warn!("no digest: {e}"),
     }
 }
 
@@ -624,6 +694,20 @@ pub fn commit_observed(
     committed: &Shared,
     observe: &dyn Fn(&Committed),
 ) -> Result<Applied, String> {
+    commit_with(dec, sync, frame, committed, observe, &mut |_| Ok(()))
+}
+
+/// [`commit_observed`], calling `before_apply` with a checkpoint frame (not a pre-copy one)
+/// once it is verified and in order, before anything of it is applied; its error stops the
+/// commit.
+fn commit_with(
+    dec: &mut Decoder,
+    sync: &mut Option<GuestMemoryMmap>,
+    frame: &[u8],
+    committed: &Shared,
+    observe: &dyn Fn(&Committed),
+    before_apply: &mut dyn FnMut(&DecodedEpoch) -> Result<(), String>,
+) -> Result<Applied, String> {
     let mut guard = committed.lock().unwrap_or_else(|p| p.into_inner());
     let shape = dec.shape().clone();
     let base = guard
@@ -639,6 +723,9 @@ pub fn commit_observed(
         pages: decoded.pages.gfns.len(),
     };
     let epoch = decoded.epoch;
+    if decoded.kind != FrameKind::Precopy {
+        before_apply(&decoded)?;
+    }
     match (decoded.kind, decoded.state.take()) {
         (FrameKind::Precopy, _) => {
             drop(guard);

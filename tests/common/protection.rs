@@ -79,19 +79,22 @@ pub fn spawn_logged(args: &[&str], env: &[(&str, &str)], tell: &'static str) -> 
 
 impl Replica {
     pub fn start(listen: &str, cert: &Path, peer: &str) -> Self {
-        Self::start_with(listen, cert, peer, &[])
+        Self::start_with(listen, cert, peer, &[], &[])
     }
 
-    pub fn start_with(listen: &str, cert: &Path, peer: &str, env: &[(&str, &str)]) -> Self {
-        let args = [
-            "replica",
-            "--listen",
-            listen,
-            "--cert",
-            &s(cert),
-            "--peer",
-            peer,
+    /// A replica with more arguments (`extra`) and environment (`env`).
+    pub fn start_with(
+        listen: &str,
+        cert: &Path,
+        peer: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
+        let cert = s(cert);
+        let mut args = vec![
+            "replica", "--listen", listen, "--cert", &cert, "--peer", peer,
         ];
+        args.extend_from_slice(extra);
         let (child, log, listening, _) = spawn_logged(&args, env, "replica listening");
         let line = listening.recv_timeout(LIMIT).expect("the replica listens");
         let addr = field(&line, "addr")
