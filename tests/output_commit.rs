@@ -256,7 +256,7 @@ fn a_tcp_stream_and_pings_stay_exact_for_30_seconds_at_40_hz() {
     protected
         .recv_timeout(LIMIT)
         .expect("the guest is protected");
-    let mut pinger = std::process::Command::new("ping")
+    let pinger = std::process::Command::new("ping")
         .args(["-c", "600", "-i", "0.05", "-W", "5", &ns.guest_ip()])
         .stdout(std::process::Stdio::piped())
         .spawn()
