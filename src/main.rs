@@ -217,6 +217,10 @@ struct RunArgs {
     /// socket; `ftvm pause|resume|status|snapshot --api SOCKET` are its clients.
     #[arg(long, value_name = "SOCKET")]
     api: Option<PathBuf>,
+    /// Start with the vCPUs paused (the guest runs on `ftvm resume --api SOCKET`); with
+    /// --replica, the guest can be protected before it runs a single instruction.
+    #[arg(long, requires = "api")]
+    paused: bool,
     #[command(flatten)]
     protect: ProtectArgs,
 }
@@ -271,8 +275,13 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         disks,
         nets,
     })?;
-    tracing::info!(vcpus, mem_mib = mem_size >> 20, "guest started");
-    supervise(vm, args.api, protect)
+    tracing::info!(
+        vcpus,
+        mem_mib = mem_size >> 20,
+        paused = args.paused,
+        "guest started"
+    );
+    supervise(vm, args.api, protect, args.paused)
 }
 
 /// Runs `vm` until it ends and maps how it ended to ftvm's exit status: the guest's status on
@@ -281,8 +290,9 @@ fn supervise(
     vm: Vm,
     api: Option<PathBuf>,
     protect: Option<ProtectConfig>,
+    paused: bool,
 ) -> anyhow::Result<ExitCode> {
-    let ended = primary::control::supervise(vm, api.as_deref(), protect);
+    let ended = primary::control::supervise(vm, api.as_deref(), protect, paused);
     std::io::stdout().flush().ok();
     match ended? {
         Ended::PowerOff(status) => {
@@ -315,7 +325,7 @@ fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     };
     let vm = checkpoint::snapshot::restore(&args.from, opts)?;
     tracing::info!(from = %args.from.display(), "guest restored");
-    supervise(vm, args.api, None)
+    supervise(vm, args.api, None, false)
 }
 
 /// Keeps a replica until a termination signal.

@@ -97,7 +97,14 @@ pub fn run(boot: &BootInfo, clock: Clock, svc: &Services) -> Result<(), u32> {
     for &(port, kind) in &services {
         for _ in 0..POOL {
             let buf = |n: usize| tcp::SocketBuffer::new(vec![0u8; n]);
-            let handle = sockets.add(tcp::Socket::new(buf(16 << 10), buf(64 << 10)));
+            // What a sender keeps in flight is bounded by its send buffer; under output commit
+            // every byte stays in flight for a checkpoint's round trip, so the streaming
+            // services get room for several epochs' worth (a Linux guest autotunes this).
+            let tx = match kind {
+                Kind::Stream | Kind::Http { .. } => 1 << 20,
+                Kind::Echo | Kind::Sink => 64 << 10,
+            };
+            let handle = sockets.add(tcp::Socket::new(buf(16 << 10), buf(tx)));
             conns.push(Conn {
                 handle,
                 port,

@@ -63,13 +63,14 @@ pub enum ControlError {
     Vanished,
 }
 
-/// Starts `vm`, serves the API on `api` if given, protects it with a replica if `protect` is
-/// given, and runs until the VM ends; then stops it in order. The API socket is bound (and
-/// checked) before any guest code runs.
+/// Starts `vm` (paused if `paused`: it runs on the API's resume), serves the API on `api` if
+/// given, protects it with a replica if `protect` is given, and runs until the VM ends; then
+/// stops it in order. The API socket is bound (and checked) before any guest code runs.
 pub fn supervise(
     vm: Vm,
     api: Option<&Path>,
     protect: Option<ProtectConfig>,
+    paused: bool,
 ) -> Result<Ended, ControlError> {
     let bound = api.map(api::bind).transpose()?;
     vmm::signals::watch(&vm.reporter()).map_err(ControlError::Signals)?;
@@ -77,7 +78,11 @@ pub fn supervise(
         .map(|p| Protector::start(p, &vm.reporter(), vm.output_gate().clone()))
         .transpose()
         .map_err(ControlError::Replication)?;
-    let vm = vm.start()?;
+    let vm = if paused {
+        vm.start_paused()?
+    } else {
+        vm.start()?
+    };
     let (server, requests) = match bound {
         Some(b) => {
             let source = protector.as_ref().map(Protector::status_source);
