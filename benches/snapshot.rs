@@ -37,6 +37,7 @@ fn run(mem_mib: u64, encoding: checkpoint::snapshot::MemoryEncoding) {
     let opts = RestoreOptions {
         console: Box::new(sink.clone()),
         nets: None,
+        disks: None,
     };
     let restored = checkpoint::snapshot::restore(&path, opts).unwrap();
     let built = t1.elapsed();

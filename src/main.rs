@@ -101,6 +101,29 @@ struct ReplicaArgs {
     /// committed epoch). Needed when the primary's VM has disks.
     #[arg(long, value_name = "DIR")]
     disk_dir: Option<PathBuf>,
+    /// Take over when the primary is lost: run the guest here from the committed epoch (with
+    /// this host's --net cards and the disk copies), after --fence if given. Without it the
+    /// replica only keeps the image.
+    #[arg(long)]
+    failover: bool,
+    /// Milliseconds without a checkpoint from a protected primary before it is taken for lost
+    /// (1 to 60000). Shorter means less downtime but a slow primary or link may be taken for
+    /// dead: keep it several epochs long.
+    #[arg(long, value_name = "MS", default_value = "250")]
+    failover_timeout: u64,
+    /// Command (run with `sh -c`, the lost primary's address in FTVM_PRIMARY) that makes sure
+    /// the old primary is dead before the takeover; the takeover happens only if it exits 0,
+    /// else the replica keeps waiting. Without it, a network partition can leave two guests
+    /// running.
+    #[arg(long, value_name = "CMD", requires = "failover")]
+    fence: Option<String>,
+    /// Seconds the fence command may take (killed after).
+    #[arg(long, value_name = "S", default_value = "10")]
+    fence_timeout: u64,
+    /// Network cards of the guest once it runs here (as for `ftvm run`, same number as the
+    /// primary's), e.g. a TAP on the same LAN.
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]", requires = "failover")]
+    nets: Vec<String>,
 }
 
 /// Replication options of `run` and `restore`.
@@ -322,35 +345,120 @@ fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     let opts = RestoreOptions {
         console: Box::new(std::io::stdout()),
         nets: (!nets.is_empty()).then_some(nets),
+        disks: None,
     };
     let vm = checkpoint::snapshot::restore(&args.from, opts)?;
     tracing::info!(from = %args.from.display(), "guest restored");
     supervise(vm, args.api, None, false)
 }
 
-/// Keeps a replica until a termination signal.
+/// Keeps a replica until a termination signal; with --failover, takes over when the primary
+/// is lost and runs the guest until it ends.
 fn replica(args: ReplicaArgs) -> anyhow::Result<ExitCode> {
     // Before any thread starts, so that every thread inherits the mask.
     vmm::signals::block_termination().context("Cannot block termination signals")?;
-    let config = replica::ReplicaConfig {
-        listen: args.listen,
-        identity: checkpoint::transport::Identity::load(&args.cert)?,
-        peer: args
-            .peer
-            .parse()
-            .with_context(|| format!("Invalid --peer fingerprint '{}'", args.peer))?,
-        on_commit: None,
-        disk_dir: args.disk_dir,
-    };
+    if !(1..=60_000).contains(&args.failover_timeout) {
+        anyhow::bail!(
+            "--failover-timeout {} is out of range (1 to 60000)",
+            args.failover_timeout
+        );
+    }
+    let nets = parse_all(&args.nets)?;
     let committed = replica::Shared::default();
-    let sig = replica::supervise(config, committed, args.api.as_deref(), |addr| {
-        tracing::info!(%addr, "replica listening");
-    })?;
+    let mut warned = false;
+    loop {
+        let config = replica::ReplicaConfig {
+            listen: args.listen,
+            identity: checkpoint::transport::Identity::load(&args.cert)?,
+            peer: args
+                .peer
+                .parse()
+                .with_context(|| format!("Invalid --peer fingerprint '{}'", args.peer))?,
+            on_commit: None,
+            disk_dir: args.disk_dir.clone(),
+            failover_timeout: args
+                .failover
+                .then(|| std::time::Duration::from_millis(args.failover_timeout)),
+        };
+        if args.failover && args.fence.is_none() && !warned {
+            tracing::warn!(
+                "--failover without --fence: if the primary is only cut off (a partition), \
+                 taking over leaves two copies of the guest running"
+            );
+            warned = true;
+        }
+        let end = replica::supervise(config, committed.clone(), args.api.as_deref(), |addr| {
+            tracing::info!(%addr, "replica listening");
+        })?;
+        let (primary, epoch, silent) = match end {
+            replica::ReplicaEnd::Signal(sig) => {
+                tracing::info!(
+                    signal = sig,
+                    "replica stopped in order after a termination signal"
+                );
+                return Ok(ExitCode::from(128u8.wrapping_add(sig as u8)));
+            }
+            replica::ReplicaEnd::TakeOver {
+                primary,
+                epoch,
+                silent,
+            } => (primary, epoch, silent),
+        };
+        let fenced = std::time::Instant::now();
+        if let Some(cmd) = &args.fence {
+            let timeout = std::time::Duration::from_secs(args.fence_timeout);
+            if let Err(e) = replica::fence(cmd, primary, epoch, timeout) {
+                tracing::error!(
+                    %primary,
+                    "not taking over: {e}; waiting for a primary again with the committed image"
+                );
+                continue;
+            }
+        }
+        return take_over(&args, nets, &committed, epoch, silent, fenced.elapsed());
+    }
+}
+
+/// Runs the committed image here: restored in place on the replica's memory (no copy), with
+/// this host's cards and the disk copies, announced on the network, then supervised like
+/// `ftvm run`.
+fn take_over(
+    args: &ReplicaArgs,
+    nets: Vec<vmm::devices::virtio::net::NetConfig>,
+    committed: &replica::Shared,
+    epoch: u64,
+    silent: std::time::Duration,
+    fencing: std::time::Duration,
+) -> anyhow::Result<ExitCode> {
+    let started = std::time::Instant::now();
+    let c = committed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .context("Nothing committed to take over")?;
+    let disks = c.state.config.disks.len();
+    let disk_paths = match (&args.disk_dir, disks) {
+        (_, 0) => None,
+        (Some(dir), n) => Some((0..n).map(|i| dir.join(format!("disk{i}.img"))).collect()),
+        (None, _) => anyhow::bail!("The guest has disks and the replica no --disk-dir"),
+    };
+    let opts = RestoreOptions {
+        console: Box::new(std::io::stdout()),
+        nets: (!nets.is_empty()).then_some(nets),
+        disks: disk_paths,
+    };
+    let vm = Vm::restore(c.state, opts, vmm::vm::RestoreMemory::Mapped(c.memory))
+        .context("Cannot take over the committed image")?;
+    let cards = vm.announce().context("Cannot announce the guest's cards")?;
     tracing::info!(
-        signal = sig,
-        "replica stopped in order after a termination signal"
+        epoch,
+        detection_ms = silent.as_millis() as u64,
+        fencing_ms = fencing.as_millis() as u64,
+        activation_us = started.elapsed().as_micros() as u64,
+        cards,
+        "took over: the guest runs here from the committed epoch"
     );
-    Ok(ExitCode::from(128u8.wrapping_add(sig as u8)))
+    supervise(vm, args.api.clone(), None, false)
 }
 
 /// Sends one API request and prints the answer.

@@ -149,6 +149,7 @@ fn the_replica_equals_the_primary_after_every_epoch() {
         RestoreOptions {
             console: Box::new(restored_console.clone()),
             nets: None,
+            disks: None,
         },
         RestoreMemory::Fill(&mut fill),
     )

@@ -28,6 +28,7 @@ fn restore(state: MachineState, memory: Vec<(GuestAddress, Vec<u8>)>) -> (Vm, Co
     let opts = RestoreOptions {
         console: Box::new(console.clone()),
         nets: None,
+        disks: None,
     };
     let mut fill = move |m: &vmm::memory::GuestMemoryMmap| -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         for (addr, bytes) in &memory {
@@ -144,6 +145,7 @@ fn damaged_state_never_panics_the_vmm() {
             let opts = RestoreOptions {
                 console: Box::new(std::io::sink()),
                 nets: None,
+                disks: None,
             };
             match checkpoint::snapshot::restore(&path, opts) {
                 Ok(vm) => {
@@ -190,6 +192,7 @@ fn a_raw_snapshot_restores_by_mapping_and_the_file_stays_untouched() {
     let opts = RestoreOptions {
         console: Box::new(restored_console.clone()),
         nets: None,
+        disks: None,
     };
     let restored = checkpoint::snapshot::restore(&path, opts).unwrap();
     let restored = restored.start().unwrap();

@@ -30,7 +30,9 @@ use vmm::memory::GuestMemoryMmap;
 use vmm::vm::MachineState;
 
 pub mod disks;
+mod fence;
 use disks::DiskStore;
+pub use fence::fence;
 
 /// Called after each commit of a checkpoint frame (full or incremental, not pre-copy), with
 /// the committed image's lock held: keep it short.
@@ -49,6 +51,25 @@ pub struct ReplicaConfig {
     /// Where the copies of a primary's disks are kept (see [`disks`]); a primary whose
     /// machine has disks is refused without it.
     pub disk_dir: Option<std::path::PathBuf>,
+    /// Take over when a primary whose checkpoint is committed sends nothing for this long
+    /// (None: never; the replica only keeps the image).
+    pub failover_timeout: Option<Duration>,
+}
+
+/// How [`supervise`] ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReplicaEnd {
+    /// A termination signal (its number): stopped in order.
+    Signal(i32),
+    /// The primary fell silent after a commit: the committed image is the caller's to run.
+    TakeOver {
+        /// The lost primary's address.
+        primary: SocketAddr,
+        /// The last committed epoch.
+        epoch: u64,
+        /// How long it had been silent.
+        silent: Duration,
+    },
 }
 
 /// Errors of the replica.
@@ -264,6 +285,9 @@ struct Context {
     monitor: Monitor,
     on_commit: Option<OnCommit>,
     disk_dir: Option<std::path::PathBuf>,
+    failover_timeout: Option<Duration>,
+    /// Set once a session decided to take over.
+    takeover: Mutex<Option<ReplicaEnd>>,
 }
 
 impl Context {
@@ -282,6 +306,7 @@ pub struct Replica {
     monitor: Monitor,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<JoinHandle<Result<(), String>>>,
+    context: Arc<Context>,
 }
 
 impl Replica {
@@ -301,7 +326,11 @@ impl Replica {
             monitor: monitor.clone(),
             on_commit: config.on_commit.clone(),
             disk_dir: config.disk_dir.clone(),
+            failover_timeout: config.failover_timeout,
+            takeover: Mutex::new(None),
         };
+        let context = Arc::new(context);
+        let decided = context.clone();
         let thread = reporter
             .spawn("replica", move || {
                 serve_all(config, context, ready_tx, stop)
@@ -313,6 +342,7 @@ impl Replica {
                 monitor,
                 stop: Some(stop_tx),
                 thread: Some(thread),
+                context: decided,
             }),
             Ok(Err(e)) => {
                 let _ = thread.join();
@@ -338,6 +368,15 @@ impl Replica {
     /// What it is doing.
     pub fn monitor(&self) -> &Monitor {
         &self.monitor
+    }
+
+    /// Whether a session decided to take over (the primary fell silent after a commit).
+    pub fn takeover(&self) -> Option<ReplicaEnd> {
+        self.context
+            .takeover
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Stops listening (closing the primary's connection) and waits for the thread.
@@ -374,7 +413,7 @@ pub fn supervise(
     committed: Shared,
     api: Option<&Path>,
     ready: impl FnOnce(SocketAddr),
-) -> Result<i32, ReplicaError> {
+) -> Result<ReplicaEnd, ReplicaError> {
     let (tx, events) = std::sync::mpsc::channel();
     let reporter = Reporter::new(tx);
     vmm::signals::watch(&reporter).map_err(ReplicaError::Signals)?;
@@ -386,14 +425,19 @@ pub fn supervise(
         .map(|b| b.serve_status_only(replica.monitor().status_source(), NOT_A_VM, &reporter))
         .transpose()?;
     let outcome = loop {
-        match events.recv() {
-            Ok(VmEvent::Signal(sig)) => break Ok(sig),
+        if let Some(end) = replica.takeover() {
+            break Ok(end);
+        }
+        match events.recv_timeout(TAKEOVER_POLL) {
+            Ok(VmEvent::Signal(sig)) => break Ok(ReplicaEnd::Signal(sig)),
             Ok(VmEvent::ThreadFailed { thread, cause }) => {
                 break Err(ThreadError { thread, cause }.into());
             }
-            Ok(_) => {}
+            Ok(_) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
             // Cannot happen: `reporter` is alive.
-            Err(_) => break Ok(0),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                break Ok(ReplicaEnd::Signal(0));
+            }
         }
     };
     let stopped = [server.map_or(Ok(()), |s| s.stop()), replica.stop()];
@@ -408,10 +452,13 @@ pub fn supervise(
     }
 }
 
+/// How often [`supervise`] looks whether a session decided to take over.
+const TAKEOVER_POLL: Duration = Duration::from_millis(2);
+
 /// The `replica` thread: listens, tells `ready`, serves until `stop`.
 fn serve_all(
     config: ReplicaConfig,
-    context: Context,
+    context: Arc<Context>,
     ready: std::sync::mpsc::Sender<Result<SocketAddr, ReplicaError>>,
     stop: tokio::sync::oneshot::Receiver<()>,
 ) -> Result<(), String> {
@@ -440,7 +487,7 @@ fn serve_all(
         };
         context.monitor.lock().listen = Some(addr);
         let _ = ready.send(Ok(addr));
-        let (server, context) = (Arc::new(server), Arc::new(context));
+        let server = Arc::new(server);
         let mut acceptors = tokio::task::JoinSet::new();
         for _ in 0..ACCEPTORS {
             acceptors.spawn(accept(server.clone(), context.clone()));
@@ -533,12 +580,50 @@ async fn serve(conn: &transport::Connection, context: &Arc<Context>) -> Result<(
     // The copies of the primary's disks (a machine with disks).
     let mut disks: Option<DiskStore> = None;
     let digests = wire::digests_enabled();
+    // This session's primary has a committed checkpoint here: its silence means a takeover.
+    let mut ours = false;
     loop {
         let limit = decoder.as_ref().map_or(64 << 10, |d| max_frame(d.shape()));
-        let bytes = match transport::recv_frame(&mut recv, limit).await {
-            Ok(b) => b,
+        let waited = Instant::now();
+        let received = match context.failover_timeout.filter(|_| ours) {
+            Some(t) => tokio::time::timeout(t, transport::recv_frame(&mut recv, limit)).await,
+            None => Ok(transport::recv_frame(&mut recv, limit).await),
+        };
+        let bytes = match received {
+            Ok(Ok(b)) => b,
             // Silence or the primary's close, rather than a stream error.
-            Err(e) => return Err(chain(&conn.explain(e))),
+            Ok(Err(e)) if !ours || context.failover_timeout.is_none() => {
+                return Err(chain(&conn.explain(e)));
+            }
+            // The primary is gone after a commit (silent, or its connection lost).
+            lost => {
+                let why = match lost {
+                    Ok(Err(e)) => chain(&conn.explain(e)),
+                    _ => "silent".to_string(),
+                };
+                let epoch = committed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_ref()
+                    .map(|c| c.epoch)
+                    .unwrap_or_default();
+                let silent = waited.elapsed();
+                tracing::warn!(
+                    primary = %conn.remote_address(),
+                    epoch,
+                    silent_ms = silent.as_millis() as u64,
+                    "the primary is lost ({why}): taking over from the committed epoch"
+                );
+                *context.takeover.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(ReplicaEnd::TakeOver {
+                        primary: conn.remote_address(),
+                        epoch,
+                        silent,
+                    });
+                return Err(format!(
+                    "the primary is lost ({why}): this replica takes over"
+                ));
+            }
         };
         if bytes.starts_with(b"FTVMHELO") {
             let hello = wire::decode_hello(&bytes).map_err(|e| chain(&e))?;
@@ -628,6 +713,7 @@ async fn serve(conn: &transport::Connection, context: &Arc<Context>) -> Result<(
         sync = image;
         disks = store;
         let applied = result?;
+        ours |= applied.kind != FrameKind::Precopy;
         if applied.kind == FrameKind::Precopy {
             context.monitor.precopy(applied.pages, bytes.len());
         } else if digests {

@@ -83,6 +83,8 @@ pub struct DeviceManager {
     pub output: Arc<OutputGate>,
     /// Which blocks the guest wrote, per disk in `--disk` order.
     pub disk_trackers: Vec<Arc<DiskTracker>>,
+    /// Each network card's sink in the output gate, in `--net` order.
+    pub net_sinks: Vec<usize>,
 }
 
 impl DeviceManager {
@@ -189,6 +191,7 @@ impl DeviceManager {
         let writer = tap.writer().map_err(DeviceError::EventFd)?;
         let name = format!("TAP {}", tap.name());
         let sink = self.output.add_sink(&name, Box::new(writer), false);
+        self.net_sinks.push(sink);
         let room = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
         self.output
             .add_waiter(room.try_clone().map_err(DeviceError::EventFd)?);

@@ -612,6 +612,26 @@ impl Machine {
         &self.devices.disk_trackers
     }
 
+    /// Tells the network where each of the guest's cards now is, as live migration does:
+    /// broadcasts a RARP request from the card's MAC on its TAP (so that bridges and switches
+    /// learn the new port). Sent through the output gate, which is open on a VM that has just
+    /// taken over. Returns how many cards were announced.
+    pub fn announce(&self) -> std::io::Result<usize> {
+        for (i, (&sink, net)) in self
+            .devices
+            .net_sinks
+            .iter()
+            .zip(&self.saved.nets)
+            .enumerate()
+        {
+            let mac = net
+                .mac
+                .unwrap_or_else(|| crate::devices::virtio::net::default_mac(i));
+            self.devices.output.emit(sink, &rarp(mac))?;
+        }
+        Ok(self.devices.net_sinks.len())
+    }
+
     /// What every output of the guest goes through (see [`crate::output`]).
     pub fn output_gate(&self) -> &Arc<crate::output::OutputGate> {
         &self.devices.output
@@ -663,5 +683,39 @@ fn warn_if_cpuid_overridden(vcpu: &VcpuFd, wanted: &kvm_bindings::CpuId) {
             actual = format_args!("{a:#x}"),
             "this KVM (PVM) overrides the guest's CPUID leaf 1 ECX; hidden features stay visible"
         );
+    }
+}
+
+/// A RARP request ("who is MAC?") broadcast from `mac`: the frame live migration uses to
+/// announce a moved card (it needs no IP address).
+fn rarp(mac: [u8; 6]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(60);
+    f.extend_from_slice(&[0xff; 6]); // to everyone
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&0x8035u16.to_be_bytes()); // RARP
+    f.extend_from_slice(&1u16.to_be_bytes()); // Ethernet
+    f.extend_from_slice(&0x0800u16.to_be_bytes()); // IPv4
+    f.extend_from_slice(&[6, 4]);
+    f.extend_from_slice(&3u16.to_be_bytes()); // reverse request
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0; 4]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0; 4]);
+    f.resize(60, 0); // the shortest Ethernet frame
+    f
+}
+
+#[cfg(test)]
+mod announce_tests {
+    #[test]
+    fn a_rarp_request_names_the_card_twice() {
+        let mac = [0x06, 1, 2, 3, 4, 5];
+        let f = super::rarp(mac);
+        assert_eq!(f.len(), 60);
+        assert_eq!(&f[..6], &[0xff; 6]);
+        assert_eq!(&f[6..12], &mac);
+        assert_eq!(&f[12..14], &[0x80, 0x35]);
+        assert_eq!(&f[20..22], &[0, 3]);
+        assert_eq!((&f[22..28], &f[32..38]), (&mac[..], &mac[..]));
     }
 }

@@ -42,6 +42,9 @@ pub struct RestoreOptions {
     /// Network cards to use instead of the saved ones (same number, e.g. another TAP name on
     /// another host); None keeps the saved ones.
     pub nets: Option<Vec<NetConfig>>,
+    /// Disk images to use instead of the saved paths (same number and order, e.g. a replica's
+    /// copies); each keeps its saved read-only flag. None keeps the saved ones.
+    pub disks: Option<Vec<std::path::PathBuf>>,
 }
 
 /// Fills guest memory from wherever the snapshot keeps it.
@@ -169,6 +172,16 @@ impl Vm {
                     new
                 })
                 .collect();
+        }
+        if let Some(disks) = opts.disks {
+            if disks.len() != config.disks.len() {
+                return Err(
+                    StateError::Invalid("the snapshot has a different number of disks").into(),
+                );
+            }
+            for (saved, path) in config.disks.iter_mut().zip(disks) {
+                saved.path = path;
+            }
         }
         if state.counters.vcpus.len() != state.vcpus.len()
             || state.counters.blocks.len() != config.disks.len()
