@@ -10,8 +10,10 @@ pub struct Work {
     pub interval_ms: u64,
     /// Number of rounds of `touch` (0 = forever).
     pub rounds: u64,
-    /// Seconds `dirty` runs for (0 = forever).
+    /// Seconds `dirty` and `randpages` run for (0 = forever).
     pub secs: u64,
+    /// Percentage of each page `randpages` rewrites (1 to 100; the rest keeps its content).
+    pub fill_pct: u64,
     /// Which disk the disk workloads use (0 = the first).
     pub disk: u64,
     /// Bytes per disk request.
@@ -71,6 +73,10 @@ pub enum Kind {
     Compute(u64),
     /// Write `mib_per_s` MiB/s over a working set of `mib` MiB (split between the vCPUs).
     Dirty { mib_per_s: u64, mib: u64 },
+    /// Rewrite `Work::fill_pct` % of a page with pseudo-random bytes, `mib_per_s` MiB of pages
+    /// per second (0 = as fast as it can), over a working set of `mib` MiB (split between the
+    /// vCPUs) that is first filled with pseudo-random bytes.
+    RandPages { mib_per_s: u64, mib: u64 },
     /// Write one word into each listed page, once per round (vCPU 0 only).
     Touch { addrs: [u64; MAX_TOUCH], len: usize },
     /// Write `mib` MiB of pattern `seed` to the disk from sector 0, then flush (vCPU 0 only).
@@ -106,6 +112,7 @@ pub fn parse(cmdline: &str, vcpu: u64) -> Result<Work, &'static str> {
         interval_ms: 100,
         rounds: 0,
         secs: 0,
+        fill_pct: 100,
         disk: 0,
         chunk: 64 << 10,
         services: Services {
@@ -138,6 +145,13 @@ pub fn parse(cmdline: &str, vcpu: u64) -> Result<Work, &'static str> {
             "dirty" => {
                 let (rate, mib) = value.split_once(',').ok_or("dirty= wants RATE,MIB")?;
                 Kind::Dirty {
+                    mib_per_s: number(rate)?,
+                    mib: number(mib)?.max(1),
+                }
+            }
+            "randpages" => {
+                let (rate, mib) = value.split_once(',').ok_or("randpages= wants RATE,MIB")?;
+                Kind::RandPages {
                     mib_per_s: number(rate)?,
                     mib: number(mib)?.max(1),
                 }
@@ -203,6 +217,13 @@ pub fn parse(cmdline: &str, vcpu: u64) -> Result<Work, &'static str> {
             }
             "rounds" => {
                 work.rounds = number(value)?;
+                continue;
+            }
+            "randpages-fill" => {
+                work.fill_pct = number(value)?;
+                if !(1..=100).contains(&work.fill_pct) {
+                    return Err("randpages-fill= wants a percentage from 1 to 100");
+                }
                 continue;
             }
             "secs" => {

@@ -36,6 +36,9 @@ pub fn run(work: &Work, boot: &BootInfo, vcpu: u64, clock: Clock) -> Result<(), 
             );
         }
         Kind::Dirty { mib_per_s, mib } => dirty(work, boot, vcpu, clock, *mib_per_s, *mib)?,
+        Kind::RandPages { mib_per_s, mib } => {
+            rand_pages(work, boot, vcpu, clock, *mib_per_s, *mib)?
+        }
         Kind::DiskWrite { mib, seed } if single => {
             disk(work, boot, clock, vcpu, true, *mib, *seed)?
         }
@@ -84,6 +87,63 @@ pub fn run(work: &Work, boot: &BootInfo, vcpu: u64, clock: Clock) -> Result<(), 
     Ok(())
 }
 
+/// This vCPU's share of a working set of `mib` MiB after the heap: (base, pages).
+fn working_set(boot: &BootInfo, vcpu: u64, mib: u64, name: &str) -> Result<(u64, u64), u32> {
+    let share = ((mib << 20) / boot.vcpus) & !(PAGE - 1);
+    let base = heap::end(boot) + vcpu * share;
+    if share < PAGE || !boot.is_free(base, share) {
+        println!(
+            "ftvm-guest: error: the {} working set does not fit in free RAM",
+            name
+        );
+        return Err(2);
+    }
+    Ok((base, share / PAGE))
+}
+
+/// Calls `write(n)` for n = 0, 1, 2... at `mib_per_s` MiB of pages per second shared between
+/// the vCPUs (0 = as fast as it can) until `work.secs` have passed (0 = forever). Returns the
+/// number of calls and the nanoseconds they took.
+fn paced(
+    work: &Work,
+    boot: &BootInfo,
+    clock: Clock,
+    mib_per_s: u64,
+    mut write: impl FnMut(u64),
+) -> (u64, u64) {
+    // Pages per second for this vCPU: 256 pages per MiB.
+    let per_s = (mib_per_s * 256 / boot.vcpus).max(1);
+    let unpaced = mib_per_s == 0;
+    let start = clock.now_ns();
+    let end = if work.secs == 0 {
+        u64::MAX
+    } else {
+        start + work.secs * 1_000_000_000
+    };
+    let mut written = 0u64;
+    loop {
+        let now = clock.now_ns();
+        if now >= end {
+            break;
+        }
+        let due = if unpaced {
+            written + 64
+        } else {
+            (now - start) / 1_000_000 * per_s / 1000 + 1
+        };
+        // Look at the clock again after at most 1 MiB, so a vCPU that fell behind stops on time.
+        let batch = due.min(written + 256);
+        while written < batch {
+            write(written);
+            written += 1;
+        }
+        if written >= due && !unpaced {
+            crate::wait_us(1000);
+        }
+    }
+    (written, clock.now_ns() - start)
+}
+
 /// Writes one word into each page of this vCPU's share of the working set, at the given rate.
 fn dirty(
     work: &Work,
@@ -93,43 +153,70 @@ fn dirty(
     mib_per_s: u64,
     mib: u64,
 ) -> Result<(), u32> {
-    let share = (mib << 20) / boot.vcpus;
-    let base = heap::end(boot) + vcpu * share;
-    if share < PAGE || !boot.is_free(base, share) {
-        println!("ftvm-guest: error: the dirty working set does not fit in free RAM");
-        return Err(2);
-    }
-    let pages = share / PAGE;
-    // Pages per millisecond for this vCPU, as a fraction: rate * 256 pages per MiB / 1000 / vcpus.
-    let per_ms_x1000 = mib_per_s * 256 / boot.vcpus;
+    let (base, pages) = working_set(boot, vcpu, mib, "dirty")?;
     println!(
         "vcpu{} workload dirty base=0x{:x} pages={} rate-mib-s={}",
         vcpu, base, pages, mib_per_s
     );
-    let start = clock.now_ns();
-    let end = if work.secs == 0 {
-        u64::MAX
-    } else {
-        start + work.secs * 1_000_000_000
-    };
-    let mut written = 0u64;
-    let mut next = 0u64;
-    loop {
-        let now = clock.now_ns();
-        if now >= end {
-            break;
-        }
-        let due = (now - start) / 1_000_000 * per_ms_x1000 / 1000 + 1;
-        while written < due {
-            let addr = base + (next % pages) * PAGE;
-            // SAFETY: addr is a page inside this vCPU's share of free RAM (checked above).
-            unsafe { (addr as *mut u64).write_volatile(written) };
-            written += 1;
-            next += 1;
-        }
-        crate::wait_us(1000);
-    }
+    let (written, _) = paced(work, boot, clock, mib_per_s, |n| {
+        let addr = base + (n % pages) * PAGE;
+        // SAFETY: addr is a page inside this vCPU's share of free RAM (checked above).
+        unsafe { (addr as *mut u64).write_volatile(n) };
+    });
     println!("vcpu{} dirty written={}", vcpu, written);
+    Ok(())
+}
+
+/// xorshift64*: a fast generator whose output zstd cannot compress.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Fills `words` 8-byte words from `addr` with fresh output.
+    fn fill(&mut self, addr: u64, words: u64) {
+        for i in 0..words {
+            // SAFETY: the callers pass a range inside this vCPU's share of free RAM (checked
+            // by working_set), 8-aligned.
+            unsafe { ((addr + i * 8) as *mut u64).write_volatile(self.next()) };
+        }
+    }
+}
+
+/// Fills this vCPU's share of the working set with pseudo-random bytes, then rewrites the first
+/// `work.fill_pct` % of one page after another with fresh ones, at the given rate.
+fn rand_pages(
+    work: &Work,
+    boot: &BootInfo,
+    vcpu: u64,
+    clock: Clock,
+    mib_per_s: u64,
+    mib: u64,
+) -> Result<(), u32> {
+    let (base, pages) = working_set(boot, vcpu, mib, "randpages")?;
+    // Seeded per vCPU, so no two vCPUs write the same bytes; never zero.
+    let mut rng = Rng(ftvm_guest_abi::pattern_word(0x7261_6e64, vcpu) | 1);
+    rng.fill(base, pages * PAGE / 8);
+    let words = (PAGE / 8 * work.fill_pct / 100).max(1);
+    println!(
+        "vcpu{} workload randpages base=0x{:x} pages={} rate-mib-s={} fill-pct={}",
+        vcpu, base, pages, mib_per_s, work.fill_pct
+    );
+    let (written, ns) = paced(work, boot, clock, mib_per_s, |n| {
+        rng.fill(base + (n % pages) * PAGE, words)
+    });
+    println!(
+        "vcpu{} randpages written={} bytes={} ns={}",
+        vcpu,
+        written,
+        written * words * 8,
+        ns
+    );
     Ok(())
 }
 
