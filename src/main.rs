@@ -216,7 +216,8 @@ struct RunArgs {
     /// Guest command line. For Linux the default is "console=ttyS0 reboot=k panic=1". The test
     /// guest reads its workload from it (default "count=5 interval-ms=200"): `count=N` (print
     /// a counter N times, 0 = forever), `compute=N` (a timed compute loop), `dirty=MIB_PER_S,MIB`
-    /// (write pages at that rate), `touch=ADDR,...`, `disk-write=MIB[,SEED]`,
+    /// (write a word per page at that rate), `randpages=MIB_PER_S,MIB` (whole pages of random
+    /// bytes; `randpages-fill=PERCENT`), `touch=ADDR,...`, `disk-write=MIB[,SEED]`,
     /// `disk-verify=MIB[,SEED]`, `disk-randread=MIB,COUNT`, `tcp-echo`, `tcp-stream`,
     /// `tcp-sink`, `http-file=MIB[,SEED]` with `ip=A.B.C.D/P`; modifiers `interval-ms=MS`,
     /// `rounds=N`, `secs=S`, `disk=N`, `chunk-kib=K`. See README.md.
