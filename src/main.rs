@@ -124,6 +124,14 @@ struct ReplicaArgs {
     /// primary's), e.g. a TAP on the same LAN.
     #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]", requires = "failover")]
     nets: Vec<String>,
+    /// Once it has taken over, protect the guest with this replica (HOST[:PORT]), as
+    /// `ftvm run --replica` does: this host's --cert is the identity, --then-peer the new
+    /// replica's fingerprint. A second failover then works.
+    #[arg(long, value_name = "HOST[:PORT]", requires_all = ["failover", "then_peer"])]
+    then_replica: Option<String>,
+    /// The fingerprint of the --then-replica's certificate.
+    #[arg(long, value_name = "FINGERPRINT", requires = "then_replica")]
+    then_peer: Option<String>,
 }
 
 /// Replication options of `run` and `restore`.
@@ -459,7 +467,17 @@ fn take_over(
         cards,
         "took over: the guest runs here from the committed epoch"
     );
-    supervise(vm, args.api.clone(), None, false)
+    // Protected again by the next replica, if one was named.
+    let protect = ProtectArgs {
+        replica: args.then_replica.clone(),
+        cert: Some(args.cert.clone()),
+        peer: args.then_peer.clone(),
+        epoch_ms: 25,
+        precopy_rounds: 5,
+        checkpoint_policy: PolicyArg::Early,
+    }
+    .config()?;
+    supervise(vm, args.api.clone(), protect, false)
 }
 
 /// Sends one API request and prints the answer.

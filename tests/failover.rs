@@ -8,160 +8,13 @@
 
 mod common;
 
-use std::io::Read;
-use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::lan::{Client, Lan, SUBNET};
 use common::protection::{Replica, cert, s, spawn_logged};
 use common::require_kvm;
 
 const LIMIT: Duration = Duration::from_secs(60);
-const SUBNET: &str = "10.77.30";
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("ip runs");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A namespace with bridge br0 (the client's side, .1) and TAPs tapP and tapR as its ports.
-struct Lan {
-    name: String,
-}
-
-impl Lan {
-    fn create() -> Self {
-        let name = format!("ftvm-{}-failover", std::process::id());
-        ip(&["netns", "add", &name]);
-        let lan = Lan { name };
-        let exec = |args: &[&str]| {
-            let mut all = vec!["netns", "exec", &lan.name, "ip"];
-            all.extend_from_slice(args);
-            ip(&all);
-        };
-        exec(&["link", "set", "lo", "up"]);
-        exec(&["link", "add", "br0", "type", "bridge"]);
-        for tap in ["tapP", "tapR"] {
-            exec(&["tuntap", "add", "dev", tap, "mode", "tap"]);
-            exec(&["link", "set", tap, "master", "br0"]);
-            exec(&["link", "set", tap, "up"]);
-        }
-        exec(&["addr", "add", &format!("{SUBNET}.1/24"), "dev", "br0"]);
-        exec(&["link", "set", "br0", "up"]);
-        let f = std::fs::File::open(format!("/run/netns/{}", lan.name)).unwrap();
-        // SAFETY: setns with a namespace fd we opened; it affects only this thread.
-        let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-        lan
-    }
-}
-
-impl Drop for Lan {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-    }
-}
-
-/// Reads the guest's tcp-stream on its own thread, checking every byte against the pattern.
-struct Client {
-    read: Arc<AtomicU64>,
-    failed: Arc<Mutex<Option<String>>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Client {
-    fn connect() -> Self {
-        let addr: std::net::SocketAddr = format!("{SUBNET}.2:19").parse().unwrap();
-        let mut tcp = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))
-            .expect("connects to the guest");
-        tcp.set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        let (read, failed, stop) = (
-            Arc::new(AtomicU64::new(0)),
-            Arc::new(Mutex::new(None)),
-            Arc::new(AtomicBool::new(false)),
-        );
-        let (r, f, st) = (read.clone(), failed.clone(), stop.clone());
-        let thread = std::thread::spawn(move || {
-            let (mut at, mut buf, mut want) = (0u64, vec![0u8; 64 << 10], vec![0u8; 64 << 10]);
-            while !st.load(Ordering::SeqCst) {
-                match tcp.read(&mut buf) {
-                    Ok(0) => {
-                        *f.lock().unwrap() = Some(format!("the stream ended at byte {at}"));
-                        return;
-                    }
-                    Ok(n) => {
-                        ftvm_guest_abi::fill_pattern(19, at, &mut want[..n]);
-                        if buf[..n] != want[..n] {
-                            *f.lock().unwrap() =
-                                Some(format!("the stream differs from byte {at} on"));
-                            return;
-                        }
-                        at += n as u64;
-                        r.store(at, Ordering::SeqCst);
-                    }
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                        ) => {}
-                    Err(e) => {
-                        *f.lock().unwrap() = Some(format!("the stream failed at byte {at}: {e}"));
-                        return;
-                    }
-                }
-            }
-        });
-        Client {
-            read,
-            failed,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn read(&self) -> u64 {
-        self.read.load(Ordering::SeqCst)
-    }
-
-    fn check(&self) {
-        if let Some(e) = self.failed.lock().unwrap().clone() {
-            panic!("{e}");
-        }
-    }
-
-    /// Waits until `n` more bytes than now have arrived.
-    fn wait_more(&self, n: u64, what: &str) {
-        let (from, deadline) = (self.read(), Instant::now() + LIMIT);
-        while self.read() < from + n {
-            self.check();
-            assert!(
-                Instant::now() < deadline,
-                "{what}: stuck at byte {}",
-                self.read()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-impl Drop for Client {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
 
 fn certs(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, String, String) {
     let (pc, rc) = (dir.join("p"), dir.join("r"));
@@ -210,6 +63,13 @@ fn fail_over_once(dir: &std::path::Path, kill_after: Duration) -> String {
         .unwrap_or_else(|_| panic!("never protected: {}", log.lock().unwrap()));
     let client = Client::connect();
     client.wait_more(1 << 20, "the stream before the kill");
+    // Pings every 20 ms across the kill: only those sent while the replica waits out its
+    // timeout (300 ms) and activates may go unanswered.
+    let ping = std::process::Command::new("ping")
+        .args(["-c", "150", "-i", "0.02", "-W", "2", &format!("{SUBNET}.2")])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("ping runs");
     std::thread::sleep(kill_after);
     let child = primary.0.as_mut().unwrap();
     child.kill().unwrap();
@@ -218,6 +78,17 @@ fn fail_over_once(dir: &std::path::Path, kill_after: Duration) -> String {
     replica.wait_log("took over");
     client.wait_more(4 << 20, "the stream after the takeover");
     client.check();
+    let out = ping.wait_with_output().expect("ping ends");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let received: u64 = text
+        .split(", ")
+        .find_map(|w| w.strip_suffix(" received")?.parse().ok())
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        150 - received <= 25,
+        "{} pings lost, more than the 300 ms detection and activation explain: {text}",
+        150 - received
+    );
     let log = replica.log();
     let line = log
         .lines()
@@ -225,7 +96,10 @@ fn fail_over_once(dir: &std::path::Path, kill_after: Duration) -> String {
         .unwrap()
         .to_string();
     drop(client);
-    format!("{before} bytes before the kill; {line}")
+    format!(
+        "{before} bytes before the kill, {} pings lost; {line}",
+        150 - received
+    )
 }
 
 #[test]
@@ -290,4 +164,82 @@ fn a_failing_fence_stops_the_takeover() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(!replica.log().contains("took over"), "{}", replica.log());
+}
+
+/// The replica that took over protects the guest with the next replica it was given, and that
+/// one takes over in turn when the new primary is killed: the stream survives both.
+#[test]
+fn the_new_primary_is_protected_again_and_survives_a_second_failover() {
+    require_kvm();
+    let _lan = Lan::create();
+    let dir = tempfile::tempdir().unwrap();
+    let (pc, r1c, r2c) = (
+        dir.path().join("p"),
+        dir.path().join("r1"),
+        dir.path().join("r2"),
+    );
+    let (pfp, r1fp, r2fp) = (cert(&pc), cert(&r1c), cert(&r2c));
+    let failover = ["--failover", "--failover-timeout", "300"];
+    let second = Replica::start_with(
+        "127.0.0.1:0",
+        &r2c,
+        &r1fp,
+        &[&failover[..], &["--net", "tap=tapS"]].concat(),
+        &[],
+    );
+    let mut first = Replica::start_with(
+        "127.0.0.1:0",
+        &r1c,
+        &pfp,
+        &[
+            &failover[..],
+            &[
+                "--net",
+                "tap=tapR",
+                "--then-replica",
+                &second.addr,
+                "--then-peer",
+                &r2fp,
+            ],
+        ]
+        .concat(),
+        &[],
+    );
+    let cmdline = format!("ip={SUBNET}.2/24 tcp-stream");
+    let (mut primary, log, protected, _console) = spawn_logged(
+        &[
+            "run",
+            "--mem",
+            "64M",
+            "--net",
+            "tap=tapP",
+            "--replica",
+            &first.addr,
+            "--cert",
+            &s(&pc),
+            "--peer",
+            &r1fp,
+            "--cmdline",
+            &cmdline,
+        ],
+        &[],
+        "protected",
+    );
+    protected
+        .recv_timeout(LIMIT)
+        .unwrap_or_else(|_| panic!("never protected: {}", log.lock().unwrap()));
+    let client = Client::connect();
+    client.wait_more(1 << 20, "the stream before the first kill");
+    let child = primary.0.as_mut().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    first.wait_log("took over");
+    first.wait_log("protected replica=");
+    client.wait_more(2 << 20, "the stream from the first replica");
+    let child = first.child.0.as_mut().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    second.wait_log("took over");
+    client.wait_more(4 << 20, "the stream from the second replica");
+    client.check();
 }

@@ -201,6 +201,7 @@ pub fn ftvm_with(cmd: &mut Command, timeout: Duration) -> Output {
     }
 }
 pub mod capture;
+pub mod lan;
 pub mod netns;
 pub mod protection;
 

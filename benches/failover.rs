@@ -1,0 +1,121 @@
+//! Failover time: SIGKILL of a protected primary → the first byte of the guest's TCP stream
+//! the client receives from the new primary, split into detection (the replica's silence
+//! timeout), fencing (none here), activation (restoring the committed image and announcing
+//! the card) and the rest (the network and the guest's TCP retransmission).
+//!
+//! `cargo bench --bench failover [-- RUNS [TIMEOUT_MS]]` (defaults 20 runs, 250 ms, the
+//! default `--failover-timeout`): prints median and p99 of each part.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::lan::{Client, Lan, SUBNET};
+use common::protection::{Replica, cert, field, s, spawn_logged};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// (total, detection, activation) in ms for one failover.
+fn once(dir: &std::path::Path, timeout_ms: u64, kill_after: Duration) -> (f64, f64, f64) {
+    let (pc, rc) = (dir.join("p"), dir.join("r"));
+    let (pfp, rfp) = (cert(&pc), cert(&rc));
+    let t = timeout_ms.to_string();
+    let replica = Replica::start_with(
+        "127.0.0.1:0",
+        &rc,
+        &pfp,
+        &["--failover", "--failover-timeout", &t, "--net", "tap=tapR"],
+        &[],
+    );
+    let cmdline = format!("ip={SUBNET}.2/24 tcp-stream");
+    let (mut primary, _log, protected, _console) = spawn_logged(
+        &[
+            "run",
+            "--mem",
+            "64M",
+            "--net",
+            "tap=tapP",
+            "--replica",
+            &replica.addr,
+            "--cert",
+            &s(&pc),
+            "--peer",
+            &rfp,
+            "--cmdline",
+            &cmdline,
+        ],
+        &[],
+        "protected",
+    );
+    protected
+        .recv_timeout(LIMIT)
+        .expect("the guest is protected");
+    let client = Client::connect();
+    client.wait_more(1 << 20, "the stream before the kill");
+    std::thread::sleep(kill_after);
+    let child = primary.0.as_mut().unwrap();
+    child.kill().unwrap();
+    let killed = Instant::now();
+    // Bytes the old primary had released arrive first: the new primary's come after a stall.
+    let (mut last, mut last_change) = (client.read(), Instant::now());
+    let resumed = loop {
+        client.check();
+        let now = client.read();
+        if now != last {
+            if last_change.elapsed() >= Duration::from_millis(50) {
+                break Instant::now();
+            }
+            (last, last_change) = (now, Instant::now());
+        }
+        assert!(killed.elapsed() < LIMIT, "the stream never resumed");
+        std::thread::sleep(Duration::from_micros(200));
+    };
+    child.wait().unwrap();
+    replica.wait_log("took over");
+    let log = replica.log();
+    let line = log.lines().find(|l| l.contains("took over")).unwrap();
+    let num = |k| field(line, k).and_then(|v| v.parse::<f64>().ok()).unwrap();
+    let total = (resumed - killed).as_secs_f64() * 1000.0;
+    (total, num("detection_ms"), num("activation_us") / 1000.0)
+}
+
+fn q(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn main() {
+    common::require_kvm();
+    let mut args = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse::<u64>().ok());
+    let runs = args.next().unwrap_or(20) as usize;
+    let timeout = args.next().unwrap_or(250);
+    let _lan = Lan::create();
+    let (mut total, mut detect, mut activate, mut rest) = (vec![], vec![], vec![], vec![]);
+    for i in 0..runs {
+        let dir = tempfile::tempdir().unwrap();
+        // Kills spread over the epoch: 7 ms apart, 25 ms epochs.
+        let after = Duration::from_millis(50 + (i as u64 * 7) % 200);
+        let (t, d, a) = once(dir.path(), timeout, after);
+        eprintln!("run {i}: total {t:.1} ms, detection {d:.0} ms, activation {a:.2} ms");
+        (
+            total.push(t),
+            detect.push(d),
+            activate.push(a),
+            rest.push(t - d - a),
+        );
+    }
+    println!("failover with --failover-timeout {timeout} ms, {runs} SIGKILLs (ms):");
+    println!("| part | p50 | p99 |");
+    println!("|---|---|---|");
+    for (name, v) in [
+        ("kill → first byte from the new primary", &mut total),
+        ("detection", &mut detect),
+        ("activation", &mut activate),
+        ("the rest (network, TCP retransmission)", &mut rest),
+    ] {
+        println!("| {name} | {:.1} | {:.1} |", q(v, 0.5), q(v, 0.99));
+    }
+}
