@@ -100,12 +100,10 @@ fn main() {
         let after = Duration::from_millis(50 + (i as u64 * 7) % 200);
         let (t, d, a) = once(dir.path(), timeout, after);
         eprintln!("run {i}: total {t:.1} ms, detection {d:.0} ms, activation {a:.2} ms");
-        (
-            total.push(t),
-            detect.push(d),
-            activate.push(a),
-            rest.push(t - d - a),
-        );
+        total.push(t);
+        detect.push(d);
+        activate.push(a);
+        rest.push(t - d - a);
     }
     println!("failover with --failover-timeout {timeout} ms, {runs} SIGKILLs (ms):");
     println!("| part | p50 | p99 |");
