@@ -243,3 +243,101 @@ fn the_new_primary_is_protected_again_and_survives_a_second_failover() {
     client.wait_more(4 << 20, "the stream from the second replica");
     client.check();
 }
+
+/// A guest writing its disk is failed over mid-write: it finishes on the replica, and the
+/// replica's copy of the disk then holds exactly what the guest wrote — every block, the
+/// guest's own write count — so no write the guest had seen completed was lost.
+#[test]
+fn a_guest_writing_its_disk_finishes_on_the_replica_with_a_complete_disk() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let (pc, rc) = (dir.path().join("p"), dir.path().join("r"));
+    let (pfp, rfp) = (cert(&pc), cert(&rc));
+    let copies = dir.path().join("copies");
+    std::fs::create_dir(&copies).unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 16 << 20]).unwrap();
+    let replica = Replica::start_with(
+        "127.0.0.1:0",
+        &rc,
+        &pfp,
+        &[
+            "--failover",
+            "--failover-timeout",
+            "300",
+            "--disk-dir",
+            &s(&copies),
+        ],
+        &[],
+    );
+    let sock = dir.path().join("api.sock");
+    // Paused until protected, so that every write happens under protection.
+    let (mut primary, log, protected, console) = spawn_logged(
+        &[
+            "run",
+            "--mem",
+            "64M",
+            "--disk",
+            &s(&img),
+            "--api",
+            &s(&sock),
+            "--paused",
+            "--replica",
+            &replica.addr,
+            "--cert",
+            &s(&pc),
+            "--peer",
+            &rfp,
+            "--cmdline",
+            "disk-write=16,5 chunk-kib=1",
+        ],
+        &[],
+        "protected",
+    );
+    protected
+        .recv_timeout(LIMIT)
+        .unwrap_or_else(|_| panic!("never protected: {}", log.lock().unwrap()));
+    common::ftvm_ok(&["resume", "--api", &s(&sock)]);
+    console.wait_for("workload disk-write", LIMIT);
+    // Some epochs of writes, then the primary dies mid-write.
+    let deadline = Instant::now() + LIMIT;
+    while status_epochs(&sock) < 8 {
+        assert!(Instant::now() < deadline, "no epochs");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        !console.text().contains("disk-write ok"),
+        "the write ended too soon"
+    );
+    let child = primary.0.as_mut().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    replica.wait_log("took over");
+    let line = replica.console.wait_for_line("vcpu0 disk-write ok", LIMIT);
+    assert!(line.contains("bytes=16777216"), "{line}");
+    let counts = replica.console.wait_for_line("blk0 counts", LIMIT);
+    assert!(
+        counts.contains("writes=16384"),
+        "the guest's own count: {counts}"
+    );
+    // The guest flushed and powered off: its disk, on the replica, is the whole pattern.
+    let deadline = Instant::now() + LIMIT;
+    while !replica.log().contains("guest powered off") {
+        assert!(Instant::now() < deadline, "{}", replica.log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let disk = std::fs::read(copies.join("disk0.img")).unwrap();
+    let mut want = vec![0u8; 16 << 20];
+    ftvm_guest_abi::fill_pattern(5, 0, &mut want);
+    let first_bad = disk.iter().zip(&want).position(|(a, b)| a != b);
+    assert_eq!(
+        first_bad, None,
+        "the replica's disk differs from the pattern"
+    );
+}
+
+fn status_epochs(sock: &std::path::Path) -> u64 {
+    common::protection::status(sock)["protection"]["epochs_committed"]
+        .as_u64()
+        .unwrap_or(0)
+}

@@ -35,6 +35,8 @@ pub struct Replica {
     pub log: Arc<Mutex<String>>,
     /// Where it listens.
     pub addr: String,
+    /// Its stdout: the guest's console once it has taken over.
+    pub console: Console,
 }
 
 /// What [`spawn_logged`] returns: the child, its log (stderr), the lines that contained the
@@ -95,12 +97,17 @@ impl Replica {
             "replica", "--listen", listen, "--cert", &cert, "--peer", peer,
         ];
         args.extend_from_slice(extra);
-        let (child, log, listening, _) = spawn_logged(&args, env, "replica listening");
+        let (child, log, listening, console) = spawn_logged(&args, env, "replica listening");
         let line = listening.recv_timeout(LIMIT).expect("the replica listens");
         let addr = field(&line, "addr")
             .expect("the replica says where")
             .to_string();
-        Replica { child, log, addr }
+        Replica {
+            child,
+            log,
+            addr,
+            console,
+        }
     }
 
     pub fn log(&self) -> String {
