@@ -63,6 +63,15 @@ enum Command {
         #[arg(long, value_name = "SOCKET")]
         api: PathBuf,
     },
+    /// Planned switch-over (live migration to the replica): the protected VM pauses, sends a
+    /// last checkpoint, and once the replica (started with --failover) has committed it and
+    /// taken over, this VM's ftvm exits 0. No output is lost or sent twice. Fails, with the
+    /// guest running on here, if the VM is not protected or the replica does not take over.
+    Migrate {
+        /// The VM's API socket.
+        #[arg(long, value_name = "SOCKET")]
+        api: PathBuf,
+    },
     /// Print a VM's state as JSON.
     Status {
         /// The VM's API socket.
@@ -339,6 +348,10 @@ fn supervise(
             tracing::info!(kind, "guest stopped (KVM system event)");
             Ok(ExitCode::SUCCESS)
         }
+        Ended::HandedOver => {
+            tracing::info!("the guest was handed over to the replica; this VM ends");
+            Ok(ExitCode::SUCCESS)
+        }
         Ended::Signal(sig) => {
             tracing::info!(
                 signal = sig,
@@ -411,7 +424,14 @@ fn replica(args: ReplicaArgs) -> anyhow::Result<ExitCode> {
                 primary,
                 epoch,
                 silent,
-            } => (primary, epoch, silent),
+                planned,
+            } => {
+                if planned {
+                    // The primary asked: it has paused its guest and ends.
+                    return take_over(&args, nets, &committed, epoch, silent, Default::default());
+                }
+                (primary, epoch, silent)
+            }
         };
         let fenced = std::time::Instant::now();
         if let Some(cmd) = &args.fence {
@@ -523,6 +543,7 @@ fn main() -> ExitCode {
         }
         Command::Pause { api } => client(&api, "PUT", "/pause", None),
         Command::Resume { api } => client(&api, "PUT", "/resume", None),
+        Command::Migrate { api } => client(&api, "PUT", "/migrate", None),
         Command::Status { api } => client(&api, "GET", "/status", None),
         Command::Cert { out, force } => checkpoint::transport::generate_into(&out, force)
             .map(|fingerprint| {

@@ -341,3 +341,93 @@ fn status_epochs(sock: &std::path::Path) -> u64 {
         .as_u64()
         .unwrap_or(0)
 }
+
+/// Planned switch-over: `ftvm migrate` hands a protected guest to its replica while a TCP
+/// stream runs; the old primary exits 0, the stream goes on exactly. On an unprotected VM it
+/// is refused and the guest runs on.
+#[test]
+fn migrate_hands_the_guest_over_with_the_stream_running() {
+    require_kvm();
+    let _lan = Lan::create();
+    let dir = tempfile::tempdir().unwrap();
+    let (pc, rc, pfp, rfp) = certs(dir.path());
+    let replica = Replica::start_with(
+        "127.0.0.1:0",
+        &rc,
+        &pfp,
+        &["--failover", "--net", "tap=tapR"],
+        &[],
+    );
+    let sock = dir.path().join("api.sock");
+    let cmdline = format!("ip={SUBNET}.2/24 tcp-stream");
+    let (mut primary, log, protected, _console) = spawn_logged(
+        &[
+            "run",
+            "--mem",
+            "64M",
+            "--net",
+            "tap=tapP",
+            "--api",
+            &s(&sock),
+            "--replica",
+            &replica.addr,
+            "--cert",
+            &s(&pc),
+            "--peer",
+            &rfp,
+            "--cmdline",
+            &cmdline,
+        ],
+        &[],
+        "protected",
+    );
+    protected
+        .recv_timeout(LIMIT)
+        .unwrap_or_else(|_| panic!("never protected: {}", log.lock().unwrap()));
+    let client = Client::connect();
+    client.wait_more(1 << 20, "the stream before the switch-over");
+    let answer = common::ftvm_ok(&["migrate", "--api", &s(&sock)]);
+    assert!(answer.contains("\"handed_over\":true"), "{answer}");
+    let child = primary.0.as_mut().unwrap();
+    let deadline = Instant::now() + LIMIT;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "the old primary did not end");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.success(), "the old primary exits 0: {status}");
+    replica.wait_log("took over");
+    client.wait_more(4 << 20, "the stream from the new primary");
+    client.check();
+    let took = replica.log();
+    let took = took.lines().find(|l| l.contains("took over")).unwrap();
+    eprintln!("migrate answered {}; the replica: {took}", answer.trim());
+
+    // The new primary is not protected: a second migrate is refused, the guest runs on.
+    let dir2 = tempfile::tempdir().unwrap();
+    let sock2 = dir2.path().join("api.sock");
+    let (_vm, _log, _, console) = spawn_logged(
+        &[
+            "run",
+            "--mem",
+            "32M",
+            "--api",
+            &s(&sock2),
+            "--cmdline",
+            "count=0 interval-ms=20",
+        ],
+        &[],
+        "never",
+    );
+    console.wait_for("count 2", LIMIT);
+    let out = common::ftvm(&["migrate", "--api", &s(&sock2)], LIMIT);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not protected"), "{err}");
+    let now = console.text().len();
+    console.wait_until("counting after the refused migrate", LIMIT, |t| {
+        t.len() > now
+    });
+}

@@ -62,6 +62,9 @@ pub enum Command {
         /// Raw (mappable) memory instead of compressed.
         raw: bool,
     },
+    /// Hand the guest over to the replica (planned switch-over): pause, send a last
+    /// checkpoint, let the replica take over, end here.
+    Migrate,
 }
 
 /// Where the answer to a command goes: Ok(JSON) or Err(message).
@@ -118,6 +121,7 @@ pub fn parse_command(method: &str, path: &str, body: &[u8]) -> Result<Command, R
         "/status" => ("GET", Command::Status),
         "/pause" => ("PUT", Command::Pause),
         "/resume" => ("PUT", Command::Resume),
+        "/migrate" => ("PUT", Command::Migrate),
         "/snapshot" => {
             if method != "PUT" {
                 return Err(RequestError::Method);
@@ -546,7 +550,9 @@ async fn answer_status_only(
             405,
             &json!({ "error": "Wrong method for this path (this API has GET /status only)" }),
         ),
-        "/pause" | "/resume" | "/snapshot" => json_response(409, &json!({ "error": refusal })),
+        "/pause" | "/resume" | "/snapshot" | "/migrate" => {
+            json_response(409, &json!({ "error": refusal }))
+        }
         _ => json_response(
             404,
             &json!({ "error": "No such request (this API has GET /status only)" }),
@@ -607,6 +613,8 @@ mod tests {
         assert_eq!(parse_command("GET", "/status", b""), Ok(Command::Status));
         assert_eq!(parse_command("PUT", "/pause", b""), Ok(Command::Pause));
         assert_eq!(parse_command("PUT", "/resume", b""), Ok(Command::Resume));
+        assert_eq!(parse_command("PUT", "/migrate", b""), Ok(Command::Migrate));
+        assert!(parse_command("GET", "/migrate", b"").is_err());
         assert_eq!(
             parse_command("PUT", "/status", b""),
             Err(RequestError::Method)

@@ -30,6 +30,8 @@ pub enum Ended {
     /// A termination signal stopped the VM in order: vCPUs and devices paused, disks
     /// flushed, the API socket removed.
     Signal(i32),
+    /// The guest was handed over to the replica (`ftvm migrate`): it runs there now.
+    HandedOver,
 }
 
 /// Why a supervised VM failed.
@@ -113,6 +115,7 @@ pub fn supervise(
         VmEvent::ThreadFailed { thread, cause } => {
             Err(ControlError::Thread(ThreadError { thread, cause }))
         }
+        VmEvent::HandedOver => Ok(Ended::HandedOver),
         // `run` handles it and never ends with it.
         VmEvent::OutputWaiting => Err(ControlError::Thread(ThreadError {
             thread: "control".into(),
@@ -172,6 +175,19 @@ fn run(
         }
         while let Some(api) = api {
             match api.try_recv() {
+                Ok((Command::Migrate, reply)) => {
+                    let outcome = match protector.as_deref_mut() {
+                        Some(p) => p.hand_over(vm),
+                        None => Err("the VM is not protected (no --replica): there is no \
+                                     replica to hand it over to"
+                            .into()),
+                    };
+                    let done = outcome.is_ok();
+                    let _ = reply.send(outcome);
+                    if done {
+                        return VmEvent::HandedOver;
+                    }
+                }
                 Ok((command, reply)) => {
                     let status = protector.as_deref().map(Protector::status_json);
                     // The client may have given up (timeout); the command has been done.
@@ -195,6 +211,7 @@ fn execute_with(
     protection: Option<Value>,
 ) -> Result<Value, String> {
     match command {
+        Command::Migrate => Err("only the VM's owner can hand it over".into()),
         Command::Status => {
             let mut v = api::status_json(vm.run_state(), None);
             if let Some(p) = protection {

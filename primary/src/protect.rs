@@ -80,7 +80,15 @@ struct Job {
     state: MachineState,
     /// Per disk, the blocks the guest wrote since the last checkpoint and their contents.
     disks: Vec<(Vec<u64>, Vec<u8>)>,
+    /// The last checkpoint of a planned switch-over: told the outcome (the epoch).
+    handover: Option<Handover>,
 }
+
+/// Where a planned switch-over's outcome goes.
+type Handover = tokio::sync::oneshot::Sender<Result<u64, String>>;
+
+/// How long a planned switch-over may wait for the checkpoint in flight.
+const HANDOVER_LIMIT: Duration = Duration::from_secs(10);
 
 /// What `status` reports about protection.
 #[derive(Debug, Default)]
@@ -247,6 +255,18 @@ impl Protector {
             FINAL_DUE => (Scope::Dirty, FrameKind::Full),
             _ => return Ok(None),
         };
+        self.checkpoint(vm, scope, kind, None).map(Some)
+    }
+
+    /// Captures one checkpoint of `scope` and hands it to the replication thread (with
+    /// `handover`, the one that ends a planned switch-over).
+    fn checkpoint(
+        &mut self,
+        vm: &RunningVm,
+        scope: Scope,
+        kind: FrameKind,
+        handover: Option<Handover>,
+    ) -> Result<CaptureStats, CaptureError> {
         let mut staging = self.spare.try_recv().unwrap_or_default();
         // In the pause: the output so far belongs to this checkpoint (from the one that ends
         // a sync on, output is held); the digest test mode reads memory as the pause saw it.
@@ -280,7 +300,7 @@ impl Protector {
         if let Some(e) = disk_error {
             return Err(e);
         }
-        self.last_capture = now;
+        self.last_capture = Instant::now();
         if let Some(crc) = memory_crc {
             let digest = wire::image_digest(crc, &state)
                 .map_err(|e| event::error_chain(&e))
@@ -308,6 +328,7 @@ impl Protector {
             staging,
             state,
             disks,
+            handover,
         };
         self.next_epoch += 1;
         self.shared.in_flight.store(true, Ordering::SeqCst);
@@ -325,7 +346,56 @@ impl Protector {
             self.shared.in_flight.store(false, Ordering::SeqCst);
             self.shared.phase.store(IDLE, Ordering::SeqCst);
         }
-        Ok(Some(stats))
+        Ok(stats)
+    }
+
+    /// Planned switch-over: pauses the guest, waits for the checkpoint in flight, captures a
+    /// last one and, once the replica has committed it, releases the output it covers and
+    /// asks the replica to take over. Ok: the guest runs there now (this VM stays paused and
+    /// should end). Err: the guest was resumed here and is still protected or degraded.
+    pub fn hand_over(&mut self, vm: &RunningVm) -> Result<Value, String> {
+        if self.shared.phase.load(Ordering::SeqCst) != CHAIN
+            || self.shared.status().state != "protected"
+        {
+            return Err("the VM is not protected: there is no replica to hand it over to".into());
+        }
+        let started = Instant::now();
+        let was_paused = vm.is_paused();
+        vm.pause().map_err(|e| event::error_chain(&e))?;
+        let outcome = self.hand_over_paused(vm, started);
+        if outcome.is_err() && !was_paused {
+            vm.resume();
+        }
+        outcome
+    }
+
+    fn hand_over_paused(&mut self, vm: &RunningVm, started: Instant) -> Result<Value, String> {
+        let deadline = Instant::now() + HANDOVER_LIMIT;
+        while self.shared.in_flight.load(Ordering::SeqCst) {
+            if Instant::now() > deadline {
+                return Err("the checkpoint in flight was not acknowledged in time".into());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let stats = self
+            .checkpoint(vm, Scope::Dirty, FrameKind::Incremental, Some(tx))
+            .map_err(|e| event::error_chain(&e))?;
+        let done = rx
+            .blocking_recv()
+            .map_err(|_| "the replication thread ended during the handover".to_string())?;
+        let epoch = done?;
+        tracing::info!(
+            epoch,
+            pause_us = stats.pause.as_micros() as u64,
+            total_ms = started.elapsed().as_millis() as u64,
+            "handed over: the replica runs the guest from this epoch"
+        );
+        Ok(json!({
+            "handed_over": true,
+            "epoch": epoch,
+            "total_ms": started.elapsed().as_secs_f64() * 1000.0,
+        }))
     }
 
     /// Protection's part of `status`.
@@ -429,6 +499,20 @@ fn disk_digest(t: &vmm::disk_track::DiskTracker) -> std::io::Result<u32> {
         block += n;
     }
     Ok(crc.finalize())
+}
+
+/// Asks the replica to take over from committed epoch `epoch`; Ok once it has agreed.
+async fn hand_over(link: &mut Link<'_>, epoch: u64) -> Result<(), String> {
+    transport::send_frame(link.send, &wire::encode_handover(epoch))
+        .await
+        .map_err(explain(link.conn, "cannot ask the replica to take over"))?;
+    let answer = transport::recv_frame(link.recv, 8)
+        .await
+        .map_err(explain(link.conn, "the replica did not take over"))?;
+    if answer != epoch.to_le_bytes() {
+        return Err("the replica answered the handover with another epoch".into());
+    }
+    Ok(())
 }
 
 /// Now, in nanoseconds since the Unix epoch (the release log's clock, the one packet
@@ -632,6 +716,20 @@ async fn session(
         }
         link.exchange(&frame, job.epoch).await?;
         let acked = job.epoch;
+        if let Some(done) = job.handover {
+            // Committed: the output it covers may go (the guest is paused, nothing follows),
+            // then the replica takes over.
+            shared.gate.open();
+            let outcome = hand_over(&mut link, job.epoch).await;
+            let failed = outcome.as_ref().err().cloned();
+            let _ = done.send(outcome.map(|()| job.epoch));
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            shared.status().state = "handed over";
+            // The owner ends the VM; nothing more goes on this link.
+            std::future::pending::<()>().await;
+        }
         let at = unix_ns();
         let r = shared.gate.release(job.generation);
         tracing::debug!(

@@ -69,6 +69,8 @@ pub enum ReplicaEnd {
         epoch: u64,
         /// How long it had been silent.
         silent: Duration,
+        /// The primary asked (planned switch-over, `ftvm migrate`): no fencing is needed.
+        planned: bool,
     },
 }
 
@@ -619,6 +621,7 @@ async fn serve(conn: &transport::Connection, context: &Arc<Context>) -> Result<(
                         primary: conn.remote_address(),
                         epoch,
                         silent,
+                        planned: false,
                     });
                 return Err(format!(
                     "the primary is lost ({why}): this replica takes over"
@@ -663,6 +666,40 @@ async fn serve(conn: &transport::Connection, context: &Arc<Context>) -> Result<(
             decoder = Some(Decoder::new(hello.shape).map_err(|e| chain(&e))?);
             sync = None;
             continue;
+        }
+        if bytes.starts_with(&wire::HANDOVER_MAGIC) {
+            let epoch = wire::decode_handover(&bytes).map_err(|e| chain(&e))?;
+            if context.failover_timeout.is_none() {
+                return Err(
+                    "this replica was not started with --failover: it cannot take \
+                            over"
+                        .into(),
+                );
+            }
+            let current = committed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .map(|c| c.epoch);
+            if current != Some(epoch) || !ours {
+                return Err(format!(
+                    "asked to take over from epoch {epoch}, the committed one is {current:?}"
+                ));
+            }
+            tracing::info!(primary = %conn.remote_address(), epoch, "the primary hands the guest over");
+            *context.takeover.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(ReplicaEnd::TakeOver {
+                    primary: conn.remote_address(),
+                    epoch,
+                    silent: Duration::ZERO,
+                    planned: true,
+                });
+            transport::send_frame(&mut send, &epoch.to_le_bytes())
+                .await
+                .map_err(|e| chain(&e))?;
+            // The primary ends; this session is over. Wait for its close so the answer goes.
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+            return Ok(());
         }
         if bytes.starts_with(&wire::DISK_MAGIC) {
             let mut store = disks

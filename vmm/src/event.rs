@@ -41,6 +41,9 @@ pub enum VmEvent {
     /// [`crate::output::OutputGate::set_doorbell`]): whoever checkpoints may start one early.
     /// Not an end of the VM.
     OutputWaiting,
+    /// The guest was handed over to another host (planned switch-over): it runs there now;
+    /// this VM, paused, ends here.
+    HandedOver,
 }
 
 /// Sends VM events from any thread, and starts threads whose end is reported.
