@@ -404,6 +404,14 @@ fn migrate_hands_the_guest_over_with_the_stream_running() {
     let took = replica.log();
     let took = took.lines().find(|l| l.contains("took over")).unwrap();
     eprintln!("migrate answered {}; the replica: {took}", answer.trim());
+    // A second migrate finds no VM there any more: a clear error.
+    let again = common::ftvm(&["migrate", "--api", &s(&sock)], LIMIT);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).starts_with("ftvm: error: "),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
 
     // The new primary is not protected: a second migrate is refused, the guest runs on.
     let dir2 = tempfile::tempdir().unwrap();
