@@ -485,6 +485,9 @@ fn take_over(
         fencing_ms = fencing.as_millis() as u64,
         activation_us = started.elapsed().as_micros() as u64,
         cards,
+        at_unix_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
         "took over: the guest runs here from the committed epoch"
     );
     // Protected again by the next replica, if one was named.
