@@ -46,7 +46,7 @@ fn once(dir: &std::path::Path, timeout_ms: u64, kill_after: Duration) -> (f64, f
             &cmdline,
         ],
         &[],
-        "protected",
+        common::protection::PROTECTED,
     );
     protected
         .recv_timeout(LIMIT)

@@ -54,7 +54,7 @@ fn measure(ns: &Netns, rounds: usize, protect: Option<(u64, &str)>) -> (Vec<f64>
     }
     args.extend(["--cmdline".to_string(), cmdline]);
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (vm, _, protected, console) = spawn_logged(&argv, &[], "protected");
+    let (vm, _, protected, console) = spawn_logged(&argv, &[], common::protection::PROTECTED);
     console.wait_for("workload net", LIMIT);
     if protect.is_some() {
         protected

@@ -57,7 +57,7 @@ fn start(
     }
     args.extend(["--cmdline".to_string(), cmdline.to_string()]);
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (vm, _, protected, console) = spawn_logged(&argv, &[], "protected");
+    let (vm, _, protected, console) = spawn_logged(&argv, &[], common::protection::PROTECTED);
     if policy.is_some() {
         protected
             .recv_timeout(LIMIT)

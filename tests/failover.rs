@@ -56,7 +56,7 @@ fn fail_over_once(dir: &std::path::Path, kill_after: Duration) -> String {
             &cmdline,
         ],
         &[],
-        "protected",
+        common::protection::PROTECTED,
     );
     protected
         .recv_timeout(LIMIT)
@@ -164,7 +164,7 @@ fn a_failing_fence_stops_the_takeover() {
             "count=0 interval-ms=20",
         ],
         &[],
-        "protected",
+        common::protection::PROTECTED,
     );
     protected
         .recv_timeout(LIMIT)
@@ -239,7 +239,7 @@ fn the_new_primary_is_protected_again_and_survives_a_second_failover() {
             &cmdline,
         ],
         &[],
-        "protected",
+        common::protection::PROTECTED,
     );
     protected
         .recv_timeout(LIMIT)
@@ -308,7 +308,7 @@ fn a_guest_writing_its_disk_finishes_on_the_replica_with_a_complete_disk() {
             "disk-write=16,5 chunk-kib=1",
         ],
         &[],
-        "protected",
+        common::protection::PROTECTED,
     );
     protected
         .recv_timeout(LIMIT)
@@ -395,7 +395,7 @@ fn migrate_hands_the_guest_over_with_the_stream_running() {
             &cmdline,
         ],
         &[],
-        "protected",
+        common::protection::PROTECTED,
     );
     protected
         .recv_timeout(LIMIT)

@@ -99,7 +99,7 @@ fn no_output_leaves_before_its_checkpoint_is_acknowledged() {
             &cmdline,
         ],
         &[("RUST_LOG", "info,primary::protect=debug")],
-        "protected",
+        common::protection::PROTECTED,
     );
     protected
         .recv_timeout(LIMIT)
@@ -251,7 +251,7 @@ fn a_tcp_stream_and_pings_stay_exact_for_30_seconds_at_40_hz() {
             &cmdline,
         ],
         &[],
-        "protected",
+        common::protection::PROTECTED,
     );
     protected
         .recv_timeout(LIMIT)

@@ -104,7 +104,7 @@ fn the_replica_equals_the_primary_after_every_epoch_over_the_network() {
             &cmdline,
         ],
         &env,
-        "protected",
+        common::protection::PROTECTED,
     );
 
     // TCP traffic through the guest's echo service for as long as the epochs run.

@@ -13,6 +13,10 @@ use super::{Console, Guarded, ftvm_ok};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
+/// What a primary logs once its replica has committed the initial sync (not a mere mention of
+/// "protected": "the guest runs unprotected" contains that word too).
+pub const PROTECTED: &str = "INFO primary::protect: protected replica=";
+
 pub fn s(p: &Path) -> String {
     p.to_str().unwrap().to_string()
 }
