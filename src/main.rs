@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -141,6 +141,92 @@ struct ReplicaArgs {
     /// The fingerprint of the --then-replica's certificate.
     #[arg(long, value_name = "FINGERPRINT", requires = "then_replica")]
     then_peer: Option<String>,
+    /// `--metrics`: the committed counters and the replica's health (the guest's live
+    /// counters once it has taken over).
+    #[command(flatten)]
+    metrics: MetricsArgs,
+}
+
+/// Prometheus metrics.
+#[derive(clap::Args)]
+struct MetricsArgs {
+    /// Serve Prometheus metrics (`GET /metrics`, text format) on this TCP address, e.g.
+    /// 127.0.0.1:9464. A port in use is an error before anything runs.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
+    /// The `vm` label of the metrics (give the replica its primary's name).
+    #[arg(long, value_name = "NAME", default_value = "vm0")]
+    vm_name: String,
+}
+
+/// A running `/metrics` server and the slot with the source it serves (the replica's
+/// committed view, replaced by the live one when the guest runs).
+struct MetricsOut {
+    _server: metrics::MetricsServer,
+    slot: Arc<Mutex<metrics::Source>>,
+    name: String,
+}
+
+impl MetricsArgs {
+    /// Binds and serves `--metrics` (if given) from `initial` until replaced.
+    fn serve(&self, initial: metrics::Source) -> anyhow::Result<Option<MetricsOut>> {
+        let Some(addr) = &self.metrics else {
+            return Ok(None);
+        };
+        let bound = metrics::bind(addr)?;
+        let local = bound.local_addr().ok();
+        let slot = Arc::new(Mutex::new(initial));
+        let current = slot.clone();
+        let server = bound.serve(Arc::new(move || {
+            let source = current.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            source()
+        }))?;
+        tracing::info!(addr = ?local, "serving metrics");
+        Ok(Some(MetricsOut {
+            _server: server,
+            slot,
+            name: self.vm_name.clone(),
+        }))
+    }
+}
+
+impl MetricsOut {
+    fn publish(&self, source: metrics::Source) {
+        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = source;
+    }
+}
+
+/// The replica's last commit, for its `/metrics`.
+struct CommittedView {
+    counters: vmm::state::CountersState,
+    epoch: u64,
+    at: std::time::Instant,
+    commits: u64,
+}
+
+/// The replica's `/metrics` source: the committed counters, the committed epoch, and
+/// protected = 1 while the last commit is at most `alive` old.
+fn committed_source(
+    view: Arc<Mutex<Option<CommittedView>>>,
+    name: String,
+    alive: std::time::Duration,
+) -> metrics::Source {
+    Arc::new(move || {
+        let v = view.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = match &*v {
+            Some(c) => primary::control::counters_sample(&name, &c.counters),
+            None => metrics::VmSample {
+                vm: name.clone(),
+                ..Default::default()
+            },
+        };
+        s.replication = Some(metrics::ReplicationSample {
+            protected: v.as_ref().is_some_and(|c| c.at.elapsed() <= alive),
+            epochs: v.as_ref().map_or(0, |c| c.commits),
+            committed_epoch: v.as_ref().map(|c| c.epoch),
+        });
+        metrics::render(&[s])
+    })
 }
 
 /// Replication options of `run` and `restore`.
@@ -264,6 +350,9 @@ struct RunArgs {
     paused: bool,
     #[command(flatten)]
     protect: ProtectArgs,
+    /// `--metrics`: the running VM's live counters.
+    #[command(flatten)]
+    metrics: MetricsArgs,
 }
 
 /// Parses `512`, `512M`, `2G`, `65536K` into bytes (a bare number is MiB).
@@ -299,6 +388,8 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("Invalid vCPU count '{}'", args.vcpus))?;
     let disks = parse_all(&args.disks)?;
     let nets = parse_all(&args.nets)?;
+    // Before the guest exists: a port in use ends ftvm here.
+    let metrics = args.metrics.serve(Arc::new(String::new))?;
     let kernel = match args.kernel {
         Some(path) => Kernel::File(path),
         None => Kernel::Bytes {
@@ -322,7 +413,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         paused = args.paused,
         "guest started"
     );
-    supervise(vm, args.api, protect, args.paused)
+    supervise(vm, args.api, protect, args.paused, metrics.as_ref())
 }
 
 /// Runs `vm` until it ends and maps how it ended to ftvm's exit status: the guest's status on
@@ -332,8 +423,15 @@ fn supervise(
     api: Option<PathBuf>,
     protect: Option<ProtectConfig>,
     paused: bool,
+    metrics: Option<&MetricsOut>,
 ) -> anyhow::Result<ExitCode> {
-    let ended = primary::control::supervise(vm, api.as_deref(), protect, paused);
+    let publish = |source| {
+        if let Some(m) = metrics {
+            m.publish(source);
+        }
+    };
+    let hook = metrics.map(|m| (m.name.as_str(), &publish as &dyn Fn(metrics::Source)));
+    let ended = primary::control::supervise_with_metrics(vm, api.as_deref(), protect, paused, hook);
     std::io::stdout().flush().ok();
     match ended? {
         Ended::PowerOff(status) => {
@@ -371,7 +469,7 @@ fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     };
     let vm = checkpoint::snapshot::restore(&args.from, opts)?;
     tracing::info!(from = %args.from.display(), "guest restored");
-    supervise(vm, args.api, None, false)
+    supervise(vm, args.api, None, false, None)
 }
 
 /// Keeps a replica until a termination signal; with --failover, takes over when the primary
@@ -387,6 +485,22 @@ fn replica(args: ReplicaArgs) -> anyhow::Result<ExitCode> {
     }
     let nets = parse_all(&args.nets)?;
     let committed = replica::Shared::default();
+    let view = Arc::new(Mutex::new(None::<CommittedView>));
+    let metrics = args.metrics.serve(committed_source(
+        view.clone(),
+        args.metrics.vm_name.clone(),
+        std::time::Duration::from_millis(args.failover_timeout),
+    ))?;
+    let on_commit: replica::OnCommit = Arc::new(move |c: &replica::Committed| {
+        let mut v = view.lock().unwrap_or_else(|p| p.into_inner());
+        let commits = v.as_ref().map_or(0, |v| v.commits) + 1;
+        *v = Some(CommittedView {
+            counters: c.state.counters.clone(),
+            epoch: c.epoch,
+            at: std::time::Instant::now(),
+            commits,
+        });
+    });
     let mut warned = false;
     loop {
         let config = replica::ReplicaConfig {
@@ -396,7 +510,7 @@ fn replica(args: ReplicaArgs) -> anyhow::Result<ExitCode> {
                 .peer
                 .parse()
                 .with_context(|| format!("Invalid --peer fingerprint '{}'", args.peer))?,
-            on_commit: None,
+            on_commit: Some(on_commit.clone()),
             disk_dir: args.disk_dir.clone(),
             failover_timeout: args
                 .failover
@@ -428,7 +542,15 @@ fn replica(args: ReplicaArgs) -> anyhow::Result<ExitCode> {
             } => {
                 if planned {
                     // The primary asked: it has paused its guest and ends.
-                    return take_over(&args, nets, &committed, epoch, silent, Default::default());
+                    return take_over(
+                        &args,
+                        nets,
+                        &committed,
+                        epoch,
+                        silent,
+                        Default::default(),
+                        metrics.as_ref(),
+                    );
                 }
                 (primary, epoch, silent)
             }
@@ -444,7 +566,15 @@ fn replica(args: ReplicaArgs) -> anyhow::Result<ExitCode> {
                 continue;
             }
         }
-        return take_over(&args, nets, &committed, epoch, silent, fenced.elapsed());
+        return take_over(
+            &args,
+            nets,
+            &committed,
+            epoch,
+            silent,
+            fenced.elapsed(),
+            metrics.as_ref(),
+        );
     }
 }
 
@@ -458,6 +588,7 @@ fn take_over(
     epoch: u64,
     silent: std::time::Duration,
     fencing: std::time::Duration,
+    metrics: Option<&MetricsOut>,
 ) -> anyhow::Result<ExitCode> {
     let started = std::time::Instant::now();
     let c = committed
@@ -497,7 +628,7 @@ fn take_over(
         checkpoint_policy: PolicyArg::Early,
     }
     .config()?;
-    supervise(vm, args.api.clone(), protect, false)
+    supervise(vm, args.api.clone(), protect, false, metrics)
 }
 
 /// Sends one API request and prints the answer.

@@ -21,8 +21,9 @@ pub struct VmSample {
     pub drives: Vec<DriveSample>,
     /// Per network card, in configuration order.
     pub ifaces: Vec<IfaceSample>,
-    /// The serial console.
-    pub console: ConsoleSample,
+    /// The serial console (None where its counters are not known, e.g. a replica that has
+    /// committed nothing yet).
+    pub console: Option<ConsoleSample>,
     /// Checkpointing and replication (None: the VM is not protected and this is no replica).
     pub replication: Option<ReplicationSample>,
     /// The output gate (None where there is none, e.g. the replica).
@@ -271,18 +272,20 @@ pub fn families(vms: &[VmSample]) -> Vec<MetricFamily> {
                 );
             }
         }
-        f.counter(
-            "ftvm_console_bytes_total",
-            "Bytes the guest wrote to its serial console.",
-            &[("vm", vm)],
-            s.console.tx_bytes,
-        );
-        f.counter(
-            "ftvm_console_errors_total",
-            "Console bytes that could not be written to the host.",
-            &[("vm", vm)],
-            s.console.tx_errors,
-        );
+        if let Some(c) = &s.console {
+            f.counter(
+                "ftvm_console_bytes_total",
+                "Bytes the guest wrote to its serial console.",
+                &[("vm", vm)],
+                c.tx_bytes,
+            );
+            f.counter(
+                "ftvm_console_errors_total",
+                "Console bytes that could not be written to the host.",
+                &[("vm", vm)],
+                c.tx_errors,
+            );
+        }
         if let Some(r) = &s.replication {
             f.gauge(
                 "ftvm_replication_protected",
@@ -393,10 +396,10 @@ mod tests {
                 rx_dropped: 1,
                 tx_dropped: 0,
             }],
-            console: ConsoleSample {
+            console: Some(ConsoleSample {
                 tx_bytes: 123,
                 tx_errors: 0,
-            },
+            }),
             replication: Some(ReplicationSample {
                 protected: true,
                 epochs: 42,
@@ -526,6 +529,12 @@ mod tests {
     fn a_vm_without_devices_or_replication_renders_only_what_it_has() {
         let t = render(&[VmSample {
             vm: "x".into(),
+            ..Default::default()
+        }]);
+        assert_eq!(t, "", "nothing known, nothing rendered");
+        let t = render(&[VmSample {
+            vm: "x".into(),
+            console: Some(ConsoleSample::default()),
             ..Default::default()
         }]);
         assert!(t.contains(r#"ftvm_console_bytes_total{vm="x"} 0"#), "{t}");

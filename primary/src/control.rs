@@ -3,6 +3,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::{Duration, Instant};
 
@@ -74,6 +75,20 @@ pub fn supervise(
     protect: Option<ProtectConfig>,
     paused: bool,
 ) -> Result<Ended, ControlError> {
+    supervise_with_metrics(vm, api, protect, paused, None)
+}
+
+/// [`supervise`], also handing `publish` the source of the running VM's metrics (see
+/// [`metrics_source`]; its `vm` label is `name`) once the VM has started: the caller's
+/// `/metrics` server (bound beforehand, so that a port in use fails before the guest runs)
+/// serves it from then on.
+pub fn supervise_with_metrics(
+    vm: Vm,
+    api: Option<&Path>,
+    protect: Option<ProtectConfig>,
+    paused: bool,
+    metrics: Option<(&str, &dyn Fn(metrics::Source))>,
+) -> Result<Ended, ControlError> {
     let bound = api.map(api::bind).transpose()?;
     vmm::signals::watch(&vm.reporter()).map_err(ControlError::Signals)?;
     let mut protector = protect
@@ -93,6 +108,10 @@ pub fn supervise(
         }
         None => (None, None),
     };
+    if let Some((name, publish)) = metrics {
+        let protection = protector.as_ref().map(Protector::status_source);
+        publish(metrics_source(&vm, name, protection));
+    }
     let event = std::panic::catch_unwind(AssertUnwindSafe(|| {
         run(&vm, requests.as_ref(), protector.as_mut())
     }))
@@ -258,4 +277,119 @@ fn execute_with(
             }))
         }
     }
+}
+
+/// The accounting sample of a VM named `name` from its counters in saved form (live, or
+/// committed on a replica). Disks and cards are labelled by their index (`--disk`/`--net`
+/// order), which stays the same across restore and failover while TAP names may not.
+pub fn counters_sample(name: &str, c: &vmm::state::CountersState) -> metrics::VmSample {
+    use vmm::devices::serial::SerialCounters;
+    use vmm::devices::virtio::block::BlockCounters;
+    use vmm::devices::virtio::net::NetCounters;
+    use vmm::vcpu::ExitReason;
+    // Saved values are untrusted (a replica's come from the network): a missing one reads 0.
+    fn get(names: &[&str], values: &[u64], name: &str) -> u64 {
+        names
+            .iter()
+            .position(|n| *n == name)
+            .and_then(|i| values.get(i))
+            .copied()
+            .unwrap_or(0)
+    }
+    let b = |v: &[u64], n: &str| get(BlockCounters::NAMES, v, n);
+    let n = |v: &[u64], n: &str| get(NetCounters::NAMES, v, n);
+    metrics::VmSample {
+        vm: name.to_string(),
+        vcpus: c
+            .vcpus
+            .iter()
+            .map(|v| metrics::VcpuSample {
+                run_ns: v.first().copied().unwrap_or(0),
+                exits: ExitReason::ALL
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| (r.name().to_string(), v.get(1 + i).copied().unwrap_or(0)))
+                    .collect(),
+            })
+            .collect(),
+        drives: c
+            .blocks
+            .iter()
+            .enumerate()
+            .map(|(i, v)| metrics::DriveSample {
+                drive: i.to_string(),
+                read_requests: b(v, "read_requests"),
+                read_bytes: b(v, "read_bytes"),
+                write_requests: b(v, "write_requests"),
+                write_bytes: b(v, "write_bytes"),
+                flush_requests: b(v, "flush_requests"),
+                get_id_requests: b(v, "get_id_requests"),
+                guest_errors: b(v, "errors"),
+                host_errors: b(v, "host_errors"),
+                unsupported: b(v, "unsupported"),
+                invalid_chains: b(v, "invalid_chains"),
+            })
+            .collect(),
+        ifaces: c
+            .nets
+            .iter()
+            .enumerate()
+            .map(|(i, v)| metrics::IfaceSample {
+                iface: i.to_string(),
+                rx_packets: n(v, "rx_packets"),
+                rx_bytes: n(v, "rx_bytes"),
+                tx_packets: n(v, "tx_packets"),
+                tx_bytes: n(v, "tx_bytes"),
+                rx_dropped: n(v, "rx_dropped"),
+                tx_dropped: n(v, "tx_dropped"),
+            })
+            .collect(),
+        console: Some(metrics::ConsoleSample {
+            tx_bytes: get(SerialCounters::NAMES, &c.serial, "tx_bytes"),
+            tx_errors: get(SerialCounters::NAMES, &c.serial, "tx_errors"),
+        }),
+        replication: None,
+        output: None,
+    }
+}
+
+/// What `GET /metrics` of a running VM named `name` answers: its live counters, its output
+/// gate and, if it is protected, its replication figures (from `protection`'s status).
+pub fn metrics_source(
+    vm: &RunningVm,
+    name: &str,
+    protection: Option<Arc<dyn Fn() -> Value + Send + Sync>>,
+) -> metrics::Source {
+    let vcpus = vm.vcpu_counters();
+    let blocks = vm.block_counters().to_vec();
+    let nets = vm.net_counters().to_vec();
+    let serial = vm.serial_counters().clone();
+    let gate = vm.output_gate().clone();
+    let name = name.to_string();
+    Arc::new(move || {
+        let c = vmm::state::CountersState {
+            vcpus: vcpus.iter().map(|c| c.values()).collect(),
+            blocks: blocks.iter().map(|c| c.values()).collect(),
+            nets: nets.iter().map(|c| c.values()).collect(),
+            serial: serial.values(),
+        };
+        let mut s = counters_sample(&name, &c);
+        let o = gate.stats();
+        s.output = Some(metrics::OutputSample {
+            held_bytes: o.held_bytes,
+            released_items: o.released_items,
+            released_bytes: o.released_bytes,
+            passed_items: o.passed_items,
+            write_errors: o.write_errors,
+        });
+        s.replication = protection.as_ref().map(|status| {
+            let v = status();
+            metrics::ReplicationSample {
+                protected: v["state"] == "protected",
+                epochs: v["epochs_committed"].as_u64().unwrap_or(0),
+                committed_epoch: v["committed_epoch"].as_u64(),
+            }
+        });
+        metrics::render(&[s])
+    })
 }
