@@ -2,7 +2,10 @@
 //! pings through a TAP in a network namespace) the scraped counters equal the guest's own
 //! counts and the TAP's statistics exactly; `promtool check metrics` accepts the exposition;
 //! a real Prometheus server on loopback scrapes ftvm and its query API returns the same
-//! values; a port in use is a one-line error before anything runs.
+//! values; a port in use is a one-line error before anything runs. A replica's `/metrics`
+//! serves the committed counters and its health, and after a failover (SIGKILL of the primary
+//! mid-write) the counters continue: the scrape equals the guest's own counts of the whole
+//! write, done partly on each host.
 
 mod common;
 
@@ -13,6 +16,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::netns::Netns;
+use common::protection::{Replica, cert, spawn_logged};
 use common::{Guarded, ftvm, require_kvm, spawn_ftvm};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -325,5 +329,165 @@ fn metrics_on_a_port_in_use_is_one_error_line_and_nothing_runs() {
         err.trim_end(),
         "ftvm: error: Invalid --metrics address 'nowhere': expected HOST:PORT, e.g. \
          127.0.0.1:9464"
+    );
+}
+
+/// Scrapes 127.0.0.1:`port` until `done` holds for its samples (or the deadline passes).
+fn scrape_until(
+    port: u16,
+    what: &str,
+    done: impl Fn(&BTreeMap<String, f64>) -> bool,
+) -> BTreeMap<String, f64> {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        if let Some((status, body)) = http_get(port, "/metrics") {
+            assert!(status.contains(" 200 "), "{status}: {body}");
+            let s = samples(&body);
+            if done(&s) {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}:\n{body}"
+            );
+        } else {
+            assert!(Instant::now() < deadline, "nobody serves :{port} ({what})");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+const WRITES: &str = r#"ftvm_block_requests_total{vm="t3",drive="0",op="write"}"#;
+const WRITE_BYTES: &str = r#"ftvm_block_bytes_total{vm="t3",drive="0",op="write"}"#;
+const PROTECTED: &str = r#"ftvm_replication_protected{vm="t3"}"#;
+const EPOCHS: &str = r#"ftvm_checkpoint_epochs_total{vm="t3"}"#;
+const COMMITTED: &str = r#"ftvm_checkpoint_committed_epoch{vm="t3"}"#;
+
+#[test]
+fn the_replica_serves_committed_counters_and_they_continue_exactly_after_a_failover() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let (pc, rc) = (dir.path().join("p"), dir.path().join("r"));
+    let (pfp, rfp) = (cert(&pc), cert(&rc));
+    let copies = dir.path().join("copies");
+    std::fs::create_dir(&copies).unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 16 << 20]).unwrap();
+    let (rport, pport) = (free_port(), free_port());
+    let (raddr, paddr) = (format!("127.0.0.1:{rport}"), format!("127.0.0.1:{pport}"));
+    let replica = Replica::start_with(
+        "127.0.0.1:0",
+        &rc,
+        &pfp,
+        &[
+            "--failover",
+            "--failover-timeout",
+            "300",
+            "--disk-dir",
+            copies.to_str().unwrap(),
+            "--metrics",
+            &raddr,
+            "--vm-name",
+            "t3",
+        ],
+        &[],
+    );
+    // Nothing committed yet: health only, and it says unprotected.
+    let s = scrape_until(rport, "the replica's health", |s| s.contains_key(PROTECTED));
+    assert_eq!(count(&s, PROTECTED), 0, "{s:#?}");
+    assert_eq!(count(&s, EPOCHS), 0, "{s:#?}");
+    assert!(
+        !s.contains_key(WRITES),
+        "no counters before a commit: {s:#?}"
+    );
+
+    let sock = dir.path().join("api.sock");
+    let (mut primary, log, protected, console) = spawn_logged(
+        &[
+            "run",
+            "--vcpus",
+            "2",
+            "--mem",
+            "64M",
+            "--disk",
+            img.to_str().unwrap(),
+            "--api",
+            sock.to_str().unwrap(),
+            "--paused",
+            "--replica",
+            &replica.addr,
+            "--cert",
+            pc.to_str().unwrap(),
+            "--peer",
+            &rfp,
+            "--metrics",
+            &paddr,
+            "--vm-name",
+            "t3",
+            "--cmdline",
+            "@0:disk-write=16,5 @0:chunk-kib=1 @1:count=0 @1:interval-ms=20",
+        ],
+        &[],
+        "protected",
+    );
+    protected
+        .recv_timeout(LIMIT)
+        .unwrap_or_else(|_| panic!("never protected: {}", log.lock().unwrap()));
+    common::ftvm_ok(&["resume", "--api", sock.to_str().unwrap()]);
+    console.wait_for("workload disk-write", LIMIT);
+
+    // The primary: protected, epochs acknowledged, writes going on.
+    let p = scrape_until(pport, "the primary's epochs", |s| {
+        s.get(PROTECTED) == Some(&1.0) && s.get(EPOCHS).is_some_and(|&e| e >= 8.0)
+    });
+    // The replica: protected, a committed epoch, committed writes that lag the live ones.
+    let r = scrape_until(rport, "the replica's committed writes", |s| {
+        s.get(PROTECTED) == Some(&1.0) && s.get(WRITES).is_some_and(|&w| w > 0.0)
+    });
+    assert!(count(&r, COMMITTED) >= 1, "{r:#?}");
+    assert!(count(&r, EPOCHS) >= 1, "{r:#?}");
+    let live = count(&scrape_until(pport, "the primary", |_| true), WRITES);
+    assert!(count(&r, WRITES) <= live, "committed {r:#?} vs live {live}");
+    assert_eq!(
+        count(&r, WRITE_BYTES),
+        count(&r, WRITES) * 1024,
+        "1 KiB per write"
+    );
+    assert!(count(&p, WRITES) < 16384, "the write ended too soon");
+
+    // The primary dies mid-write; the guest finishes the write on the replica.
+    let child = primary.0.as_mut().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    replica.wait_log("took over");
+    let counts = replica.console.wait_for_line("blk0 counts", LIMIT);
+    let guest = guest_block_counts(&counts);
+    assert_eq!(
+        guest[2..4],
+        [16384, 16 << 20],
+        "the guest's own count: {counts}"
+    );
+    // The same server now serves the guest's live counters, continued from the committed
+    // ones: exactly the guest's count of the whole write, done partly on each host.
+    let after = scrape_until(rport, "the writes after the takeover", |s| {
+        s.get(WRITES) == Some(&16384.0)
+    });
+    assert_eq!(count(&after, WRITE_BYTES), 16 << 20);
+    assert_eq!(
+        [
+            r#"ftvm_block_requests_total{vm="t3",drive="0",op="read"}"#,
+            r#"ftvm_block_bytes_total{vm="t3",drive="0",op="read"}"#,
+            WRITES,
+            WRITE_BYTES,
+            r#"ftvm_block_requests_total{vm="t3",drive="0",op="flush"}"#,
+        ]
+        .map(|series| count(&after, series)),
+        guest,
+        "ftvm vs the guest [reads, read bytes, writes, write bytes, flushes]"
+    );
+    assert_eq!(
+        count(&after, PROTECTED),
+        0,
+        "no --then-replica: unprotected"
     );
 }

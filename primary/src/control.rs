@@ -354,7 +354,7 @@ pub fn counters_sample(name: &str, c: &vmm::state::CountersState) -> metrics::Vm
 }
 
 /// What `GET /metrics` of a running VM named `name` answers: its live counters, its output
-/// gate and, if it is protected, its replication figures (from `protection`'s status).
+/// gate and its replication figures (from `protection`'s status; protected 0 without one).
 pub fn metrics_source(
     vm: &RunningVm,
     name: &str,
@@ -382,13 +382,17 @@ pub fn metrics_source(
             passed_items: o.passed_items,
             write_errors: o.write_errors,
         });
-        s.replication = protection.as_ref().map(|status| {
-            let v = status();
-            metrics::ReplicationSample {
-                protected: v["state"] == "protected",
-                epochs: v["epochs_committed"].as_u64().unwrap_or(0),
-                committed_epoch: v["committed_epoch"].as_u64(),
+        // An unprotected VM says so (protected 0) rather than having no such series.
+        s.replication = Some(match &protection {
+            Some(status) => {
+                let v = status();
+                metrics::ReplicationSample {
+                    protected: v["state"] == "protected",
+                    epochs: v["epochs_committed"].as_u64().unwrap_or(0),
+                    committed_epoch: v["committed_epoch"].as_u64(),
+                }
             }
+            None => metrics::ReplicationSample::default(),
         });
         metrics::render(&[s])
     })
