@@ -305,6 +305,9 @@ struct RestoreArgs {
     /// Serve the control API (HTTP/JSON) on this Unix socket.
     #[arg(long, value_name = "SOCKET")]
     api: Option<PathBuf>,
+    /// `--metrics`: the restored VM's counters, continued from the snapshot's.
+    #[command(flatten)]
+    metrics: MetricsArgs,
 }
 
 #[derive(clap::Args)]
@@ -462,6 +465,7 @@ fn supervise(
 
 fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     let nets = parse_all(&args.nets)?;
+    let metrics = args.metrics.serve(Arc::new(String::new))?;
     let opts = RestoreOptions {
         console: Box::new(std::io::stdout()),
         nets: (!nets.is_empty()).then_some(nets),
@@ -469,7 +473,7 @@ fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     };
     let vm = checkpoint::snapshot::restore(&args.from, opts)?;
     tracing::info!(from = %args.from.display(), "guest restored");
-    supervise(vm, args.api, None, false, None)
+    supervise(vm, args.api, None, false, metrics.as_ref())
 }
 
 /// Keeps a replica until a termination signal; with --failover, takes over when the primary

@@ -491,3 +491,77 @@ fn the_replica_serves_committed_counters_and_they_continue_exactly_after_a_failo
         "no --then-replica: unprotected"
     );
 }
+
+#[test]
+fn counters_continue_exactly_across_a_snapshot_and_restore() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 8 << 20]).unwrap();
+    let sock = dir.path().join("api.sock");
+    let snap = dir.path().join("vm.snap");
+    let (port, port2) = (free_port(), free_port());
+    let (vm, console, _reader) = spawn_ftvm(&[
+        "run",
+        "--vcpus",
+        "2",
+        "--mem",
+        "64M",
+        "--disk",
+        img.to_str().unwrap(),
+        "--api",
+        sock.to_str().unwrap(),
+        "--metrics",
+        &format!("127.0.0.1:{port}"),
+        "--vm-name",
+        "t4",
+        "--cmdline",
+        "@0:disk-write=4,77 @0:chunk-kib=64 @1:count=0 @1:interval-ms=20",
+    ]);
+    let text = console.wait_for_line("blk0 counts ", LIMIT);
+    let guest = guest_block_counts(&text);
+    let block = [
+        r#"ftvm_block_requests_total{vm="t4",drive="0",op="read"}"#,
+        r#"ftvm_block_bytes_total{vm="t4",drive="0",op="read"}"#,
+        r#"ftvm_block_requests_total{vm="t4",drive="0",op="write"}"#,
+        r#"ftvm_block_bytes_total{vm="t4",drive="0",op="write"}"#,
+        r#"ftvm_block_requests_total{vm="t4",drive="0",op="flush"}"#,
+    ];
+    let before = scrape_until(port, "the write's counts", |s| {
+        block.map(|series| s.get(series).copied().unwrap_or(-1.0) as u64) == guest
+    });
+    common::ftvm_ok(&[
+        "snapshot",
+        "--api",
+        sock.to_str().unwrap(),
+        "--to",
+        snap.to_str().unwrap(),
+    ]);
+    drop(vm); // SIGKILL: the snapshot is all that is left
+    let console_series = r#"ftvm_console_bytes_total{vm="t4"}"#;
+    let run_series = r#"ftvm_vcpu_run_seconds_total{vm="t4",vcpu="1"}"#;
+
+    let (_restored, console2, _reader2) = spawn_ftvm(&[
+        "restore",
+        "--from",
+        snap.to_str().unwrap(),
+        "--metrics",
+        &format!("127.0.0.1:{port2}"),
+        "--vm-name",
+        "t4",
+    ]);
+    // The guest continues (vCPU 1 counts on) ...
+    console2.wait_for("vcpu1 count ", LIMIT);
+    let after = scrape_until(port2, "the restored counters", |s| {
+        s.contains_key(console_series)
+    });
+    // ... and its counters continue from the snapshot's: the disk is idle, so its counters are
+    // exactly what they were; the others only grew.
+    assert_eq!(
+        block.map(|series| count(&after, series)),
+        guest,
+        "block counters after the restore vs the guest's own"
+    );
+    assert!(count(&after, console_series) > count(&before, console_series));
+    assert!(after[run_series] >= before[run_series], "{after:#?}");
+}
