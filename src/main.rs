@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -159,74 +159,16 @@ struct MetricsArgs {
     vm_name: String,
 }
 
-/// A running `/metrics` server and the slot with the source it serves (the replica's
-/// committed view, replaced by the live one when the guest runs).
-struct MetricsOut {
-    _server: metrics::MetricsServer,
-    slot: Arc<Mutex<metrics::Source>>,
-    name: String,
-}
-
 impl MetricsArgs {
-    /// Binds and serves `--metrics` (if given) from `initial` until replaced.
-    fn serve(&self, initial: metrics::Source) -> anyhow::Result<Option<MetricsOut>> {
+    /// Serves `--metrics` (if given) from `initial` until replaced.
+    fn serve(&self, initial: metrics::Source) -> anyhow::Result<Option<metrics::Exporter>> {
         let Some(addr) = &self.metrics else {
             return Ok(None);
         };
-        let bound = metrics::bind(addr)?;
-        let local = bound.local_addr().ok();
-        let slot = Arc::new(Mutex::new(initial));
-        let current = slot.clone();
-        let server = bound.serve(Arc::new(move || {
-            let source = current.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            source()
-        }))?;
-        tracing::info!(addr = ?local, "serving metrics");
-        Ok(Some(MetricsOut {
-            _server: server,
-            slot,
-            name: self.vm_name.clone(),
-        }))
+        let e = metrics::Exporter::start(addr, initial)?;
+        tracing::info!(addr = ?e.local_addr(), "serving metrics");
+        Ok(Some(e))
     }
-}
-
-impl MetricsOut {
-    fn publish(&self, source: metrics::Source) {
-        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = source;
-    }
-}
-
-/// The replica's last commit, for its `/metrics`.
-struct CommittedView {
-    counters: vmm::state::CountersState,
-    epoch: u64,
-    at: std::time::Instant,
-    commits: u64,
-}
-
-/// The replica's `/metrics` source: the committed counters, the committed epoch, and
-/// protected = 1 while the last commit is at most `alive` old.
-fn committed_source(
-    view: Arc<Mutex<Option<CommittedView>>>,
-    name: String,
-    alive: std::time::Duration,
-) -> metrics::Source {
-    Arc::new(move || {
-        let v = view.lock().unwrap_or_else(|p| p.into_inner());
-        let mut s = match &*v {
-            Some(c) => primary::control::counters_sample(&name, &c.counters),
-            None => metrics::VmSample {
-                vm: name.clone(),
-                ..Default::default()
-            },
-        };
-        s.replication = Some(metrics::ReplicationSample {
-            protected: v.as_ref().is_some_and(|c| c.at.elapsed() <= alive),
-            epochs: v.as_ref().map_or(0, |c| c.commits),
-            committed_epoch: v.as_ref().map(|c| c.epoch),
-        });
-        metrics::render(&[s])
-    })
 }
 
 /// Replication options of `run` and `restore`.
@@ -416,7 +358,8 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         paused = args.paused,
         "guest started"
     );
-    supervise(vm, args.api, protect, args.paused, metrics.as_ref())
+    let metrics = metrics.as_ref().map(|e| (args.metrics.vm_name.as_str(), e));
+    supervise(vm, args.api, protect, args.paused, metrics)
 }
 
 /// Runs `vm` until it ends and maps how it ended to ftvm's exit status: the guest's status on
@@ -426,15 +369,10 @@ fn supervise(
     api: Option<PathBuf>,
     protect: Option<ProtectConfig>,
     paused: bool,
-    metrics: Option<&MetricsOut>,
+    metrics: Option<(&str, &metrics::Exporter)>,
 ) -> anyhow::Result<ExitCode> {
-    let publish = |source| {
-        if let Some(m) = metrics {
-            m.publish(source);
-        }
-    };
-    let hook = metrics.map(|m| (m.name.as_str(), &publish as &dyn Fn(metrics::Source)));
-    let ended = primary::control::supervise_with_metrics(vm, api.as_deref(), protect, paused, hook);
+    let ended =
+        primary::control::supervise_with_metrics(vm, api.as_deref(), protect, paused, metrics);
     std::io::stdout().flush().ok();
     match ended? {
         Ended::PowerOff(status) => {
@@ -473,7 +411,8 @@ fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     };
     let vm = checkpoint::snapshot::restore(&args.from, opts)?;
     tracing::info!(from = %args.from.display(), "guest restored");
-    supervise(vm, args.api, None, false, metrics.as_ref())
+    let metrics = metrics.as_ref().map(|e| (args.metrics.vm_name.as_str(), e));
+    supervise(vm, args.api, None, false, metrics)
 }
 
 /// Keeps a replica until a termination signal; with --failover, takes over when the primary
@@ -489,21 +428,13 @@ fn replica(args: ReplicaArgs) -> anyhow::Result<ExitCode> {
     }
     let nets = parse_all(&args.nets)?;
     let committed = replica::Shared::default();
-    let view = Arc::new(Mutex::new(None::<CommittedView>));
-    let metrics = args.metrics.serve(committed_source(
-        view.clone(),
-        args.metrics.vm_name.clone(),
+    let committed_metrics = Arc::new(primary::control::CommittedMetrics::new(
+        &args.metrics.vm_name,
         std::time::Duration::from_millis(args.failover_timeout),
-    ))?;
+    ));
+    let metrics = args.metrics.serve(committed_metrics.source())?;
     let on_commit: replica::OnCommit = Arc::new(move |c: &replica::Committed| {
-        let mut v = view.lock().unwrap_or_else(|p| p.into_inner());
-        let commits = v.as_ref().map_or(0, |v| v.commits) + 1;
-        *v = Some(CommittedView {
-            counters: c.state.counters.clone(),
-            epoch: c.epoch,
-            at: std::time::Instant::now(),
-            commits,
-        });
+        committed_metrics.committed(&c.state.counters, c.epoch)
     });
     let mut warned = false;
     loop {
@@ -592,7 +523,7 @@ fn take_over(
     epoch: u64,
     silent: std::time::Duration,
     fencing: std::time::Duration,
-    metrics: Option<&MetricsOut>,
+    metrics: Option<&metrics::Exporter>,
 ) -> anyhow::Result<ExitCode> {
     let started = std::time::Instant::now();
     let c = committed
@@ -632,6 +563,7 @@ fn take_over(
         checkpoint_policy: PolicyArg::Early,
     }
     .config()?;
+    let metrics = metrics.map(|e| (args.metrics.vm_name.as_str(), e));
     supervise(vm, args.api.clone(), protect, false, metrics)
 }
 

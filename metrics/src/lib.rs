@@ -9,4 +9,4 @@ pub use model::{
     CONTENT_TYPE, ConsoleSample, DriveSample, IfaceSample, OutputSample, ReplicationSample,
     VcpuSample, VmSample, families, render,
 };
-pub use server::{Bound, MetricsError, MetricsServer, Source, bind};
+pub use server::{Bound, Exporter, MetricsError, MetricsServer, Source, bind};

@@ -3,7 +3,7 @@
 
 use std::convert::Infallible;
 use std::net::{SocketAddr, TcpListener};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -121,6 +121,43 @@ impl Drop for MetricsServer {
     }
 }
 
+/// A running `/metrics` server whose source can be replaced while it serves (a replica serves
+/// its committed view, then the guest's live counters once it has taken over).
+pub struct Exporter {
+    _server: MetricsServer,
+    slot: Arc<Mutex<Source>>,
+    addr: Option<SocketAddr>,
+}
+
+impl Exporter {
+    /// Binds `addr` and serves `initial` until [`Exporter::publish`] replaces it.
+    pub fn start(addr: &str, initial: Source) -> Result<Self, MetricsError> {
+        let bound = bind(addr)?;
+        let local = bound.local_addr().ok();
+        let slot = Arc::new(Mutex::new(initial));
+        let current = slot.clone();
+        let server = bound.serve(Arc::new(move || {
+            let source = current.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            source()
+        }))?;
+        Ok(Self {
+            _server: server,
+            slot,
+            addr: local,
+        })
+    }
+
+    /// Serves `source` from the next scrape on.
+    pub fn publish(&self, source: Source) {
+        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = source;
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.addr
+    }
+}
+
 fn serve_all(
     listener: TcpListener,
     source: Source,
@@ -222,6 +259,15 @@ mod tests {
         assert!(get(addr, "/").starts_with("HTTP/1.1 404"));
         server.stop().unwrap();
         assert!(std::net::TcpStream::connect(addr).is_err(), "stopped");
+    }
+
+    #[test]
+    fn an_exporter_serves_what_was_published_last() {
+        let e = Exporter::start("127.0.0.1:0", Arc::new(|| "first\n".to_string())).unwrap();
+        let addr = e.local_addr().unwrap();
+        assert!(get(addr, "/metrics").ends_with("\r\n\r\nfirst\n"));
+        e.publish(Arc::new(|| "second\n".to_string()));
+        assert!(get(addr, "/metrics").ends_with("\r\n\r\nsecond\n"));
     }
 
     #[test]

@@ -78,16 +78,15 @@ pub fn supervise(
     supervise_with_metrics(vm, api, protect, paused, None)
 }
 
-/// [`supervise`], also handing `publish` the source of the running VM's metrics (see
-/// [`metrics_source`]; its `vm` label is `name`) once the VM has started: the caller's
-/// `/metrics` server (bound beforehand, so that a port in use fails before the guest runs)
-/// serves it from then on.
+/// [`supervise`], also publishing the running VM's metrics (see [`metrics_source`]; its `vm`
+/// label is the given name) on the exporter once the VM has started. The exporter is started
+/// beforehand, so that a port in use fails before the guest runs.
 pub fn supervise_with_metrics(
     vm: Vm,
     api: Option<&Path>,
     protect: Option<ProtectConfig>,
     paused: bool,
-    metrics: Option<(&str, &dyn Fn(metrics::Source))>,
+    metrics: Option<(&str, &metrics::Exporter)>,
 ) -> Result<Ended, ControlError> {
     let bound = api.map(api::bind).transpose()?;
     vmm::signals::watch(&vm.reporter()).map_err(ControlError::Signals)?;
@@ -108,9 +107,9 @@ pub fn supervise_with_metrics(
         }
         None => (None, None),
     };
-    if let Some((name, publish)) = metrics {
+    if let Some((name, exporter)) = metrics {
         let protection = protector.as_ref().map(Protector::status_source);
-        publish(metrics_source(&vm, name, protection));
+        exporter.publish(metrics_source(&vm, name, protection));
     }
     let event = std::panic::catch_unwind(AssertUnwindSafe(|| {
         run(&vm, requests.as_ref(), protector.as_mut())
@@ -396,4 +395,66 @@ pub fn metrics_source(
         });
         metrics::render(&[s])
     })
+}
+
+/// What a replica's `/metrics` serves: the counters of its last commit, the committed epoch,
+/// and protected = 1 while that commit is at most `alive` old (the replica's own test of a
+/// live primary).
+pub struct CommittedMetrics {
+    view: Arc<std::sync::Mutex<Option<CommittedView>>>,
+    name: String,
+    alive: Duration,
+}
+
+/// A replica's last commit.
+struct CommittedView {
+    counters: vmm::state::CountersState,
+    epoch: u64,
+    at: Instant,
+    commits: u64,
+}
+
+impl CommittedMetrics {
+    /// Nothing committed yet, for a VM named `name`.
+    pub fn new(name: &str, alive: Duration) -> Self {
+        Self {
+            view: Arc::default(),
+            name: name.to_string(),
+            alive,
+        }
+    }
+
+    /// Checkpoint `epoch` with `counters` was committed (called under the replica's committed
+    /// image's lock: it only copies the counters).
+    pub fn committed(&self, counters: &vmm::state::CountersState, epoch: u64) {
+        let mut v = self.view.lock().unwrap_or_else(|p| p.into_inner());
+        let commits = v.as_ref().map_or(0, |v| v.commits) + 1;
+        *v = Some(CommittedView {
+            counters: counters.clone(),
+            epoch,
+            at: Instant::now(),
+            commits,
+        });
+    }
+
+    /// The `/metrics` source.
+    pub fn source(&self) -> metrics::Source {
+        let (view, name, alive) = (self.view.clone(), self.name.clone(), self.alive);
+        Arc::new(move || {
+            let v = view.lock().unwrap_or_else(|p| p.into_inner());
+            let mut s = match &*v {
+                Some(c) => counters_sample(&name, &c.counters),
+                None => metrics::VmSample {
+                    vm: name.clone(),
+                    ..Default::default()
+                },
+            };
+            s.replication = Some(metrics::ReplicationSample {
+                protected: v.as_ref().is_some_and(|c| c.at.elapsed() <= alive),
+                epochs: v.as_ref().map_or(0, |c| c.commits),
+                committed_epoch: v.as_ref().map(|c| c.epoch),
+            });
+            metrics::render(&[s])
+        })
+    }
 }
