@@ -458,3 +458,146 @@ impl CommittedMetrics {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm::devices::serial::SerialCounters;
+    use vmm::devices::virtio::block::BlockCounters;
+    use vmm::devices::virtio::net::NetCounters;
+    use vmm::vcpu::ExitReason;
+
+    /// Saved counters whose every value is distinct: 100 * set + position.
+    fn distinct() -> vmm::state::CountersState {
+        let seq = |base: u64, n: usize| (0..n as u64).map(|i| base + i).collect::<Vec<_>>();
+        vmm::state::CountersState {
+            vcpus: vec![
+                seq(100, ExitReason::ALL.len() + 2),
+                seq(200, ExitReason::ALL.len() + 2),
+            ],
+            blocks: vec![seq(300, BlockCounters::NAMES.len())],
+            nets: vec![seq(400, NetCounters::NAMES.len())],
+            serial: seq(500, SerialCounters::NAMES.len()),
+        }
+    }
+
+    #[test]
+    fn every_saved_counter_lands_in_its_own_field() {
+        let s = counters_sample("v", &distinct());
+        let pos = |names: &[&str], n: &str| names.iter().position(|x| *x == n).unwrap() as u64;
+        let b = |n| 300 + pos(BlockCounters::NAMES, n);
+        let n = |x| 400 + pos(NetCounters::NAMES, x);
+        assert_eq!(s.vm, "v");
+        assert_eq!(s.vcpus[1].run_ns, 200);
+        assert_eq!(
+            s.vcpus[1].exits[0],
+            (ExitReason::ALL[0].name().to_string(), 201)
+        );
+        assert_eq!(s.vcpus[0].exits.len(), ExitReason::ALL.len());
+        let d = &s.drives[0];
+        assert_eq!(d.drive, "0");
+        assert_eq!(
+            [
+                d.read_requests,
+                d.read_bytes,
+                d.write_requests,
+                d.write_bytes,
+                d.flush_requests,
+                d.get_id_requests,
+                d.guest_errors,
+                d.host_errors,
+                d.unsupported,
+                d.invalid_chains,
+            ],
+            [
+                b("read_requests"),
+                b("read_bytes"),
+                b("write_requests"),
+                b("write_bytes"),
+                b("flush_requests"),
+                b("get_id_requests"),
+                b("errors"),
+                b("host_errors"),
+                b("unsupported"),
+                b("invalid_chains"),
+            ]
+        );
+        let i = &s.ifaces[0];
+        assert_eq!(
+            [
+                i.rx_packets,
+                i.rx_bytes,
+                i.tx_packets,
+                i.tx_bytes,
+                i.rx_dropped,
+                i.tx_dropped
+            ],
+            [
+                n("rx_packets"),
+                n("rx_bytes"),
+                n("tx_packets"),
+                n("tx_bytes"),
+                n("rx_dropped"),
+                n("tx_dropped"),
+            ]
+        );
+        let c = s.console.unwrap();
+        assert_eq!(
+            [c.tx_bytes, c.tx_errors],
+            [
+                500 + pos(SerialCounters::NAMES, "tx_bytes"),
+                500 + pos(SerialCounters::NAMES, "tx_errors")
+            ]
+        );
+    }
+
+    #[test]
+    fn short_saved_counters_read_as_zero_and_never_panic() {
+        let c = vmm::state::CountersState {
+            vcpus: vec![vec![]],
+            blocks: vec![vec![1]],
+            nets: vec![vec![]],
+            serial: vec![],
+        };
+        let s = counters_sample("v", &c);
+        assert_eq!(s.vcpus[0].run_ns, 0);
+        assert_eq!(s.drives[0].read_requests, 1);
+        assert_eq!(s.drives[0].write_bytes, 0);
+        assert_eq!(s.ifaces[0].tx_bytes, 0);
+    }
+
+    #[test]
+    fn the_replica_view_is_unprotected_until_a_commit_and_counts_commits() {
+        let m = CommittedMetrics::new("r", Duration::from_secs(3600));
+        let before = (m.source())();
+        assert!(
+            before.contains("ftvm_replication_protected{vm=\"r\"} 0"),
+            "{before}"
+        );
+        assert!(!before.contains("ftvm_block_"), "{before}");
+        m.committed(&distinct(), 7);
+        m.committed(&distinct(), 8);
+        let after = (m.source())();
+        assert!(
+            after.contains("ftvm_replication_protected{vm=\"r\"} 1"),
+            "{after}"
+        );
+        assert!(
+            after.contains("ftvm_checkpoint_epochs_total{vm=\"r\"} 2"),
+            "{after}"
+        );
+        assert!(
+            after.contains("ftvm_checkpoint_committed_epoch{vm=\"r\"} 8"),
+            "{after}"
+        );
+        assert!(
+            after.contains("ftvm_block_requests_total{vm=\"r\",drive=\"0\",op=\"read\"} 300"),
+            "{after}"
+        );
+        let stale = CommittedMetrics::new("r", Duration::ZERO);
+        stale.committed(&distinct(), 1);
+        std::thread::sleep(Duration::from_millis(2));
+        let s = (stale.source())();
+        assert!(s.contains("ftvm_replication_protected{vm=\"r\"} 0"), "{s}");
+    }
+}
