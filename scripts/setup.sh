@@ -4,8 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the build and the tests use (gcc links the binaries and the test guest).
-packages=(gcc libc6-dev acpica-tools iproute2 iputils-ping)
+# Debian packages the build and the tests use (gcc links the binaries and the test guest;
+# prometheus brings promtool and the server the metrics test scrapes ftvm with).
+packages=(gcc libc6-dev acpica-tools iproute2 iputils-ping prometheus)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

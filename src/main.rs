@@ -141,6 +141,34 @@ struct ReplicaArgs {
     /// The fingerprint of the --then-replica's certificate.
     #[arg(long, value_name = "FINGERPRINT", requires = "then_replica")]
     then_peer: Option<String>,
+    /// `--metrics`: the committed counters and the replica's health (the guest's live
+    /// counters once it has taken over).
+    #[command(flatten)]
+    metrics: MetricsArgs,
+}
+
+/// Prometheus metrics.
+#[derive(clap::Args)]
+struct MetricsArgs {
+    /// Serve Prometheus metrics (`GET /metrics`, text format) on this TCP address, e.g.
+    /// 127.0.0.1:9464. A port in use is an error before anything runs.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
+    /// The `vm` label of the metrics (give the replica its primary's name).
+    #[arg(long, value_name = "NAME", default_value = "vm0")]
+    vm_name: String,
+}
+
+impl MetricsArgs {
+    /// Serves `--metrics` (if given) from `initial` until replaced.
+    fn serve(&self, initial: metrics::Source) -> anyhow::Result<Option<metrics::Exporter>> {
+        let Some(addr) = &self.metrics else {
+            return Ok(None);
+        };
+        let e = metrics::Exporter::start(addr, initial)?;
+        tracing::info!(addr = ?e.local_addr(), "serving metrics");
+        Ok(Some(e))
+    }
 }
 
 /// Replication options of `run` and `restore`.
@@ -219,6 +247,9 @@ struct RestoreArgs {
     /// Serve the control API (HTTP/JSON) on this Unix socket.
     #[arg(long, value_name = "SOCKET")]
     api: Option<PathBuf>,
+    /// `--metrics`: the restored VM's counters, continued from the snapshot's.
+    #[command(flatten)]
+    metrics: MetricsArgs,
 }
 
 #[derive(clap::Args)]
@@ -264,6 +295,9 @@ struct RunArgs {
     paused: bool,
     #[command(flatten)]
     protect: ProtectArgs,
+    /// `--metrics`: the running VM's live counters.
+    #[command(flatten)]
+    metrics: MetricsArgs,
 }
 
 /// Parses `512`, `512M`, `2G`, `65536K` into bytes (a bare number is MiB).
@@ -299,6 +333,8 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("Invalid vCPU count '{}'", args.vcpus))?;
     let disks = parse_all(&args.disks)?;
     let nets = parse_all(&args.nets)?;
+    // Before the guest exists: a port in use ends ftvm here.
+    let metrics = args.metrics.serve(Arc::new(String::new))?;
     let kernel = match args.kernel {
         Some(path) => Kernel::File(path),
         None => Kernel::Bytes {
@@ -322,7 +358,8 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         paused = args.paused,
         "guest started"
     );
-    supervise(vm, args.api, protect, args.paused)
+    let metrics = metrics.as_ref().map(|e| (args.metrics.vm_name.as_str(), e));
+    supervise(vm, args.api, protect, args.paused, metrics)
 }
 
 /// Runs `vm` until it ends and maps how it ended to ftvm's exit status: the guest's status on
@@ -332,8 +369,10 @@ fn supervise(
     api: Option<PathBuf>,
     protect: Option<ProtectConfig>,
     paused: bool,
+    metrics: Option<(&str, &metrics::Exporter)>,
 ) -> anyhow::Result<ExitCode> {
-    let ended = primary::control::supervise(vm, api.as_deref(), protect, paused);
+    let ended =
+        primary::control::supervise_with_metrics(vm, api.as_deref(), protect, paused, metrics);
     std::io::stdout().flush().ok();
     match ended? {
         Ended::PowerOff(status) => {
@@ -364,6 +403,7 @@ fn supervise(
 
 fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     let nets = parse_all(&args.nets)?;
+    let metrics = args.metrics.serve(Arc::new(String::new))?;
     let opts = RestoreOptions {
         console: Box::new(std::io::stdout()),
         nets: (!nets.is_empty()).then_some(nets),
@@ -371,7 +411,8 @@ fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     };
     let vm = checkpoint::snapshot::restore(&args.from, opts)?;
     tracing::info!(from = %args.from.display(), "guest restored");
-    supervise(vm, args.api, None, false)
+    let metrics = metrics.as_ref().map(|e| (args.metrics.vm_name.as_str(), e));
+    supervise(vm, args.api, None, false, metrics)
 }
 
 /// Keeps a replica until a termination signal; with --failover, takes over when the primary
@@ -387,6 +428,14 @@ fn replica(args: ReplicaArgs) -> anyhow::Result<ExitCode> {
     }
     let nets = parse_all(&args.nets)?;
     let committed = replica::Shared::default();
+    let committed_metrics = Arc::new(primary::control::CommittedMetrics::new(
+        &args.metrics.vm_name,
+        std::time::Duration::from_millis(args.failover_timeout),
+    ));
+    let metrics = args.metrics.serve(committed_metrics.source())?;
+    let on_commit: replica::OnCommit = Arc::new(move |c: &replica::Committed| {
+        committed_metrics.committed(&c.state.counters, c.epoch)
+    });
     let mut warned = false;
     loop {
         let config = replica::ReplicaConfig {
@@ -396,7 +445,7 @@ fn replica(args: ReplicaArgs) -> anyhow::Result<ExitCode> {
                 .peer
                 .parse()
                 .with_context(|| format!("Invalid --peer fingerprint '{}'", args.peer))?,
-            on_commit: None,
+            on_commit: Some(on_commit.clone()),
             disk_dir: args.disk_dir.clone(),
             failover_timeout: args
                 .failover
@@ -428,7 +477,15 @@ fn replica(args: ReplicaArgs) -> anyhow::Result<ExitCode> {
             } => {
                 if planned {
                     // The primary asked: it has paused its guest and ends.
-                    return take_over(&args, nets, &committed, epoch, silent, Default::default());
+                    return take_over(
+                        &args,
+                        nets,
+                        &committed,
+                        epoch,
+                        silent,
+                        Default::default(),
+                        metrics.as_ref(),
+                    );
                 }
                 (primary, epoch, silent)
             }
@@ -444,7 +501,15 @@ fn replica(args: ReplicaArgs) -> anyhow::Result<ExitCode> {
                 continue;
             }
         }
-        return take_over(&args, nets, &committed, epoch, silent, fenced.elapsed());
+        return take_over(
+            &args,
+            nets,
+            &committed,
+            epoch,
+            silent,
+            fenced.elapsed(),
+            metrics.as_ref(),
+        );
     }
 }
 
@@ -458,6 +523,7 @@ fn take_over(
     epoch: u64,
     silent: std::time::Duration,
     fencing: std::time::Duration,
+    metrics: Option<&metrics::Exporter>,
 ) -> anyhow::Result<ExitCode> {
     let started = std::time::Instant::now();
     let c = committed
@@ -500,7 +566,8 @@ fn take_over(
         checkpoint_policy: PolicyArg::Early,
     }
     .config()?;
-    supervise(vm, args.api.clone(), protect, false)
+    let metrics = metrics.map(|e| (args.metrics.vm_name.as_str(), e));
+    supervise(vm, args.api.clone(), protect, false, metrics)
 }
 
 /// Sends one API request and prints the answer.

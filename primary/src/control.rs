@@ -3,6 +3,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::{Duration, Instant};
 
@@ -74,6 +75,19 @@ pub fn supervise(
     protect: Option<ProtectConfig>,
     paused: bool,
 ) -> Result<Ended, ControlError> {
+    supervise_with_metrics(vm, api, protect, paused, None)
+}
+
+/// [`supervise`], also publishing the running VM's metrics (see [`metrics_source`]; its `vm`
+/// label is the given name) on the exporter once the VM has started. The exporter is started
+/// beforehand, so that a port in use fails before the guest runs.
+pub fn supervise_with_metrics(
+    vm: Vm,
+    api: Option<&Path>,
+    protect: Option<ProtectConfig>,
+    paused: bool,
+    metrics: Option<(&str, &metrics::Exporter)>,
+) -> Result<Ended, ControlError> {
     let bound = api.map(api::bind).transpose()?;
     vmm::signals::watch(&vm.reporter()).map_err(ControlError::Signals)?;
     let mut protector = protect
@@ -93,6 +107,10 @@ pub fn supervise(
         }
         None => (None, None),
     };
+    if let Some((name, exporter)) = metrics {
+        let protection = protector.as_ref().map(Protector::status_source);
+        exporter.publish(metrics_source(&vm, name, protection));
+    }
     let event = std::panic::catch_unwind(AssertUnwindSafe(|| {
         run(&vm, requests.as_ref(), protector.as_mut())
     }))
@@ -257,5 +275,329 @@ fn execute_with(
                 "total_ms": ms,
             }))
         }
+    }
+}
+
+/// The accounting sample of a VM named `name` from its counters in saved form (live, or
+/// committed on a replica). Disks and cards are labelled by their index (`--disk`/`--net`
+/// order), which stays the same across restore and failover while TAP names may not.
+pub fn counters_sample(name: &str, c: &vmm::state::CountersState) -> metrics::VmSample {
+    use vmm::devices::serial::SerialCounters;
+    use vmm::devices::virtio::block::BlockCounters;
+    use vmm::devices::virtio::net::NetCounters;
+    use vmm::vcpu::ExitReason;
+    // Saved values are untrusted (a replica's come from the network): a missing one reads 0.
+    fn get(names: &[&str], values: &[u64], name: &str) -> u64 {
+        names
+            .iter()
+            .position(|n| *n == name)
+            .and_then(|i| values.get(i))
+            .copied()
+            .unwrap_or(0)
+    }
+    let b = |v: &[u64], n: &str| get(BlockCounters::NAMES, v, n);
+    let n = |v: &[u64], n: &str| get(NetCounters::NAMES, v, n);
+    metrics::VmSample {
+        vm: name.to_string(),
+        vcpus: c
+            .vcpus
+            .iter()
+            .map(|v| metrics::VcpuSample {
+                run_ns: v.first().copied().unwrap_or(0),
+                exits: ExitReason::ALL
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| (r.name().to_string(), v.get(1 + i).copied().unwrap_or(0)))
+                    .collect(),
+            })
+            .collect(),
+        drives: c
+            .blocks
+            .iter()
+            .enumerate()
+            .map(|(i, v)| metrics::DriveSample {
+                drive: i.to_string(),
+                read_requests: b(v, "read_requests"),
+                read_bytes: b(v, "read_bytes"),
+                write_requests: b(v, "write_requests"),
+                write_bytes: b(v, "write_bytes"),
+                flush_requests: b(v, "flush_requests"),
+                get_id_requests: b(v, "get_id_requests"),
+                guest_errors: b(v, "errors"),
+                host_errors: b(v, "host_errors"),
+                unsupported: b(v, "unsupported"),
+                invalid_chains: b(v, "invalid_chains"),
+            })
+            .collect(),
+        ifaces: c
+            .nets
+            .iter()
+            .enumerate()
+            .map(|(i, v)| metrics::IfaceSample {
+                iface: i.to_string(),
+                rx_packets: n(v, "rx_packets"),
+                rx_bytes: n(v, "rx_bytes"),
+                tx_packets: n(v, "tx_packets"),
+                tx_bytes: n(v, "tx_bytes"),
+                rx_dropped: n(v, "rx_dropped"),
+                tx_dropped: n(v, "tx_dropped"),
+            })
+            .collect(),
+        console: Some(metrics::ConsoleSample {
+            tx_bytes: get(SerialCounters::NAMES, &c.serial, "tx_bytes"),
+            tx_errors: get(SerialCounters::NAMES, &c.serial, "tx_errors"),
+        }),
+        replication: None,
+        output: None,
+    }
+}
+
+/// What `GET /metrics` of a running VM named `name` answers: its live counters, its output
+/// gate and its replication figures (from `protection`'s status; protected 0 without one).
+pub fn metrics_source(
+    vm: &RunningVm,
+    name: &str,
+    protection: Option<Arc<dyn Fn() -> Value + Send + Sync>>,
+) -> metrics::Source {
+    let vcpus = vm.vcpu_counters();
+    let blocks = vm.block_counters().to_vec();
+    let nets = vm.net_counters().to_vec();
+    let serial = vm.serial_counters().clone();
+    let gate = vm.output_gate().clone();
+    let name = name.to_string();
+    Arc::new(move || {
+        let c = vmm::state::CountersState {
+            vcpus: vcpus.iter().map(|c| c.values()).collect(),
+            blocks: blocks.iter().map(|c| c.values()).collect(),
+            nets: nets.iter().map(|c| c.values()).collect(),
+            serial: serial.values(),
+        };
+        let mut s = counters_sample(&name, &c);
+        let o = gate.stats();
+        s.output = Some(metrics::OutputSample {
+            held_bytes: o.held_bytes,
+            released_items: o.released_items,
+            released_bytes: o.released_bytes,
+            passed_items: o.passed_items,
+            write_errors: o.write_errors,
+        });
+        // An unprotected VM says so (protected 0) rather than having no such series.
+        s.replication = Some(match &protection {
+            Some(status) => {
+                let v = status();
+                metrics::ReplicationSample {
+                    protected: v["state"] == "protected",
+                    epochs: v["epochs_committed"].as_u64().unwrap_or(0),
+                    committed_epoch: v["committed_epoch"].as_u64(),
+                }
+            }
+            None => metrics::ReplicationSample::default(),
+        });
+        metrics::render(&[s])
+    })
+}
+
+/// What a replica's `/metrics` serves: the counters of its last commit, the committed epoch,
+/// and protected = 1 while that commit is at most `alive` old (the replica's own test of a
+/// live primary).
+pub struct CommittedMetrics {
+    view: Arc<std::sync::Mutex<Option<CommittedView>>>,
+    name: String,
+    alive: Duration,
+}
+
+/// A replica's last commit.
+struct CommittedView {
+    counters: vmm::state::CountersState,
+    epoch: u64,
+    at: Instant,
+    commits: u64,
+}
+
+impl CommittedMetrics {
+    /// Nothing committed yet, for a VM named `name`.
+    pub fn new(name: &str, alive: Duration) -> Self {
+        Self {
+            view: Arc::default(),
+            name: name.to_string(),
+            alive,
+        }
+    }
+
+    /// Checkpoint `epoch` with `counters` was committed (called under the replica's committed
+    /// image's lock: it only copies the counters).
+    pub fn committed(&self, counters: &vmm::state::CountersState, epoch: u64) {
+        let mut v = self.view.lock().unwrap_or_else(|p| p.into_inner());
+        let commits = v.as_ref().map_or(0, |v| v.commits) + 1;
+        *v = Some(CommittedView {
+            counters: counters.clone(),
+            epoch,
+            at: Instant::now(),
+            commits,
+        });
+    }
+
+    /// The `/metrics` source.
+    pub fn source(&self) -> metrics::Source {
+        let (view, name, alive) = (self.view.clone(), self.name.clone(), self.alive);
+        Arc::new(move || {
+            let v = view.lock().unwrap_or_else(|p| p.into_inner());
+            let mut s = match &*v {
+                Some(c) => counters_sample(&name, &c.counters),
+                None => metrics::VmSample {
+                    vm: name.clone(),
+                    ..Default::default()
+                },
+            };
+            s.replication = Some(metrics::ReplicationSample {
+                protected: v.as_ref().is_some_and(|c| c.at.elapsed() <= alive),
+                epochs: v.as_ref().map_or(0, |c| c.commits),
+                committed_epoch: v.as_ref().map(|c| c.epoch),
+            });
+            metrics::render(&[s])
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm::devices::serial::SerialCounters;
+    use vmm::devices::virtio::block::BlockCounters;
+    use vmm::devices::virtio::net::NetCounters;
+    use vmm::vcpu::ExitReason;
+
+    /// Saved counters whose every value is distinct: 100 * set + position.
+    fn distinct() -> vmm::state::CountersState {
+        let seq = |base: u64, n: usize| (0..n as u64).map(|i| base + i).collect::<Vec<_>>();
+        vmm::state::CountersState {
+            vcpus: vec![
+                seq(100, ExitReason::ALL.len() + 2),
+                seq(200, ExitReason::ALL.len() + 2),
+            ],
+            blocks: vec![seq(300, BlockCounters::NAMES.len())],
+            nets: vec![seq(400, NetCounters::NAMES.len())],
+            serial: seq(500, SerialCounters::NAMES.len()),
+        }
+    }
+
+    #[test]
+    fn every_saved_counter_lands_in_its_own_field() {
+        let s = counters_sample("v", &distinct());
+        let pos = |names: &[&str], n: &str| names.iter().position(|x| *x == n).unwrap() as u64;
+        let b = |n| 300 + pos(BlockCounters::NAMES, n);
+        let n = |x| 400 + pos(NetCounters::NAMES, x);
+        assert_eq!(s.vm, "v");
+        assert_eq!(s.vcpus[1].run_ns, 200);
+        assert_eq!(
+            s.vcpus[1].exits[0],
+            (ExitReason::ALL[0].name().to_string(), 201)
+        );
+        assert_eq!(s.vcpus[0].exits.len(), ExitReason::ALL.len());
+        let d = &s.drives[0];
+        assert_eq!(d.drive, "0");
+        assert_eq!(
+            [
+                d.read_requests,
+                d.read_bytes,
+                d.write_requests,
+                d.write_bytes,
+                d.flush_requests,
+                d.get_id_requests,
+                d.guest_errors,
+                d.host_errors,
+                d.unsupported,
+                d.invalid_chains,
+            ],
+            [
+                b("read_requests"),
+                b("read_bytes"),
+                b("write_requests"),
+                b("write_bytes"),
+                b("flush_requests"),
+                b("get_id_requests"),
+                b("errors"),
+                b("host_errors"),
+                b("unsupported"),
+                b("invalid_chains"),
+            ]
+        );
+        let i = &s.ifaces[0];
+        assert_eq!(
+            [
+                i.rx_packets,
+                i.rx_bytes,
+                i.tx_packets,
+                i.tx_bytes,
+                i.rx_dropped,
+                i.tx_dropped
+            ],
+            [
+                n("rx_packets"),
+                n("rx_bytes"),
+                n("tx_packets"),
+                n("tx_bytes"),
+                n("rx_dropped"),
+                n("tx_dropped"),
+            ]
+        );
+        let c = s.console.unwrap();
+        assert_eq!(
+            [c.tx_bytes, c.tx_errors],
+            [
+                500 + pos(SerialCounters::NAMES, "tx_bytes"),
+                500 + pos(SerialCounters::NAMES, "tx_errors")
+            ]
+        );
+    }
+
+    #[test]
+    fn short_saved_counters_read_as_zero_and_never_panic() {
+        let c = vmm::state::CountersState {
+            vcpus: vec![vec![]],
+            blocks: vec![vec![1]],
+            nets: vec![vec![]],
+            serial: vec![],
+        };
+        let s = counters_sample("v", &c);
+        assert_eq!(s.vcpus[0].run_ns, 0);
+        assert_eq!(s.drives[0].read_requests, 1);
+        assert_eq!(s.drives[0].write_bytes, 0);
+        assert_eq!(s.ifaces[0].tx_bytes, 0);
+    }
+
+    #[test]
+    fn the_replica_view_is_unprotected_until_a_commit_and_counts_commits() {
+        let m = CommittedMetrics::new("r", Duration::from_secs(3600));
+        let before = (m.source())();
+        assert!(
+            before.contains("ftvm_replication_protected{vm=\"r\"} 0"),
+            "{before}"
+        );
+        assert!(!before.contains("ftvm_block_"), "{before}");
+        m.committed(&distinct(), 7);
+        m.committed(&distinct(), 8);
+        let after = (m.source())();
+        assert!(
+            after.contains("ftvm_replication_protected{vm=\"r\"} 1"),
+            "{after}"
+        );
+        assert!(
+            after.contains("ftvm_checkpoint_epochs_total{vm=\"r\"} 2"),
+            "{after}"
+        );
+        assert!(
+            after.contains("ftvm_checkpoint_committed_epoch{vm=\"r\"} 8"),
+            "{after}"
+        );
+        assert!(
+            after.contains("ftvm_block_requests_total{vm=\"r\",drive=\"0\",op=\"read\"} 300"),
+            "{after}"
+        );
+        let stale = CommittedMetrics::new("r", Duration::ZERO);
+        stale.committed(&distinct(), 1);
+        std::thread::sleep(Duration::from_millis(2));
+        let s = (stale.source())();
+        assert!(s.contains("ftvm_replication_protected{vm=\"r\"} 0"), "{s}");
     }
 }

@@ -1,0 +1,79 @@
+//! Time to render `/metrics` for 1 VM and for 100 VMs' worth of series (2 vCPUs, 1 disk, 1
+//! card each), as median and p99 of 200 renders.
+//!
+//! cargo run --release -p metrics --example render_cost
+
+use std::time::Instant;
+
+use metrics::{ConsoleSample, DriveSample, IfaceSample, ReplicationSample, VcpuSample, VmSample};
+
+fn vm(i: usize) -> VmSample {
+    let reasons = [
+        "io_in",
+        "io_out",
+        "mmio_read",
+        "mmio_write",
+        "interrupted",
+        "hlt",
+        "shutdown",
+        "system_event",
+        "other",
+    ];
+    VmSample {
+        vm: format!("vm{i}"),
+        vcpus: (0..2)
+            .map(|v| VcpuSample {
+                run_ns: 123_456_789 * (v + 1),
+                exits: reasons
+                    .iter()
+                    .map(|r| (r.to_string(), 1000 + i as u64))
+                    .collect(),
+            })
+            .collect(),
+        drives: vec![DriveSample {
+            drive: "0".into(),
+            read_requests: 10,
+            read_bytes: 40960,
+            write_requests: 20,
+            write_bytes: 1 << 30,
+            ..Default::default()
+        }],
+        ifaces: vec![IfaceSample {
+            iface: "0".into(),
+            rx_packets: 1000,
+            rx_bytes: 1 << 20,
+            tx_packets: 2000,
+            tx_bytes: 1 << 21,
+            ..Default::default()
+        }],
+        console: Some(ConsoleSample {
+            tx_bytes: 4096,
+            tx_errors: 0,
+        }),
+        replication: Some(ReplicationSample {
+            protected: true,
+            epochs: 40_000,
+            committed_epoch: Some(39_999),
+        }),
+        output: None,
+    }
+}
+
+fn main() {
+    for n in [1usize, 100] {
+        let vms: Vec<VmSample> = (0..n).map(vm).collect();
+        let mut times = Vec::new();
+        let mut bytes = 0;
+        for _ in 0..200 {
+            let t = Instant::now();
+            bytes = metrics::render(&vms).len();
+            times.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        times.sort_by(f64::total_cmp);
+        println!(
+            "{n} VMs: {bytes} bytes, render median {:.0} us, p99 {:.0} us",
+            times[times.len() / 2],
+            times[times.len() * 99 / 100]
+        );
+    }
+}

@@ -1,0 +1,567 @@
+//! `ftvm run --metrics`: after known guest workloads (a 4 MiB disk write in 64 KiB requests,
+//! pings through a TAP in a network namespace) the scraped counters equal the guest's own
+//! counts and the TAP's statistics exactly; `promtool check metrics` accepts the exposition;
+//! a real Prometheus server on loopback scrapes ftvm and its query API returns the same
+//! values; a port in use is a one-line error before anything runs. A replica's `/metrics`
+//! serves the committed counters and its health, and after a failover (SIGKILL of the primary
+//! mid-write) the counters continue: the scrape equals the guest's own counts of the whole
+//! write, done partly on each host.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::netns::Netns;
+use common::protection::{Replica, cert, spawn_logged};
+use common::{Guarded, ftvm, require_kvm, spawn_ftvm};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// A loopback port nobody listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET `path` from 127.0.0.1:`port`: (status line, body), or None if nobody answers.
+fn http_get(port: u16, path: &str) -> Option<(String, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    Some((head.lines().next()?.to_string(), body.to_string()))
+}
+
+/// The samples of an exposition: `name{labels}` → value.
+fn samples(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The value of `series` as an exact count.
+fn count(s: &BTreeMap<String, f64>, series: &str) -> u64 {
+    let v = *s
+        .get(series)
+        .unwrap_or_else(|| panic!("no {series} in {s:#?}"));
+    assert!(v.fract() == 0.0 && v >= 0.0, "{series} = {v}");
+    v as u64
+}
+
+/// The guest's own `blk0 counts ...` line: reads, read bytes, writes, write bytes, flushes.
+fn guest_block_counts(text: &str) -> [u64; 5] {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("blk0 counts "))
+        .unwrap_or_else(|| panic!("no counts line in:\n{text}"));
+    [
+        "reads=",
+        "read-bytes=",
+        "writes=",
+        "write-bytes=",
+        "flushes=",
+    ]
+    .map(|key| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key)?.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {line}"))
+    })
+}
+
+const BLOCK: [&str; 5] = [
+    r#"ftvm_block_requests_total{vm="t1",drive="0",op="read"}"#,
+    r#"ftvm_block_bytes_total{vm="t1",drive="0",op="read"}"#,
+    r#"ftvm_block_requests_total{vm="t1",drive="0",op="write"}"#,
+    r#"ftvm_block_bytes_total{vm="t1",drive="0",op="write"}"#,
+    r#"ftvm_block_requests_total{vm="t1",drive="0",op="flush"}"#,
+];
+
+/// rx = delivered to the guest = sent by the host into the TAP, and the other way round.
+const NET: [(&str, &str); 4] = [
+    (
+        r#"ftvm_net_packets_total{vm="t1",iface="0",direction="rx"}"#,
+        "tx_packets",
+    ),
+    (
+        r#"ftvm_net_bytes_total{vm="t1",iface="0",direction="rx"}"#,
+        "tx_bytes",
+    ),
+    (
+        r#"ftvm_net_packets_total{vm="t1",iface="0",direction="tx"}"#,
+        "rx_packets",
+    ),
+    (
+        r#"ftvm_net_bytes_total{vm="t1",iface="0",direction="tx"}"#,
+        "rx_bytes",
+    ),
+];
+
+#[test]
+fn scraped_counters_equal_the_guests_and_the_taps_and_prometheus_agrees() {
+    require_kvm();
+    let ns = Netns::create("metrics", 41);
+    ns.enter();
+    let img = tempfile::NamedTempFile::new().unwrap();
+    img.as_file().set_len(8 << 20).unwrap();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let cmdline = format!(
+        "ip={}/24 tcp-echo @1:disk-write=4,77 @1:chunk-kib=64",
+        ns.guest_ip()
+    );
+    let net = format!("tap={}", ns.tap);
+    let disk = img.path().to_str().unwrap();
+    let (_vm, console, _reader) = spawn_ftvm(&[
+        "run",
+        "--vcpus",
+        "2",
+        "--mem",
+        "128M",
+        "--disk",
+        disk,
+        "--net",
+        &net,
+        "--metrics",
+        &addr,
+        "--vm-name",
+        "t1",
+        "--cmdline",
+        &cmdline,
+    ]);
+    console.wait_for_line("vcpu0 workload net ", LIMIT);
+    let text = console.wait_for_line("blk0 counts ", LIMIT);
+    let guest_block = guest_block_counts(&text);
+    assert_eq!(guest_block[2..4], [64, 4 << 20], "{text}");
+
+    let ping = Command::new("ping")
+        .args(["-c", "20", "-i", "0.01", "-W", "5", &ns.guest_ip()])
+        .output()
+        .expect("ping runs");
+    let out = String::from_utf8_lossy(&ping.stdout);
+    assert!(out.contains("20 received, 0% packet loss"), "{out}");
+
+    // Traffic has stopped: the scrape settles on the TAP's figures (ARP replies may still be
+    // on their way for a moment).
+    let tap = || NET.map(|(_, stat)| ns.tap_stat(stat));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (text, scraped) = loop {
+        let (status, body) = http_get(port, "/metrics").expect("ftvm serves /metrics");
+        assert_eq!(status, "HTTP/1.0 200 OK", "{body}");
+        let s = samples(&body);
+        let net = NET.map(|(series, _)| count(&s, series));
+        if net == tap() || Instant::now() > deadline {
+            break (body, s);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let net = NET.map(|(series, _)| count(&scraped, series));
+    assert_eq!(
+        net,
+        tap(),
+        "ftvm vs TAP [rx pkts, rx bytes, tx pkts, tx bytes]"
+    );
+    assert!(net[0] >= 20 && net[2] >= 20, "at least the pings: {net:?}");
+    assert_eq!(
+        BLOCK.map(|series| count(&scraped, series)),
+        guest_block,
+        "ftvm vs the guest [reads, read bytes, writes, write bytes, flushes]"
+    );
+    for (series, want) in [
+        (
+            r#"ftvm_block_errors_total{vm="t1",drive="0",cause="guest"}"#,
+            0,
+        ),
+        (
+            r#"ftvm_block_errors_total{vm="t1",drive="0",cause="host"}"#,
+            0,
+        ),
+        (
+            r#"ftvm_net_dropped_total{vm="t1",iface="0",direction="rx"}"#,
+            0,
+        ),
+        (
+            r#"ftvm_net_dropped_total{vm="t1",iface="0",direction="tx"}"#,
+            0,
+        ),
+    ] {
+        assert_eq!(count(&scraped, series), want, "{series}");
+    }
+    assert!(
+        scraped.contains_key(r#"ftvm_vcpu_run_seconds_total{vm="t1",vcpu="1"}"#),
+        "{text}"
+    );
+
+    // promtool accepts the exposition.
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool runs (Debian's prometheus package; scripts/setup.sh installs it)");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+
+    // A real Prometheus scrapes ftvm; its query API returns the same numbers.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: ftvm\n    \
+             static_configs:\n      - targets: ['{addr}']\n"
+        ),
+    )
+    .unwrap();
+    let prom_port = free_port();
+    let _prometheus = Guarded(Some(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus runs"),
+    ));
+    let query = |metric: &str| -> BTreeMap<String, u64> {
+        let Some((status, body)) = http_get(prom_port, &format!("/api/v1/query?query={metric}"))
+        else {
+            return BTreeMap::new();
+        };
+        if !status.contains("200") {
+            return BTreeMap::new();
+        }
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["data"]["result"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| {
+                let m = &r["metric"];
+                let key = ["drive", "iface", "op", "direction"]
+                    .iter()
+                    .filter_map(|k| Some(format!("{k}={}", m[*k].as_str()?)))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                (key, r["value"][1].as_str().unwrap().parse().unwrap())
+            })
+            .collect()
+    };
+    let want_block: BTreeMap<String, u64> = [
+        ("drive=0,op=read", guest_block[1]),
+        ("drive=0,op=write", guest_block[3]),
+    ]
+    .map(|(k, v)| (k.to_string(), v))
+    .into();
+    let want_net: BTreeMap<String, u64> = [
+        ("iface=0,direction=rx", net[1]),
+        ("iface=0,direction=tx", net[3]),
+    ]
+    .map(|(k, v)| (k.to_string(), v))
+    .into();
+    let deadline = Instant::now() + LIMIT;
+    let (block, net_bytes) = loop {
+        let got = (
+            query("ftvm_block_bytes_total"),
+            query("ftvm_net_bytes_total"),
+        );
+        if (got.0 == want_block && got.1 == want_net) || Instant::now() > deadline {
+            break got;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(block, want_block, "Prometheus's block bytes vs the guest's");
+    assert_eq!(net_bytes, want_net, "Prometheus's net bytes vs the TAP's");
+}
+
+#[test]
+fn metrics_on_a_port_in_use_is_one_error_line_and_nothing_runs() {
+    require_kvm();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let o = ftvm(&["run", "--metrics", &addr], LIMIT);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].starts_with(&format!(
+            "ftvm: error: Cannot listen for metrics on {addr}: "
+        )),
+        "{err}"
+    );
+    assert!(lines[0].contains("in use"), "{err}");
+    assert!(o.stdout.is_empty(), "the guest ran: {:?}", o.stdout);
+
+    let o = ftvm(&["run", "--metrics", "nowhere"], LIMIT);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(
+        err.trim_end(),
+        "ftvm: error: Invalid --metrics address 'nowhere': expected HOST:PORT, e.g. \
+         127.0.0.1:9464"
+    );
+}
+
+/// Scrapes 127.0.0.1:`port` until `done` holds for its samples (or the deadline passes).
+fn scrape_until(
+    port: u16,
+    what: &str,
+    done: impl Fn(&BTreeMap<String, f64>) -> bool,
+) -> BTreeMap<String, f64> {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        if let Some((status, body)) = http_get(port, "/metrics") {
+            assert!(status.contains(" 200 "), "{status}: {body}");
+            let s = samples(&body);
+            if done(&s) {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}:\n{body}"
+            );
+        } else {
+            assert!(Instant::now() < deadline, "nobody serves :{port} ({what})");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+const WRITES: &str = r#"ftvm_block_requests_total{vm="t3",drive="0",op="write"}"#;
+const WRITE_BYTES: &str = r#"ftvm_block_bytes_total{vm="t3",drive="0",op="write"}"#;
+const PROTECTED: &str = r#"ftvm_replication_protected{vm="t3"}"#;
+const EPOCHS: &str = r#"ftvm_checkpoint_epochs_total{vm="t3"}"#;
+const COMMITTED: &str = r#"ftvm_checkpoint_committed_epoch{vm="t3"}"#;
+
+#[test]
+fn the_replica_serves_committed_counters_and_they_continue_exactly_after_a_failover() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let (pc, rc) = (dir.path().join("p"), dir.path().join("r"));
+    let (pfp, rfp) = (cert(&pc), cert(&rc));
+    let copies = dir.path().join("copies");
+    std::fs::create_dir(&copies).unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 16 << 20]).unwrap();
+    let (rport, pport) = (free_port(), free_port());
+    let (raddr, paddr) = (format!("127.0.0.1:{rport}"), format!("127.0.0.1:{pport}"));
+    let replica = Replica::start_with(
+        "127.0.0.1:0",
+        &rc,
+        &pfp,
+        &[
+            "--failover",
+            "--failover-timeout",
+            "300",
+            "--disk-dir",
+            copies.to_str().unwrap(),
+            "--metrics",
+            &raddr,
+            "--vm-name",
+            "t3",
+        ],
+        &[],
+    );
+    // Nothing committed yet: health only, and it says unprotected.
+    let s = scrape_until(rport, "the replica's health", |s| s.contains_key(PROTECTED));
+    assert_eq!(count(&s, PROTECTED), 0, "{s:#?}");
+    assert_eq!(count(&s, EPOCHS), 0, "{s:#?}");
+    assert!(
+        !s.contains_key(WRITES),
+        "no counters before a commit: {s:#?}"
+    );
+
+    let sock = dir.path().join("api.sock");
+    let (mut primary, log, protected, console) = spawn_logged(
+        &[
+            "run",
+            "--vcpus",
+            "2",
+            "--mem",
+            "64M",
+            "--disk",
+            img.to_str().unwrap(),
+            "--api",
+            sock.to_str().unwrap(),
+            "--paused",
+            "--replica",
+            &replica.addr,
+            "--cert",
+            pc.to_str().unwrap(),
+            "--peer",
+            &rfp,
+            "--metrics",
+            &paddr,
+            "--vm-name",
+            "t3",
+            "--cmdline",
+            "@0:disk-write=16,5 @0:chunk-kib=1 @1:count=0 @1:interval-ms=20",
+        ],
+        &[],
+        "protected",
+    );
+    protected
+        .recv_timeout(LIMIT)
+        .unwrap_or_else(|_| panic!("never protected: {}", log.lock().unwrap()));
+    common::ftvm_ok(&["resume", "--api", sock.to_str().unwrap()]);
+    console.wait_for("workload disk-write", LIMIT);
+
+    // The primary: protected, epochs acknowledged, writes going on.
+    let p = scrape_until(pport, "the primary's epochs", |s| {
+        s.get(PROTECTED) == Some(&1.0) && s.get(EPOCHS).is_some_and(|&e| e >= 8.0)
+    });
+    // The replica: protected, a committed epoch, committed writes that lag the live ones.
+    let r = scrape_until(rport, "the replica's committed writes", |s| {
+        s.get(PROTECTED) == Some(&1.0) && s.get(WRITES).is_some_and(|&w| w > 0.0)
+    });
+    assert!(count(&r, COMMITTED) >= 1, "{r:#?}");
+    assert!(count(&r, EPOCHS) >= 1, "{r:#?}");
+    let live = count(&scrape_until(pport, "the primary", |_| true), WRITES);
+    assert!(count(&r, WRITES) <= live, "committed {r:#?} vs live {live}");
+    assert_eq!(
+        count(&r, WRITE_BYTES),
+        count(&r, WRITES) * 1024,
+        "1 KiB per write"
+    );
+    assert!(count(&p, WRITES) < 16384, "the write ended too soon");
+
+    // The primary dies mid-write; the guest finishes the write on the replica.
+    let child = primary.0.as_mut().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    replica.wait_log("took over");
+    let counts = replica.console.wait_for_line("blk0 counts", LIMIT);
+    let guest = guest_block_counts(&counts);
+    assert_eq!(
+        guest[2..4],
+        [16384, 16 << 20],
+        "the guest's own count: {counts}"
+    );
+    // The same server now serves the guest's live counters, continued from the committed
+    // ones: exactly the guest's count of the whole write, done partly on each host.
+    let after = scrape_until(rport, "the writes after the takeover", |s| {
+        s.get(WRITES) == Some(&16384.0)
+    });
+    assert_eq!(count(&after, WRITE_BYTES), 16 << 20);
+    assert_eq!(
+        [
+            r#"ftvm_block_requests_total{vm="t3",drive="0",op="read"}"#,
+            r#"ftvm_block_bytes_total{vm="t3",drive="0",op="read"}"#,
+            WRITES,
+            WRITE_BYTES,
+            r#"ftvm_block_requests_total{vm="t3",drive="0",op="flush"}"#,
+        ]
+        .map(|series| count(&after, series)),
+        guest,
+        "ftvm vs the guest [reads, read bytes, writes, write bytes, flushes]"
+    );
+    assert_eq!(
+        count(&after, PROTECTED),
+        0,
+        "no --then-replica: unprotected"
+    );
+}
+
+#[test]
+fn counters_continue_exactly_across_a_snapshot_and_restore() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 8 << 20]).unwrap();
+    let sock = dir.path().join("api.sock");
+    let snap = dir.path().join("vm.snap");
+    let (port, port2) = (free_port(), free_port());
+    let (vm, console, _reader) = spawn_ftvm(&[
+        "run",
+        "--vcpus",
+        "2",
+        "--mem",
+        "64M",
+        "--disk",
+        img.to_str().unwrap(),
+        "--api",
+        sock.to_str().unwrap(),
+        "--metrics",
+        &format!("127.0.0.1:{port}"),
+        "--vm-name",
+        "t4",
+        "--cmdline",
+        "@0:disk-write=4,77 @0:chunk-kib=64 @1:count=0 @1:interval-ms=20",
+    ]);
+    let text = console.wait_for_line("blk0 counts ", LIMIT);
+    let guest = guest_block_counts(&text);
+    let block = [
+        r#"ftvm_block_requests_total{vm="t4",drive="0",op="read"}"#,
+        r#"ftvm_block_bytes_total{vm="t4",drive="0",op="read"}"#,
+        r#"ftvm_block_requests_total{vm="t4",drive="0",op="write"}"#,
+        r#"ftvm_block_bytes_total{vm="t4",drive="0",op="write"}"#,
+        r#"ftvm_block_requests_total{vm="t4",drive="0",op="flush"}"#,
+    ];
+    let before = scrape_until(port, "the write's counts", |s| {
+        block.map(|series| s.get(series).copied().unwrap_or(-1.0) as u64) == guest
+    });
+    common::ftvm_ok(&[
+        "snapshot",
+        "--api",
+        sock.to_str().unwrap(),
+        "--to",
+        snap.to_str().unwrap(),
+    ]);
+    drop(vm); // SIGKILL: the snapshot is all that is left
+    let console_series = r#"ftvm_console_bytes_total{vm="t4"}"#;
+    let run_series = r#"ftvm_vcpu_run_seconds_total{vm="t4",vcpu="1"}"#;
+
+    let (_restored, console2, _reader2) = spawn_ftvm(&[
+        "restore",
+        "--from",
+        snap.to_str().unwrap(),
+        "--metrics",
+        &format!("127.0.0.1:{port2}"),
+        "--vm-name",
+        "t4",
+    ]);
+    // The guest continues (vCPU 1 counts on) ...
+    console2.wait_for("vcpu1 count ", LIMIT);
+    let after = scrape_until(port2, "the restored counters", |s| {
+        s.contains_key(console_series)
+    });
+    // ... and its counters continue from the snapshot's: the disk is idle, so its counters are
+    // exactly what they were; the others only grew.
+    assert_eq!(
+        block.map(|series| count(&after, series)),
+        guest,
+        "block counters after the restore vs the guest's own"
+    );
+    assert!(count(&after, console_series) > count(&before, console_series));
+    assert!(after[run_series] >= before[run_series], "{after:#?}");
+}
