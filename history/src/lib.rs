@@ -1,0 +1,780 @@
+//! ftvm's accounting history: the committed counters of each VM at a fixed time resolution
+//! (default 1 s), kept in RocksDB and keyed by (vm, time), each sample carrying the epoch it
+//! was committed in; and the billing export computed from them ([`export`]).
+//!
+//! This crate depends on nothing else of ftvm. A replica records what it commits:
+//!
+//! ```no_run
+//! # use std::collections::BTreeMap;
+//! let history = history::History::create("/var/lib/ftvm/history", history::Options::default())?;
+//! let mut counters = BTreeMap::new();
+//! counters.insert(history::names::vcpu_run_ns(0), 1_250_000_000);
+//! history.record(&history::Sample { vm: "vm1".into(), time_ms: 1_700_000_000_000, epoch: 42, counters })?;
+//! # Ok::<(), history::HistoryError>(())
+//! ```
+//!
+//! Recording is idempotent: the same (vm, epoch) twice changes nothing. Of the epochs committed
+//! within one resolution step the last (in time) is kept; an epoch lower than the one it
+//! replaces in the same step (a failover rolled work back) keeps the replaced one as a rolled
+//! back "peak" of that step, so the export can report the rolled-back work apart.
+//! A store that cannot write (full or read-only disk) returns an error from
+//! [`History::record`]; the caller keeps its VM running and retries later.
+
+pub mod export;
+pub mod names;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use rocksdb::{DB, Direction, IteratorMode, WriteBatch, WriteOptions};
+
+/// The file that marks a directory as an ftvm history (RocksDB's own files sit beside it).
+pub const MARKER: &str = "FTVM-HISTORY";
+const FORMAT: u32 = 1;
+/// The longest VM id, in bytes.
+pub const MAX_VM_ID: usize = 128;
+/// The longest counter name, in bytes.
+pub const MAX_COUNTER_NAME: usize = 200;
+/// The most counters one sample may carry.
+pub const MAX_COUNTERS: usize = 4096;
+/// The most rolled-back peaks kept within one resolution step.
+pub const MAX_PEAKS: usize = 64;
+
+const SAMPLE_TAG: u8 = b'S';
+const PRUNED_TAG: u8 = b'P';
+const VALUE_VERSION: u8 = 1;
+
+/// The committed counters of one VM at one moment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sample {
+    /// The VM's id (1 to 128 bytes of `A-Z a-z 0-9 . _ - :`).
+    pub vm: String,
+    /// When the epoch was committed, in milliseconds since the Unix epoch.
+    pub time_ms: u64,
+    /// The committed epoch these counters belong to.
+    pub epoch: u64,
+    /// Monotonic counters by name (see [`names`] for the names the export bills).
+    pub counters: BTreeMap<String, u64>,
+}
+
+/// One committed point: an epoch, when, and its counters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Point {
+    /// Commit time, ms since the Unix epoch.
+    pub time_ms: u64,
+    /// The committed epoch.
+    pub epoch: u64,
+    /// Counters by name.
+    pub counters: BTreeMap<String, u64>,
+}
+
+/// What the store holds for one (vm, time step).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stored {
+    /// The start of the step, ms since the Unix epoch.
+    pub step_ms: u64,
+    /// Points of the step that a failover rolled back (higher epochs replaced by a lower one),
+    /// oldest first.
+    pub peaks: Vec<Point>,
+    /// The last committed point of the step.
+    pub last: Point,
+}
+
+/// What [`History::record`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recorded {
+    /// The sample is now the step's last point.
+    Written,
+    /// The step already holds this epoch, or a later commit: nothing changed.
+    Unchanged,
+    /// The step lies before the VM's retention cut: nothing changed.
+    Expired,
+}
+
+/// A VM in the store and the range of its samples.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmRange {
+    /// The VM's id.
+    pub vm: String,
+    /// Steps stored.
+    pub samples: u64,
+    /// Time of the first and the last stored point, ms.
+    pub first_ms: u64,
+    /// See `first_ms`.
+    pub last_ms: u64,
+    /// Epoch of the first and the last stored point.
+    pub first_epoch: u64,
+    /// See `first_epoch`.
+    pub last_epoch: u64,
+    /// Samples before this time were deleted by retention.
+    pub pruned_before_ms: Option<u64>,
+}
+
+/// How a new store is made.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// The time step, ms (default 1000). Fixed when the store is created.
+    pub resolution_ms: u64,
+    /// fsync each write (default false: RocksDB's write-ahead log, synced by the OS).
+    pub sync: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            resolution_ms: 1000,
+            sync: false,
+        }
+    }
+}
+
+/// Errors of the history store; each one a clear line, its cause in `source()`.
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    /// The directory does not exist.
+    #[error("no history at {0}: the directory does not exist")]
+    Missing(PathBuf),
+    /// The directory is not a history store.
+    #[error("{0} is not an ftvm history: {1}")]
+    NotAHistory(PathBuf, String),
+    /// The store's files are damaged.
+    #[error("the history at {0} is corrupted: {1}")]
+    Corrupted(PathBuf, String),
+    /// RocksDB failed.
+    #[error("history {0}: {1}")]
+    Db(String, #[source] rocksdb::Error),
+    /// A file operation failed.
+    #[error("history {0}")]
+    Io(String, #[source] std::io::Error),
+    /// A sample or query was refused.
+    #[error("{0}")]
+    Invalid(String),
+    /// The same epoch was recorded with other values.
+    #[error(
+        "vm {vm}: epoch {epoch} is already recorded with other counters or time; a committed epoch cannot change"
+    )]
+    Conflict {
+        /// The VM.
+        vm: String,
+        /// The epoch.
+        epoch: u64,
+    },
+}
+
+/// Result of this crate.
+pub type Result<T> = std::result::Result<T, HistoryError>;
+
+/// A history store on disk.
+pub struct History {
+    db: DB,
+    dir: PathBuf,
+    resolution_ms: u64,
+    sync: bool,
+    /// Serialises read-modify-write of a step.
+    write: Mutex<()>,
+}
+
+impl std::fmt::Debug for History {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("History")
+            .field("dir", &self.dir)
+            .field("resolution_ms", &self.resolution_ms)
+            .finish()
+    }
+}
+
+/// Checks a VM id: 1 to [`MAX_VM_ID`] bytes of `A-Z a-z 0-9 . _ - :`.
+pub fn check_vm_id(vm: &str) -> Result<()> {
+    if vm.is_empty() || vm.len() > MAX_VM_ID {
+        return Err(HistoryError::Invalid(format!(
+            "a VM id must be 1 to {MAX_VM_ID} bytes long (got {})",
+            vm.len()
+        )));
+    }
+    if let Some(c) = vm
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':')))
+    {
+        return Err(HistoryError::Invalid(format!(
+            "VM id {vm:?} has {c:?}; allowed are A-Z a-z 0-9 . _ - :"
+        )));
+    }
+    Ok(())
+}
+
+fn check_counter_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.len() > MAX_COUNTER_NAME
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b',' && b != b'"')
+    {
+        return Err(HistoryError::Invalid(format!(
+            "counter name {name:?}: must be 1 to {MAX_COUNTER_NAME} printable ASCII bytes without ',' or '\"'"
+        )));
+    }
+    Ok(())
+}
+
+fn marker_text(resolution_ms: u64) -> String {
+    format!("ftvm-history {FORMAT}\nresolution_ms {resolution_ms}\n")
+}
+
+/// Reads the marker; the resolution it records.
+fn read_marker(dir: &Path) -> Result<u64> {
+    let meta = std::fs::metadata(dir).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            HistoryError::Missing(dir.to_owned())
+        } else {
+            HistoryError::Io(format!("cannot read {}", dir.display()), e)
+        }
+    })?;
+    if !meta.is_dir() {
+        return Err(HistoryError::NotAHistory(
+            dir.to_owned(),
+            "it is not a directory".into(),
+        ));
+    }
+    let text = match std::fs::read(dir.join(MARKER)) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(HistoryError::NotAHistory(
+                dir.to_owned(),
+                format!("it has no {MARKER} file"),
+            ));
+        }
+        Err(e) => {
+            return Err(HistoryError::Io(
+                format!("cannot read {}", dir.join(MARKER).display()),
+                e,
+            ));
+        }
+    };
+    let bad = |why: &str| HistoryError::Corrupted(dir.to_owned(), format!("{MARKER}: {why}"));
+    let text = std::str::from_utf8(&text).map_err(|_| bad("not text"))?;
+    let mut lines = text.lines();
+    match lines.next() {
+        Some(l) if l == format!("ftvm-history {FORMAT}") => {}
+        Some(l) if l.starts_with("ftvm-history ") => {
+            return Err(bad(&format!(
+                "format {:?}, this ftvm reads {FORMAT}",
+                &l[13..]
+            )));
+        }
+        _ => return Err(bad("no `ftvm-history` header")),
+    }
+    let resolution = lines
+        .next()
+        .and_then(|l| l.strip_prefix("resolution_ms "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|&r| r > 0)
+        .ok_or_else(|| bad("no valid `resolution_ms`"))?;
+    if !dir.join("CURRENT").is_file() {
+        return Err(bad("RocksDB's CURRENT file is missing"));
+    }
+    Ok(resolution)
+}
+
+fn db_options(create: bool) -> rocksdb::Options {
+    let mut o = rocksdb::Options::default();
+    o.create_if_missing(create);
+    o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    o.set_keep_log_file_num(2);
+    o
+}
+
+impl History {
+    /// Opens the history at `dir`, creating it (and the directory) when there is none. An
+    /// existing non-empty directory that is not a history is refused and left untouched; an
+    /// existing history keeps the resolution it was made with, and a different
+    /// `options.resolution_ms` is refused.
+    pub fn create(dir: impl AsRef<Path>, options: Options) -> Result<History> {
+        let dir = dir.as_ref();
+        if options.resolution_ms == 0 {
+            return Err(HistoryError::Invalid(
+                "the history resolution must be at least 1 ms".into(),
+            ));
+        }
+        match read_marker(dir) {
+            Ok(resolution) => {
+                if resolution != options.resolution_ms {
+                    return Err(HistoryError::Invalid(format!(
+                        "the history at {} has a resolution of {resolution} ms, not {} ms",
+                        dir.display(),
+                        options.resolution_ms
+                    )));
+                }
+                return Self::open_with(dir, resolution, options.sync, false);
+            }
+            Err(HistoryError::Missing(_)) => {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| HistoryError::Io(format!("cannot create {}", dir.display()), e))?;
+            }
+            Err(HistoryError::NotAHistory(_, why)) if why.contains(MARKER) => {
+                let mut entries = std::fs::read_dir(dir)
+                    .map_err(|e| HistoryError::Io(format!("cannot read {}", dir.display()), e))?;
+                if entries.next().is_some() {
+                    return Err(HistoryError::NotAHistory(
+                        dir.to_owned(),
+                        format!("it is not empty and has no {MARKER} file"),
+                    ));
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        let db = DB::open(&db_options(true), dir)
+            .map_err(|e| HistoryError::Db(format!("cannot create {}", dir.display()), e))?;
+        // The marker last, atomically: a directory without it is never taken for a history.
+        let tmp = dir.join(format!("{MARKER}.tmp"));
+        std::fs::write(&tmp, marker_text(options.resolution_ms))
+            .and_then(|()| std::fs::rename(&tmp, dir.join(MARKER)))
+            .map_err(|e| {
+                HistoryError::Io(format!("cannot write {}", dir.join(MARKER).display()), e)
+            })?;
+        Ok(History {
+            db,
+            dir: dir.to_owned(),
+            resolution_ms: options.resolution_ms,
+            sync: options.sync,
+            write: Mutex::new(()),
+        })
+    }
+
+    /// Opens an existing history for reading and writing. A missing directory, one that is
+    /// not a history, or a corrupted one is an error, and nothing is written.
+    pub fn open(dir: impl AsRef<Path>) -> Result<History> {
+        let dir = dir.as_ref();
+        let resolution = read_marker(dir)?;
+        Self::open_with(dir, resolution, false, false)
+    }
+
+    /// Opens an existing history for reading only (the export): works on a read-only
+    /// directory too.
+    pub fn open_read_only(dir: impl AsRef<Path>) -> Result<History> {
+        let dir = dir.as_ref();
+        let resolution = read_marker(dir)?;
+        Self::open_with(dir, resolution, false, true)
+    }
+
+    fn open_with(dir: &Path, resolution_ms: u64, sync: bool, read_only: bool) -> Result<History> {
+        // Read-only first, without RocksDB's info log (its directory cannot be made under
+        // /dev/null, and RocksDB then logs nowhere): a damaged store is found before anything
+        // is written into it.
+        let mut quiet = db_options(false);
+        quiet.set_db_log_dir("/dev/null");
+        let checked = DB::open_for_read_only(&quiet, dir, false);
+        let db = if read_only || checked.is_err() {
+            checked
+        } else {
+            drop(checked);
+            DB::open(&db_options(false), dir)
+        }
+        .map_err(|e| {
+            let text = e.to_string();
+            if text.contains("Corruption") {
+                HistoryError::Corrupted(dir.to_owned(), text)
+            } else {
+                HistoryError::Db(format!("cannot open {}", dir.display()), e)
+            }
+        })?;
+        Ok(History {
+            db,
+            dir: dir.to_owned(),
+            resolution_ms,
+            sync,
+            write: Mutex::new(()),
+        })
+    }
+
+    /// The time step, ms.
+    pub fn resolution_ms(&self) -> u64 {
+        self.resolution_ms
+    }
+
+    /// Where the store is.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn step_of(&self, time_ms: u64) -> u64 {
+        time_ms - time_ms % self.resolution_ms
+    }
+
+    fn db_err(&self, what: &str) -> impl FnOnce(rocksdb::Error) -> HistoryError + '_ {
+        let what = format!("{}: {what}", self.dir.display());
+        move |e| HistoryError::Db(what, e)
+    }
+
+    /// Records a committed sample. Idempotent: the same (vm, epoch) again changes nothing.
+    /// Within one step the latest commit is kept; a lower epoch that replaces a higher one
+    /// (work rolled back by a failover) keeps the higher one as a rolled-back peak.
+    pub fn record(&self, sample: &Sample) -> Result<Recorded> {
+        check_vm_id(&sample.vm)?;
+        if sample.counters.len() > MAX_COUNTERS {
+            return Err(HistoryError::Invalid(format!(
+                "a sample carries at most {MAX_COUNTERS} counters (got {})",
+                sample.counters.len()
+            )));
+        }
+        for name in sample.counters.keys() {
+            check_counter_name(name)?;
+        }
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(cut) = self.pruned_before(&sample.vm)?
+            && sample.time_ms < cut
+        {
+            return Ok(Recorded::Expired);
+        }
+        let step = self.step_of(sample.time_ms);
+        let key = sample_key(&sample.vm, step);
+        let point = Point {
+            time_ms: sample.time_ms,
+            epoch: sample.epoch,
+            counters: sample.counters.clone(),
+        };
+        let new = match self.db.get(&key).map_err(self.db_err("cannot read"))? {
+            None => Stored {
+                step_ms: step,
+                peaks: Vec::new(),
+                last: point,
+            },
+            Some(bytes) => {
+                let mut old = decode(&bytes, step)
+                    .map_err(|why| HistoryError::Corrupted(self.dir.clone(), why))?;
+                if let Some(same) = std::iter::once(&old.last)
+                    .chain(old.peaks.iter())
+                    .find(|p| p.epoch == sample.epoch)
+                {
+                    if *same == point {
+                        return Ok(Recorded::Unchanged);
+                    }
+                    return Err(HistoryError::Conflict {
+                        vm: sample.vm.clone(),
+                        epoch: sample.epoch,
+                    });
+                }
+                let later = (point.time_ms, point.epoch) > (old.last.time_ms, old.last.epoch);
+                if !later {
+                    // An older commit of this step arriving late: the step keeps its last one.
+                    return Ok(Recorded::Unchanged);
+                }
+                if point.epoch < old.last.epoch {
+                    if old.peaks.len() >= MAX_PEAKS {
+                        return Err(HistoryError::Invalid(format!(
+                            "vm {}: more than {MAX_PEAKS} rollbacks within one {} ms step",
+                            sample.vm, self.resolution_ms
+                        )));
+                    }
+                    old.peaks.push(old.last);
+                }
+                old.last = point;
+                old
+            }
+        };
+        let mut wo = WriteOptions::default();
+        wo.set_sync(self.sync);
+        self.db
+            .put_opt(&key, encode(&new), &wo)
+            .map_err(self.db_err("cannot write"))?;
+        Ok(Recorded::Written)
+    }
+
+    /// Deletes, for every VM, the steps that start before `before_ms`, and remembers the cut so
+    /// that late samples before it are not recorded again. Returns how many steps went.
+    pub fn prune(&self, before_ms: u64) -> Result<u64> {
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let mut deleted = 0;
+        for vm in self.vm_ids()? {
+            let mut batch = WriteBatch::default();
+            let from = sample_key(&vm, 0);
+            let to = sample_key(&vm, before_ms);
+            let mut n = 0;
+            for item in self
+                .db
+                .iterator(IteratorMode::From(&from, Direction::Forward))
+            {
+                let (k, _) = item.map_err(self.db_err("cannot read"))?;
+                if *k >= *to || !k.starts_with(&from[..from.len() - 8]) {
+                    break;
+                }
+                n += 1;
+            }
+            if n == 0 {
+                continue;
+            }
+            batch.delete_range(&from, &to);
+            let cut = self.pruned_before(&vm)?.unwrap_or(0).max(before_ms);
+            batch.put(pruned_key(&vm), cut.to_be_bytes());
+            let mut wo = WriteOptions::default();
+            wo.set_sync(self.sync);
+            self.db
+                .write_opt(batch, &wo)
+                .map_err(self.db_err("cannot write"))?;
+            deleted += n;
+        }
+        Ok(deleted)
+    }
+
+    /// The retention cut of `vm`: samples before it were deleted.
+    pub fn pruned_before(&self, vm: &str) -> Result<Option<u64>> {
+        match self
+            .db
+            .get(pruned_key(vm))
+            .map_err(self.db_err("cannot read"))?
+        {
+            None => Ok(None),
+            Some(v) => Ok(Some(u64::from_be_bytes(v.as_slice().try_into().map_err(
+                |_| {
+                    HistoryError::Corrupted(
+                        self.dir.clone(),
+                        format!("bad retention cut of vm {vm}"),
+                    )
+                },
+            )?))),
+        }
+    }
+
+    fn vm_ids(&self) -> Result<Vec<String>> {
+        let mut vms = Vec::new();
+        let mut seek = vec![SAMPLE_TAG];
+        loop {
+            let mut it = self
+                .db
+                .iterator(IteratorMode::From(&seek, Direction::Forward));
+            let Some(item) = it.next() else { break };
+            let (k, _) = item.map_err(self.db_err("cannot read"))?;
+            if k.first() != Some(&SAMPLE_TAG) {
+                break;
+            }
+            let (vm, _) = split_sample_key(&k)
+                .ok_or_else(|| HistoryError::Corrupted(self.dir.clone(), "a bad key".into()))?;
+            seek = [&[SAMPLE_TAG], vm.as_bytes(), &[1u8]].concat();
+            vms.push(vm.to_owned());
+        }
+        Ok(vms)
+    }
+
+    /// The VMs in the store with the range of their samples, by id.
+    pub fn vms(&self) -> Result<Vec<VmRange>> {
+        let mut out = Vec::new();
+        for vm in self.vm_ids()? {
+            let mut first: Option<Stored> = None;
+            let mut last: Option<Stored> = None;
+            let mut samples = 0;
+            self.scan(&vm, 0, None, |s| {
+                samples += 1;
+                if first.is_none() {
+                    first = Some(s.clone());
+                }
+                last = Some(s.clone());
+                Ok(())
+            })?;
+            if let (Some(first), Some(last)) = (first, last) {
+                let first_point = first.peaks.first().unwrap_or(&first.last);
+                out.push(VmRange {
+                    samples,
+                    first_ms: first_point.time_ms,
+                    last_ms: last.last.time_ms,
+                    first_epoch: first_point.epoch,
+                    last_epoch: last.last.epoch,
+                    pruned_before_ms: self.pruned_before(&vm)?,
+                    vm,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The stored steps of `vm` whose last point's time is in `[from_ms, to_ms)`, in order.
+    pub fn range(&self, vm: &str, from_ms: u64, to_ms: u64) -> Result<Vec<Stored>> {
+        let mut out = Vec::new();
+        self.for_each(vm, from_ms, to_ms, |s| {
+            out.push(s.clone());
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `f` with each stored step of `vm` whose last point's time is in
+    /// `[from_ms, to_ms)`, in order, without collecting them.
+    pub fn for_each(
+        &self,
+        vm: &str,
+        from_ms: u64,
+        to_ms: u64,
+        f: impl FnMut(&Stored) -> Result<()>,
+    ) -> Result<()> {
+        self.scan(vm, from_ms, Some(to_ms), f)
+    }
+
+    /// [`History::for_each`] with no end when `to_ms` is none.
+    pub fn scan(
+        &self,
+        vm: &str,
+        from_ms: u64,
+        to_ms: Option<u64>,
+        mut f: impl FnMut(&Stored) -> Result<()>,
+    ) -> Result<()> {
+        check_vm_id(vm)?;
+        let to_ms = to_ms.map_or(u128::MAX, u128::from);
+        let start = sample_key(vm, self.step_of(from_ms));
+        let prefix = &start[..start.len() - 8];
+        for item in self
+            .db
+            .iterator(IteratorMode::From(&start, Direction::Forward))
+        {
+            let (k, v) = item.map_err(self.db_err("cannot read"))?;
+            if !k.starts_with(prefix) || k.len() != start.len() {
+                break;
+            }
+            let step = u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8 bytes"));
+            if u128::from(step) >= to_ms {
+                break;
+            }
+            let s =
+                decode(&v, step).map_err(|why| HistoryError::Corrupted(self.dir.clone(), why))?;
+            if s.last.time_ms < from_ms {
+                continue;
+            }
+            if u128::from(s.last.time_ms) >= to_ms {
+                break;
+            }
+            f(&s)?;
+        }
+        Ok(())
+    }
+
+    /// The last stored step of `vm` whose last point is before `before_ms`.
+    pub fn before(&self, vm: &str, before_ms: u64) -> Result<Option<Stored>> {
+        check_vm_id(vm)?;
+        let start = sample_key(vm, self.step_of(before_ms));
+        let prefix = &start[..start.len() - 8];
+        for item in self
+            .db
+            .iterator(IteratorMode::From(&start, Direction::Reverse))
+        {
+            let (k, v) = item.map_err(self.db_err("cannot read"))?;
+            if !k.starts_with(prefix) || k.len() != start.len() {
+                break;
+            }
+            let step = u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8 bytes"));
+            let s =
+                decode(&v, step).map_err(|why| HistoryError::Corrupted(self.dir.clone(), why))?;
+            if s.last.time_ms < before_ms {
+                return Ok(Some(s));
+            }
+        }
+        Ok(None)
+    }
+}
+
+fn sample_key(vm: &str, step_ms: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(vm.len() + 10);
+    k.push(SAMPLE_TAG);
+    k.extend_from_slice(vm.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&step_ms.to_be_bytes());
+    k
+}
+
+fn split_sample_key(k: &[u8]) -> Option<(&str, u64)> {
+    let body = k.strip_prefix(&[SAMPLE_TAG])?;
+    if body.len() < 9 || body[body.len() - 9] != 0 {
+        return None;
+    }
+    let vm = std::str::from_utf8(&body[..body.len() - 9]).ok()?;
+    Some((
+        vm,
+        u64::from_be_bytes(body[body.len() - 8..].try_into().ok()?),
+    ))
+}
+
+fn pruned_key(vm: &str) -> Vec<u8> {
+    [&[PRUNED_TAG], vm.as_bytes()].concat()
+}
+
+fn encode_point(out: &mut Vec<u8>, p: &Point) {
+    out.extend_from_slice(&p.time_ms.to_le_bytes());
+    out.extend_from_slice(&p.epoch.to_le_bytes());
+    out.extend_from_slice(&(p.counters.len() as u32).to_le_bytes());
+    for (name, value) in &p.counters {
+        out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(&value.to_le_bytes());
+    }
+}
+
+fn encode(s: &Stored) -> Vec<u8> {
+    let mut out = vec![VALUE_VERSION, s.peaks.len() as u8];
+    for p in &s.peaks {
+        encode_point(&mut out, p);
+    }
+    encode_point(&mut out, &s.last);
+    out
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> std::result::Result<&'a [u8], String> {
+        if self.0.len() < n {
+            return Err("a truncated sample".into());
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn u64(&mut self) -> std::result::Result<u64, String> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8")))
+    }
+    fn u32(&mut self) -> std::result::Result<u32, String> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4")))
+    }
+    fn u16(&mut self) -> std::result::Result<u16, String> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2")))
+    }
+    fn point(&mut self) -> std::result::Result<Point, String> {
+        let time_ms = self.u64()?;
+        let epoch = self.u64()?;
+        let n = self.u32()? as usize;
+        if n > MAX_COUNTERS {
+            return Err(format!("a sample with {n} counters"));
+        }
+        let mut counters = BTreeMap::new();
+        for _ in 0..n {
+            let len = self.u16()? as usize;
+            let name = std::str::from_utf8(self.take(len)?)
+                .map_err(|_| "a counter name that is not UTF-8".to_string())?;
+            counters.insert(name.to_owned(), self.u64()?);
+        }
+        Ok(Point {
+            time_ms,
+            epoch,
+            counters,
+        })
+    }
+}
+
+fn decode(bytes: &[u8], step_ms: u64) -> std::result::Result<Stored, String> {
+    let mut r = Reader(bytes);
+    let head = r.take(2)?;
+    if head[0] != VALUE_VERSION {
+        return Err(format!("a sample of format {}", head[0]));
+    }
+    let peaks = (0..head[1])
+        .map(|_| r.point())
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let last = r.point()?;
+    if !r.0.is_empty() {
+        return Err("trailing bytes after a sample".into());
+    }
+    Ok(Stored {
+        step_ms,
+        peaks,
+        last,
+    })
+}
+
+#[cfg(test)]
+mod tests;
