@@ -449,3 +449,77 @@ pub fn render_ls(ranges: &[crate::VmRange]) -> String {
     }
     out
 }
+
+/// Parses a time for `--from`/`--to`: milliseconds since the Unix epoch (`1764234000000`) or
+/// UTC as `YYYY-MM-DDTHH:MM:SS[.mmm]Z`.
+pub fn parse_time(s: &str) -> Result<u64> {
+    let bad = || {
+        HistoryError::Invalid(format!(
+            "bad time {s:?}: give milliseconds since 1970-01-01 UTC or YYYY-MM-DDTHH:MM:SS[.mmm]Z"
+        ))
+    };
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s.parse().map_err(|_| bad());
+    }
+    let b = s.as_bytes();
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+        || b[b.len() - 1] != b'Z'
+    {
+        return Err(bad());
+    }
+    let num = |r: std::ops::Range<usize>| -> Result<u64> {
+        let t = s.get(r).ok_or_else(bad)?;
+        if t.is_empty() || !t.bytes().all(|c| c.is_ascii_digit()) {
+            return Err(bad());
+        }
+        t.parse().map_err(|_| bad())
+    };
+    let (y, mo, d, h, mi, sec) = (
+        num(0..4)?,
+        num(5..7)?,
+        num(8..10)?,
+        num(11..13)?,
+        num(14..16)?,
+        num(17..19)?,
+    );
+    let ms = match &s[19..s.len() - 1] {
+        "" => 0,
+        f if f.len() == 4 && f.starts_with('.') => num(20..23)?,
+        _ => return Err(bad()),
+    };
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let month_days = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    if y < 1970
+        || !(1..=12).contains(&mo)
+        || d == 0
+        || d > month_days[(mo - 1) as usize]
+        || h > 23
+        || mi > 59
+        || sec > 59
+    {
+        return Err(bad());
+    }
+    let leap_years = |y: u64| y / 4 - y / 100 + y / 400;
+    let days = (y - 1970) * 365 + leap_years(y - 1) - leap_years(1969)
+        + month_days[..(mo - 1) as usize].iter().sum::<u64>()
+        + (d - 1);
+    Ok(((days * 24 + h) * 60 + mi) * 60_000 + sec * 1000 + ms)
+}

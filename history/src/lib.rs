@@ -118,6 +118,10 @@ pub struct Options {
     pub resolution_ms: u64,
     /// fsync each write (default false: RocksDB's write-ahead log, synced by the OS).
     pub sync: bool,
+    /// Refuse to write when the file system has less free space than this (default 64 MiB):
+    /// Debian's librocksdb 7.8.3 is built with assertions on, and a write that fails for want
+    /// of space aborts the whole process inside RocksDB, so the store must not get that far.
+    pub min_free_bytes: u64,
 }
 
 impl Default for Options {
@@ -125,6 +129,7 @@ impl Default for Options {
         Options {
             resolution_ms: 1000,
             sync: false,
+            min_free_bytes: 64 << 20,
         }
     }
 }
@@ -150,6 +155,18 @@ pub enum HistoryError {
     /// A sample or query was refused.
     #[error("{0}")]
     Invalid(String),
+    /// Too little free space to write safely; nothing was written.
+    #[error(
+        "history {dir}: only {free} bytes free on its file system, it keeps {min} free: not written"
+    )]
+    Full {
+        /// The store.
+        dir: String,
+        /// Free bytes.
+        free: u64,
+        /// The reserve.
+        min: u64,
+    },
     /// The same epoch was recorded with other values.
     #[error(
         "vm {vm}: epoch {epoch} is already recorded with other counters or time; a committed epoch cannot change"
@@ -171,6 +188,7 @@ pub struct History {
     dir: PathBuf,
     resolution_ms: u64,
     sync: bool,
+    min_free_bytes: u64,
     /// Serialises read-modify-write of a step.
     write: Mutex<()>,
 }
@@ -281,6 +299,8 @@ fn db_options(create: bool) -> rocksdb::Options {
     o.create_if_missing(create);
     o.set_compression_type(rocksdb::DBCompressionType::Lz4);
     o.set_keep_log_file_num(2);
+    // Small memtables: a flush needs little room, well within `Options::min_free_bytes`.
+    o.set_write_buffer_size(8 << 20);
     o
 }
 
@@ -305,7 +325,7 @@ impl History {
                         options.resolution_ms
                     )));
                 }
-                return Self::open_with(dir, resolution, options.sync, false);
+                return Self::open_with(dir, resolution, options, false);
             }
             Err(HistoryError::Missing(_)) => {
                 std::fs::create_dir_all(dir)
@@ -337,6 +357,7 @@ impl History {
             dir: dir.to_owned(),
             resolution_ms: options.resolution_ms,
             sync: options.sync,
+            min_free_bytes: options.min_free_bytes,
             write: Mutex::new(()),
         })
     }
@@ -346,7 +367,7 @@ impl History {
     pub fn open(dir: impl AsRef<Path>) -> Result<History> {
         let dir = dir.as_ref();
         let resolution = read_marker(dir)?;
-        Self::open_with(dir, resolution, false, false)
+        Self::open_with(dir, resolution, Options::default(), false)
     }
 
     /// Opens an existing history for reading only (the export): works on a read-only
@@ -354,10 +375,15 @@ impl History {
     pub fn open_read_only(dir: impl AsRef<Path>) -> Result<History> {
         let dir = dir.as_ref();
         let resolution = read_marker(dir)?;
-        Self::open_with(dir, resolution, false, true)
+        Self::open_with(dir, resolution, Options::default(), true)
     }
 
-    fn open_with(dir: &Path, resolution_ms: u64, sync: bool, read_only: bool) -> Result<History> {
+    fn open_with(
+        dir: &Path,
+        resolution_ms: u64,
+        options: Options,
+        read_only: bool,
+    ) -> Result<History> {
         // Read-only first, without RocksDB's info log (its directory cannot be made under
         // /dev/null, and RocksDB then logs nowhere): a damaged store is found before anything
         // is written into it.
@@ -372,7 +398,8 @@ impl History {
         }
         .map_err(|e| {
             let text = e.to_string();
-            if text.contains("Corruption") {
+            // A damaged file, or one the store names but that is gone.
+            if text.contains("Corruption") || text.contains("No such file") {
                 HistoryError::Corrupted(dir.to_owned(), text)
             } else {
                 HistoryError::Db(format!("cannot open {}", dir.display()), e)
@@ -382,9 +409,49 @@ impl History {
             db,
             dir: dir.to_owned(),
             resolution_ms,
-            sync,
+            sync: options.sync,
+            min_free_bytes: options.min_free_bytes,
             write: Mutex::new(()),
         })
+    }
+
+    /// Sets the free-space reserve (see [`Options::min_free_bytes`]).
+    pub fn set_min_free_bytes(&mut self, bytes: u64) {
+        self.min_free_bytes = bytes;
+    }
+
+    /// Fails with [`HistoryError::Full`] when the store's file system has less free space
+    /// than the reserve.
+    pub fn check_space(&self) -> Result<()> {
+        let path = std::ffi::CString::new(self.dir.as_os_str().as_encoded_bytes())
+            .map_err(|_| HistoryError::Invalid("the history path has a NUL byte".into()))?;
+        let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+        // SAFETY: `path` is a NUL-terminated string and `st` a buffer of the right type that
+        // statvfs fills; it is read only when statvfs succeeded.
+        let rc = unsafe { libc::statvfs(path.as_ptr(), st.as_mut_ptr()) };
+        if rc != 0 {
+            return Err(HistoryError::Io(
+                format!("cannot check the free space of {}", self.dir.display()),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: statvfs succeeded and filled `st`.
+        let st = unsafe { st.assume_init() };
+        if st.f_flag & libc::ST_RDONLY != 0 {
+            return Err(HistoryError::Io(
+                format!("cannot write {}", self.dir.display()),
+                std::io::Error::from_raw_os_error(libc::EROFS),
+            ));
+        }
+        let free = st.f_bavail.saturating_mul(st.f_frsize);
+        if free < self.min_free_bytes {
+            return Err(HistoryError::Full {
+                dir: self.dir.display().to_string(),
+                free,
+                min: self.min_free_bytes,
+            });
+        }
+        Ok(())
     }
 
     /// The time step, ms.
@@ -472,6 +539,7 @@ impl History {
                 old
             }
         };
+        self.check_space()?;
         let mut wo = WriteOptions::default();
         wo.set_sync(self.sync);
         self.db
@@ -506,6 +574,7 @@ impl History {
             batch.delete_range(&from, &to);
             let cut = self.pruned_before(&vm)?.unwrap_or(0).max(before_ms);
             batch.put(pruned_key(&vm), cut.to_be_bytes());
+            self.check_space()?;
             let mut wo = WriteOptions::default();
             wo.set_sync(self.sync);
             self.db

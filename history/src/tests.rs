@@ -43,6 +43,7 @@ fn samples_round_trip_and_persist_with_the_resolution() {
             Options {
                 resolution_ms: 500,
                 sync: true,
+                ..Options::default()
             },
         )
         .unwrap();
@@ -74,6 +75,7 @@ fn samples_round_trip_and_persist_with_the_resolution() {
         Options {
             resolution_ms: 500,
             sync: false,
+            ..Options::default()
         },
     )
     .unwrap();
@@ -510,4 +512,34 @@ fn a_damaged_value_is_reported_not_panicked_on() {
     long.push(0);
     h.db.put(sample_key("vm1", 1_000), &long).unwrap();
     assert!(h.range("vm1", 0, u64::MAX).is_err());
+}
+
+#[test]
+fn times_parse_as_milliseconds_or_utc() {
+    use crate::export::parse_time;
+    assert_eq!(parse_time("0").unwrap(), 0);
+    assert_eq!(parse_time("1764234000123").unwrap(), 1_764_234_000_123);
+    assert_eq!(parse_time("1970-01-01T00:00:00Z").unwrap(), 0);
+    assert_eq!(parse_time("2000-03-01T00:00:00Z").unwrap(), 951_868_800_000);
+    assert_eq!(
+        parse_time("2026-11-27T09:00:00.123Z").unwrap(),
+        1_795_770_000_123
+    );
+    assert_eq!(
+        parse_time("2024-02-29T23:59:59Z").unwrap(),
+        1_709_251_199_000
+    );
+    for bad in [
+        "",
+        "-1",
+        "1.5",
+        "2023-02-29T00:00:00Z",
+        "2026-13-01T00:00:00Z",
+        "2026-11-27 09:00:00Z",
+        "2026-11-27T09:00:00",
+        "2026-11-27T09:00:00.1Z",
+        "99999999999999999999999",
+    ] {
+        assert!(parse_time(bad).is_err(), "{bad:?}");
+    }
 }
