@@ -101,19 +101,25 @@ enum AccountingCommand {
     /// minus those at its start; work a failover rolled back is listed apart, not billed.
     /// Times (T) are ms since 1970-01-01 UTC or YYYY-MM-DDTHH:MM:SS[.mmm]Z; `--to` is exclusive.
     Export {
+        /// The history store (opened read-only).
         #[arg(long, value_name = "DIR")]
         history: PathBuf,
+        /// Only this VM (default: every VM with samples in the range).
         #[arg(long, value_name = "ID")]
         vm: Option<String>,
+        /// Start of the interval (inclusive).
         #[arg(long, value_name = "T")]
         from: Option<String>,
+        /// End of the interval (exclusive).
         #[arg(long, value_name = "T")]
         to: Option<String>,
+        /// csv: a `billed` line per VM, a `rolled_back` line per rollback; json: every counter.
         #[arg(long, value_name = "csv|json", default_value = "csv")]
         format: String,
     },
     /// The VMs in a history store and the range of their samples (CSV).
     Ls {
+        /// The history store (opened read-only).
         #[arg(long, value_name = "DIR")]
         history: PathBuf,
     },

@@ -200,10 +200,12 @@ pub fn usage(history: &History, vm: &str, from: u64, to: Option<u64>) -> Result<
         repeats: 0,
         rollbacks: Vec::new(),
     };
-    history.scan(vm, from, to, |s| {
+    history.scan_views(vm, from, to, |points| {
         walk.samples += 1;
-        for p in s.peaks.iter().chain(std::iter::once(&s.last)) {
-            walk.step(p)?;
+        for p in points {
+            if !walk.step_fast(p)? {
+                walk.step(&p.to_point())?;
+            }
         }
         Ok(())
     })?;
@@ -257,6 +259,38 @@ struct Walk<'a> {
 }
 
 impl Walk<'_> {
+    /// The usual step: a later epoch with the same counters as the point before, checked and
+    /// taken without allocating. False when the general [`Walk::step`] must do it.
+    fn step_fast(&mut self, p: &crate::PointView<'_>) -> Result<bool> {
+        let Some(prev) = &mut self.prev else {
+            return Ok(false);
+        };
+        if p.epoch <= prev.epoch
+            || prev.counters.len() != p.counters.len()
+            || !prev
+                .counters
+                .keys()
+                .zip(&p.counters)
+                .all(|(a, (b, _))| a == b)
+        {
+            return Ok(false);
+        }
+        if prev
+            .counters
+            .values()
+            .zip(&p.counters)
+            .any(|(was, (_, now))| now < was)
+        {
+            return Ok(false); // the general step names the counter in its error
+        }
+        for (was, (_, now)) in prev.counters.values_mut().zip(&p.counters) {
+            *was = *now;
+        }
+        prev.epoch = p.epoch;
+        prev.time_ms = p.time_ms;
+        Ok(true)
+    }
+
     fn step(&mut self, p: &Point) -> Result<()> {
         let prev = match (&self.prev, &self.base) {
             (Some(prev), _) | (None, Some(prev)) => prev,

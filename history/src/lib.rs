@@ -297,7 +297,13 @@ fn read_marker(dir: &Path) -> Result<u64> {
 fn db_options(create: bool) -> rocksdb::Options {
     let mut o = rocksdb::Options::default();
     o.create_if_missing(create);
-    o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    // zstd on 64 KiB blocks: samples of one VM repeat their counter names, so a VM-day
+    // (86,400 samples) measured 3.7 MiB against 9.1 MiB with LZ4 and 40 MiB uncompressed
+    // (`cargo bench -p history --bench store`), and the export was no slower.
+    o.set_compression_type(rocksdb::DBCompressionType::Zstd);
+    let mut table = rocksdb::BlockBasedOptions::default();
+    table.set_block_size(64 << 10);
+    o.set_block_based_table_factory(&table);
     o.set_keep_log_file_num(2);
     // Small memtables: a flush needs little room, well within `Options::min_free_bytes`.
     o.set_write_buffer_size(8 << 20);
@@ -452,6 +458,34 @@ impl History {
             });
         }
         Ok(())
+    }
+
+    /// Writes the memtable out and compacts the whole store (for measuring its size, or
+    /// after a large prune).
+    pub fn compact(&self) -> Result<()> {
+        self.db.flush().map_err(self.db_err("cannot flush"))?;
+        self.db.compact_range::<&[u8], &[u8]>(None, None);
+        Ok(())
+    }
+
+    /// Iterates over every stored key and value of `vm` without decoding; returns the bytes
+    /// seen (the benchmark's baseline for the export).
+    pub fn raw_scan(&self, vm: &str) -> Result<u64> {
+        check_vm_id(vm)?;
+        let start = sample_key(vm, 0);
+        let prefix = &start[..start.len() - 8];
+        let mut bytes = 0u64;
+        for item in self
+            .db
+            .iterator(IteratorMode::From(&start, Direction::Forward))
+        {
+            let (k, v) = item.map_err(self.db_err("cannot read"))?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            bytes += (k.len() + v.len()) as u64;
+        }
+        Ok(bytes)
     }
 
     /// The time step, ms.
@@ -714,6 +748,50 @@ impl History {
         Ok(())
     }
 
+    /// Like [`History::scan`], but hands `f` each step's points as borrowed views of the
+    /// stored bytes (no allocation per counter): the export's path through a VM-month.
+    pub fn scan_views(
+        &self,
+        vm: &str,
+        from_ms: u64,
+        to_ms: Option<u64>,
+        mut f: impl FnMut(&[PointView<'_>]) -> Result<()>,
+    ) -> Result<()> {
+        check_vm_id(vm)?;
+        let to_ms = to_ms.map_or(u128::MAX, u128::from);
+        let start = sample_key(vm, self.step_of(from_ms));
+        let prefix = &start[..start.len() - 8];
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.fill_cache(false);
+        ro.set_readahead_size(2 << 20);
+        let mut it = self.db.raw_iterator_opt(ro);
+        it.seek(&start);
+        while it.valid() {
+            let (Some(k), Some(v)) = (it.key(), it.value()) else {
+                break;
+            };
+            if !k.starts_with(prefix) || k.len() != start.len() {
+                break;
+            }
+            let step = u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8 bytes"));
+            if u128::from(step) >= to_ms {
+                break;
+            }
+            let mut points = Vec::with_capacity(1);
+            decode_views(v, &mut points)
+                .map_err(|why| HistoryError::Corrupted(self.dir.clone(), why))?;
+            let last = points.last().expect("a step has a last point");
+            if last.time_ms >= from_ms {
+                if u128::from(last.time_ms) >= to_ms {
+                    break;
+                }
+                f(&points)?;
+            }
+            it.next();
+        }
+        it.status().map_err(self.db_err("cannot read"))
+    }
+
     /// The last stored step of `vm` whose last point is before `before_ms`.
     pub fn before(&self, vm: &str, before_ms: u64) -> Result<Option<Stored>> {
         check_vm_id(vm)?;
@@ -823,6 +901,67 @@ impl<'a> Reader<'a> {
             counters,
         })
     }
+}
+
+/// A stored point, borrowing its counter names from the stored bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PointView<'a> {
+    /// Commit time, ms.
+    pub time_ms: u64,
+    /// The committed epoch.
+    pub epoch: u64,
+    /// Counters in name order.
+    pub counters: Vec<(&'a str, u64)>,
+}
+
+impl PointView<'_> {
+    /// An owned copy.
+    pub fn to_point(&self) -> Point {
+        Point {
+            time_ms: self.time_ms,
+            epoch: self.epoch,
+            counters: self
+                .counters
+                .iter()
+                .map(|(n, v)| ((*n).to_owned(), *v))
+                .collect(),
+        }
+    }
+}
+
+fn decode_views<'a>(
+    bytes: &'a [u8],
+    out: &mut Vec<PointView<'a>>,
+) -> std::result::Result<(), String> {
+    let mut r = Reader(bytes);
+    let head = r.take(2)?;
+    if head[0] != VALUE_VERSION {
+        return Err(format!("a sample of format {}", head[0]));
+    }
+    for _ in 0..=head[1] {
+        let time_ms = r.u64()?;
+        let epoch = r.u64()?;
+        let n = r.u32()? as usize;
+        if n > MAX_COUNTERS {
+            return Err(format!("a sample with {n} counters"));
+        }
+        let mut counters = Vec::with_capacity(n);
+        for _ in 0..n {
+            let len = r.u16()? as usize;
+            let name = std::str::from_utf8(r.take(len)?)
+                .map_err(|_| "a counter name that is not UTF-8".to_string())?;
+            counters.push((name, r.u64()?));
+        }
+        out.push(PointView {
+            time_ms,
+            epoch,
+            counters,
+        });
+    }
+    if !r.0.is_empty() {
+        return Err("trailing bytes after a sample".into());
+    }
+    Ok(())
 }
 
 fn decode(bytes: &[u8], step_ms: u64) -> std::result::Result<Stored, String> {
