@@ -24,8 +24,9 @@ pub mod export;
 pub mod names;
 
 use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 
 use rocksdb::{DB, Direction, IteratorMode, WriteBatch, WriteOptions};
 
@@ -43,7 +44,10 @@ pub const MAX_PEAKS: usize = 64;
 
 const SAMPLE_TAG: u8 = b'S';
 const PRUNED_TAG: u8 = b'P';
-const VALUE_VERSION: u8 = 1;
+const NAME_TAG: u8 = b'N';
+const VALUE_VERSION: u8 = 2;
+/// The most distinct counter names one store holds.
+pub const MAX_NAMES: usize = 1 << 20;
 
 /// The committed counters of one VM at one moment.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -189,8 +193,47 @@ pub struct History {
     resolution_ms: u64,
     sync: bool,
     min_free_bytes: u64,
+    /// Counter names by id: values hold ids, so that a sample is small and fast to scan.
+    names: RwLock<Names>,
     /// Serialises read-modify-write of a step.
     write: Mutex<()>,
+}
+
+/// The store's counter names; ids are dense from 0, each kept under `N` + id.
+#[derive(Default)]
+struct Names {
+    by_name: HashMap<String, u32>,
+    by_id: Vec<String>,
+}
+
+fn name_key(id: u32) -> [u8; 5] {
+    let b = id.to_be_bytes();
+    [NAME_TAG, b[0], b[1], b[2], b[3]]
+}
+
+fn load_names(db: &DB, dir: &Path) -> Result<Names> {
+    let bad = |why: String| HistoryError::Corrupted(dir.to_owned(), why);
+    let mut names = Names::default();
+    for item in db.iterator(IteratorMode::From(&[NAME_TAG], Direction::Forward)) {
+        let (k, v) =
+            item.map_err(|e| HistoryError::Db(format!("cannot read {}", dir.display()), e))?;
+        if k.first() != Some(&NAME_TAG) {
+            break;
+        }
+        let id = <[u8; 4]>::try_from(&k[1..])
+            .map(u32::from_be_bytes)
+            .map_err(|_| bad("a bad counter-name key".into()))?;
+        if id as usize != names.by_id.len() || names.by_id.len() >= MAX_NAMES {
+            return Err(bad(format!("counter name {id} out of sequence")));
+        }
+        let name = std::str::from_utf8(&v)
+            .ok()
+            .filter(|n| check_counter_name(n).is_ok() && !names.by_name.contains_key(*n))
+            .ok_or_else(|| bad(format!("counter name {id} is invalid")))?;
+        names.by_name.insert(name.to_owned(), id);
+        names.by_id.push(name.to_owned());
+    }
+    Ok(names)
 }
 
 impl std::fmt::Debug for History {
@@ -297,9 +340,9 @@ fn read_marker(dir: &Path) -> Result<u64> {
 fn db_options(create: bool) -> rocksdb::Options {
     let mut o = rocksdb::Options::default();
     o.create_if_missing(create);
-    // zstd on 64 KiB blocks: samples of one VM repeat their counter names, so a VM-day
-    // (86,400 samples) measured 3.7 MiB against 9.1 MiB with LZ4 and 40 MiB uncompressed
-    // (`cargo bench -p history --bench store`), and the export was no slower.
+    // zstd on 64 KiB blocks: with counter names still written out in every sample, a VM-day
+    // (86,400 samples) measured 3.7 MiB against 9.1 MiB with LZ4 on 64 KiB blocks and 40 MiB
+    // uncompressed (`cargo bench -p history --bench store`), with no slower export.
     o.set_compression_type(rocksdb::DBCompressionType::Zstd);
     let mut table = rocksdb::BlockBasedOptions::default();
     table.set_block_size(64 << 10);
@@ -364,6 +407,7 @@ impl History {
             resolution_ms: options.resolution_ms,
             sync: options.sync,
             min_free_bytes: options.min_free_bytes,
+            names: RwLock::new(Names::default()),
             write: Mutex::new(()),
         })
     }
@@ -411,12 +455,14 @@ impl History {
                 HistoryError::Db(format!("cannot open {}", dir.display()), e)
             }
         })?;
+        let names = load_names(&db, dir)?;
         Ok(History {
             db,
             dir: dir.to_owned(),
             resolution_ms,
             sync: options.sync,
             min_free_bytes: options.min_free_bytes,
+            names: RwLock::new(names),
             write: Mutex::new(()),
         })
     }
@@ -541,8 +587,7 @@ impl History {
                 last: point,
             },
             Some(bytes) => {
-                let mut old = decode(&bytes, step)
-                    .map_err(|why| HistoryError::Corrupted(self.dir.clone(), why))?;
+                let mut old = self.decode(&bytes, step)?;
                 if let Some(same) = std::iter::once(&old.last)
                     .chain(old.peaks.iter())
                     .find(|p| p.epoch == sample.epoch)
@@ -574,11 +619,44 @@ impl History {
             }
         };
         self.check_space()?;
+        // New counter names go into the same batch, and into the table only once written.
+        let mut batch = WriteBatch::default();
+        let mut added: Vec<String> = Vec::new();
+        let value = {
+            let names = self.names.read().unwrap_or_else(|p| p.into_inner());
+            let mut id_of = |name: &str| -> Result<u32> {
+                if let Some(&id) = names.by_name.get(name) {
+                    return Ok(id);
+                }
+                let pos = added.iter().position(|a| a == name).unwrap_or_else(|| {
+                    added.push(name.to_owned());
+                    added.len() - 1
+                });
+                let id = names.by_id.len() + pos;
+                if id >= MAX_NAMES {
+                    return Err(HistoryError::Invalid(format!(
+                        "the history holds at most {MAX_NAMES} distinct counter names"
+                    )));
+                }
+                batch.put(name_key(id as u32), name.as_bytes());
+                Ok(id as u32)
+            };
+            encode(&new, &mut id_of)?
+        };
+        batch.put(&key, value);
         let mut wo = WriteOptions::default();
         wo.set_sync(self.sync);
         self.db
-            .put_opt(&key, encode(&new), &wo)
+            .write_opt(batch, &wo)
             .map_err(self.db_err("cannot write"))?;
+        if !added.is_empty() {
+            let mut names = self.names.write().unwrap_or_else(|p| p.into_inner());
+            for name in added {
+                let id = names.by_id.len() as u32;
+                names.by_name.insert(name.clone(), id);
+                names.by_id.push(name);
+            }
+        }
         Ok(Recorded::Written)
     }
 
@@ -735,8 +813,7 @@ impl History {
             if u128::from(step) >= to_ms {
                 break;
             }
-            let s =
-                decode(&v, step).map_err(|why| HistoryError::Corrupted(self.dir.clone(), why))?;
+            let s = self.decode(&v, step)?;
             if s.last.time_ms < from_ms {
                 continue;
             }
@@ -764,6 +841,7 @@ impl History {
         let mut ro = rocksdb::ReadOptions::default();
         ro.fill_cache(false);
         ro.set_readahead_size(2 << 20);
+        let names = self.names.read().unwrap_or_else(|p| p.into_inner());
         let mut it = self.db.raw_iterator_opt(ro);
         it.seek(&start);
         while it.valid() {
@@ -778,7 +856,7 @@ impl History {
                 break;
             }
             let mut points = Vec::with_capacity(1);
-            decode_views(v, &mut points)
+            decode_views(v, &names.by_id, &mut points)
                 .map_err(|why| HistoryError::Corrupted(self.dir.clone(), why))?;
             let last = points.last().expect("a step has a last point");
             if last.time_ms >= from_ms {
@@ -790,6 +868,20 @@ impl History {
             it.next();
         }
         it.status().map_err(self.db_err("cannot read"))
+    }
+
+    fn decode(&self, bytes: &[u8], step_ms: u64) -> Result<Stored> {
+        let names = self.names.read().unwrap_or_else(|p| p.into_inner());
+        let mut points = Vec::with_capacity(1);
+        decode_views(bytes, &names.by_id, &mut points)
+            .map_err(|why| HistoryError::Corrupted(self.dir.clone(), why))?;
+        let mut points: Vec<Point> = points.iter().map(PointView::to_point).collect();
+        let last = points.pop().expect("a step has a last point");
+        Ok(Stored {
+            step_ms,
+            peaks: points,
+            last,
+        })
     }
 
     /// The last stored step of `vm` whose last point is before `before_ms`.
@@ -806,8 +898,7 @@ impl History {
                 break;
             }
             let step = u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8 bytes"));
-            let s =
-                decode(&v, step).map_err(|why| HistoryError::Corrupted(self.dir.clone(), why))?;
+            let s = self.decode(&v, step)?;
             if s.last.time_ms < before_ms {
                 return Ok(Some(s));
             }
@@ -841,24 +932,28 @@ fn pruned_key(vm: &str) -> Vec<u8> {
     [&[PRUNED_TAG], vm.as_bytes()].concat()
 }
 
-fn encode_point(out: &mut Vec<u8>, p: &Point) {
-    out.extend_from_slice(&p.time_ms.to_le_bytes());
-    out.extend_from_slice(&p.epoch.to_le_bytes());
-    out.extend_from_slice(&(p.counters.len() as u32).to_le_bytes());
-    for (name, value) in &p.counters {
-        out.extend_from_slice(&(name.len() as u16).to_le_bytes());
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(&value.to_le_bytes());
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
     }
+    out.push(v as u8);
 }
 
-fn encode(s: &Stored) -> Vec<u8> {
+/// A stored step: version, number of peaks, then each point (peaks, then the last) as varints:
+/// time, epoch, number of counters, and (name id, value) for each counter in name order.
+fn encode(s: &Stored, id_of: &mut impl FnMut(&str) -> Result<u32>) -> Result<Vec<u8>> {
     let mut out = vec![VALUE_VERSION, s.peaks.len() as u8];
-    for p in &s.peaks {
-        encode_point(&mut out, p);
+    for p in s.peaks.iter().chain(std::iter::once(&s.last)) {
+        put_varint(&mut out, p.time_ms);
+        put_varint(&mut out, p.epoch);
+        put_varint(&mut out, p.counters.len() as u64);
+        for (name, value) in &p.counters {
+            put_varint(&mut out, u64::from(id_of(name)?));
+            put_varint(&mut out, *value);
+        }
     }
-    encode_point(&mut out, &s.last);
-    out
+    Ok(out)
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -872,38 +967,24 @@ impl<'a> Reader<'a> {
         self.0 = b;
         Ok(a)
     }
-    fn u64(&mut self) -> std::result::Result<u64, String> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8")))
-    }
-    fn u32(&mut self) -> std::result::Result<u32, String> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4")))
-    }
-    fn u16(&mut self) -> std::result::Result<u16, String> {
-        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2")))
-    }
-    fn point(&mut self) -> std::result::Result<Point, String> {
-        let time_ms = self.u64()?;
-        let epoch = self.u64()?;
-        let n = self.u32()? as usize;
-        if n > MAX_COUNTERS {
-            return Err(format!("a sample with {n} counters"));
+    fn varint(&mut self) -> std::result::Result<u64, String> {
+        let mut v = 0u64;
+        for shift in (0..70).step_by(7) {
+            let b = *self.0.first().ok_or("a truncated sample")?;
+            self.0 = &self.0[1..];
+            if shift == 63 && b > 1 {
+                return Err("a number too large".into());
+            }
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
         }
-        let mut counters = BTreeMap::new();
-        for _ in 0..n {
-            let len = self.u16()? as usize;
-            let name = std::str::from_utf8(self.take(len)?)
-                .map_err(|_| "a counter name that is not UTF-8".to_string())?;
-            counters.insert(name.to_owned(), self.u64()?);
-        }
-        Ok(Point {
-            time_ms,
-            epoch,
-            counters,
-        })
+        Err("a number too long".into())
     }
 }
 
-/// A stored point, borrowing its counter names from the stored bytes.
+/// A stored point, borrowing its counter names from the store's name table.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PointView<'a> {
     /// Commit time, ms.
@@ -930,7 +1011,8 @@ impl PointView<'_> {
 }
 
 fn decode_views<'a>(
-    bytes: &'a [u8],
+    bytes: &[u8],
+    names: &'a [String],
     out: &mut Vec<PointView<'a>>,
 ) -> std::result::Result<(), String> {
     let mut r = Reader(bytes);
@@ -939,18 +1021,20 @@ fn decode_views<'a>(
         return Err(format!("a sample of format {}", head[0]));
     }
     for _ in 0..=head[1] {
-        let time_ms = r.u64()?;
-        let epoch = r.u64()?;
-        let n = r.u32()? as usize;
-        if n > MAX_COUNTERS {
+        let time_ms = r.varint()?;
+        let epoch = r.varint()?;
+        let n = r.varint()?;
+        if n > MAX_COUNTERS as u64 {
             return Err(format!("a sample with {n} counters"));
         }
-        let mut counters = Vec::with_capacity(n);
+        let mut counters = Vec::with_capacity(n as usize);
         for _ in 0..n {
-            let len = r.u16()? as usize;
-            let name = std::str::from_utf8(r.take(len)?)
-                .map_err(|_| "a counter name that is not UTF-8".to_string())?;
-            counters.push((name, r.u64()?));
+            let id = r.varint()?;
+            let name = usize::try_from(id)
+                .ok()
+                .and_then(|i| names.get(i))
+                .ok_or_else(|| format!("an unknown counter name id {id}"))?;
+            counters.push((name.as_str(), r.varint()?));
         }
         out.push(PointView {
             time_ms,
@@ -962,26 +1046,6 @@ fn decode_views<'a>(
         return Err("trailing bytes after a sample".into());
     }
     Ok(())
-}
-
-fn decode(bytes: &[u8], step_ms: u64) -> std::result::Result<Stored, String> {
-    let mut r = Reader(bytes);
-    let head = r.take(2)?;
-    if head[0] != VALUE_VERSION {
-        return Err(format!("a sample of format {}", head[0]));
-    }
-    let peaks = (0..head[1])
-        .map(|_| r.point())
-        .collect::<std::result::Result<Vec<_>, _>>()?;
-    let last = r.point()?;
-    if !r.0.is_empty() {
-        return Err("trailing bytes after a sample".into());
-    }
-    Ok(Stored {
-        step_ms,
-        peaks,
-        last,
-    })
 }
 
 #[cfg(test)]

@@ -502,7 +502,7 @@ fn a_damaged_value_is_reported_not_panicked_on() {
     let h = History::create(dir.path(), Options::default()).unwrap();
     h.record(&sample("vm1", 1_000, 1, 1, 1)).unwrap();
     let good = h.db.get(sample_key("vm1", 1_000)).unwrap().unwrap();
-    for cut in [0, 1, 2, 10, good.len() - 1] {
+    for cut in [0, 1, 2, good.len() / 2, good.len() - 1] {
         h.db.put(sample_key("vm1", 1_000), &good[..cut]).unwrap();
         let e = h.range("vm1", 0, u64::MAX).unwrap_err();
         assert!(matches!(e, HistoryError::Corrupted(..)), "{e}");
@@ -512,6 +512,46 @@ fn a_damaged_value_is_reported_not_panicked_on() {
     long.push(0);
     h.db.put(sample_key("vm1", 1_000), &long).unwrap();
     assert!(h.range("vm1", 0, u64::MAX).is_err());
+    // A counter name id the store does not know; a number that does not end.
+    h.db.put(sample_key("vm1", 1_000), [2, 0, 1, 1, 1, 99, 1])
+        .unwrap();
+    let e = h.range("vm1", 0, u64::MAX).unwrap_err();
+    assert!(e.to_string().contains("unknown counter name id 99"), "{e}");
+    h.db.put(
+        sample_key("vm1", 1_000),
+        [
+            2, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
+        ],
+    )
+    .unwrap();
+    assert!(matches!(
+        h.range("vm1", 0, u64::MAX),
+        Err(HistoryError::Corrupted(..))
+    ));
+    // A damaged name table is found at open.
+    drop(h);
+    let h = History::open(dir.path()).unwrap();
+    h.db.put(name_key(5), b"orphan").unwrap();
+    drop(h);
+    let e = History::open(dir.path()).unwrap_err();
+    assert!(e.to_string().contains("out of sequence"), "{e}");
+}
+
+#[test]
+fn counter_names_are_kept_once_and_survive_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let h = History::create(dir.path(), Options::default()).unwrap();
+        h.record(&sample("vm1", 1_000, 1, 1, 1)).unwrap();
+        let mut s = sample("vm2", 2_000, 1, 1, 1);
+        s.counters.insert(names::net_bytes("eth0", "rx"), 7);
+        h.record(&s).unwrap();
+        assert_eq!(h.names.read().unwrap().by_id.len(), 3);
+    }
+    let h = History::open_read_only(dir.path()).unwrap();
+    assert_eq!(h.names.read().unwrap().by_id.len(), 3);
+    let r = h.range("vm2", 0, u64::MAX).unwrap();
+    assert_eq!(r[0].last.counters[&names::net_bytes("eth0", "rx")], 7);
 }
 
 #[test]
@@ -542,4 +582,27 @@ fn times_parse_as_milliseconds_or_utc() {
     ] {
         assert!(parse_time(bad).is_err(), "{bad:?}");
     }
+}
+
+#[test]
+fn a_history_can_be_shared_with_a_commit_callback() {
+    fn shared<T: Send + Sync + 'static>() {}
+    shared::<History>();
+    let dir = tempfile::tempdir().unwrap();
+    let h = std::sync::Arc::new(History::create(dir.path(), Options::default()).unwrap());
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let h = h.clone();
+            std::thread::spawn(move || {
+                for i in 0..50u64 {
+                    h.record(&sample(&format!("vm{t}"), i * 1000, i, i, i))
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(h.vms().unwrap().iter().map(|r| r.samples).sum::<u64>(), 200);
 }
