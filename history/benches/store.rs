@@ -120,26 +120,45 @@ fn main() {
         dir_size(&dir) as f64 / (1 << 20) as f64
     );
     drop(h);
-    let h = History::open_read_only(&dir).unwrap();
-    let (mut exp, mut raw) = (Vec::new(), Vec::new());
-    for _ in 0..5 {
-        let a = Instant::now();
-        let u = export::export(&h, &export::Query::default()).unwrap();
-        exp.push(a.elapsed());
-        assert_eq!(u[0].samples, days * DAY);
-        assert_eq!(u[0].billed, u[0].end_counters);
-        let a = Instant::now();
-        assert!(h.raw_scan("vm-0001").unwrap() > 0);
-        raw.push(a.elapsed());
-    }
-    let (em, ep) = stats(exp);
-    let (rm, rp) = stats(raw);
+    let measure = |label: &str| {
+        let h = History::open_read_only(&dir).unwrap();
+        let (mut exp, mut raw) = (Vec::new(), Vec::new());
+        for _ in 0..5 {
+            let a = Instant::now();
+            let u = export::export(&h, &export::Query::default()).unwrap();
+            exp.push(a.elapsed());
+            assert_eq!(u[0].samples, days * DAY);
+            assert_eq!(u[0].billed, u[0].end_counters);
+            let a = Instant::now();
+            assert!(h.raw_scan("vm-0001").unwrap() > 0);
+            raw.push(a.elapsed());
+        }
+        let (em, ep) = stats(exp);
+        let (rm, rp) = stats(raw);
+        println!(
+            "export of {days} VM-days, {label}: median {:.3} s max-of-5 {:.3} s; raw scan of the same keys median {:.3} s; ratio median {:.2}x (max {:.2}x)",
+            em.as_secs_f64(),
+            ep.as_secs_f64(),
+            rm.as_secs_f64(),
+            em.as_secs_f64() / rm.as_secs_f64(),
+            ep.as_secs_f64() / rp.as_secs_f64()
+        );
+        em
+    };
+    let unpacked = measure("1 s entries");
+    let h = History::open(&dir).unwrap();
+    let a = Instant::now();
+    let n = h.pack(u64::MAX).unwrap();
+    h.compact().unwrap();
     println!(
-        "export of {days} VM-days: median {:.3} s max-of-5 {:.3} s; raw scan of the same keys median {:.3} s; ratio median {:.1}x (max {:.1}x)",
-        em.as_secs_f64(),
-        ep.as_secs_f64(),
-        rm.as_secs_f64(),
-        em.as_secs_f64() / rm.as_secs_f64(),
-        ep.as_secs_f64() / rp.as_secs_f64()
+        "packed {n} steps into minutes in {:.1} s; store {:.1} MiB",
+        a.elapsed().as_secs_f64(),
+        dir_size(&dir) as f64 / (1 << 20) as f64
+    );
+    drop(h);
+    let packed = measure("packed minutes");
+    println!(
+        "export packed / export unpacked (medians, same run): {:.2}x",
+        packed.as_secs_f64() / unpacked.as_secs_f64()
     );
 }

@@ -200,7 +200,7 @@ pub fn usage(history: &History, vm: &str, from: u64, to: Option<u64>) -> Result<
         repeats: 0,
         rollbacks: Vec::new(),
     };
-    history.scan_views(vm, from, to, |points| {
+    history.scan_views(vm, from, to, |_, points| {
         walk.samples += 1;
         for p in points {
             if !walk.step_fast(p)? {

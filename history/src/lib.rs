@@ -45,6 +45,10 @@ pub const MAX_PEAKS: usize = 64;
 const SAMPLE_TAG: u8 = b'S';
 const PRUNED_TAG: u8 = b'P';
 const NAME_TAG: u8 = b'N';
+const PACKED_TAG: u8 = b'K';
+const PACK_VERSION: u8 = 3;
+/// [`History::pack`] puts the steps of each closed minute into one entry.
+pub const PACK_MS: u64 = 60_000;
 const VALUE_VERSION: u8 = 2;
 /// The most distinct counter names one store holds.
 pub const MAX_NAMES: usize = 1 << 20;
@@ -573,6 +577,11 @@ impl History {
         {
             return Ok(Recorded::Expired);
         }
+        if let Some(cut) = self.cut(&sample.vm, PACKED_TAG)?
+            && sample.time_ms < cut
+        {
+            return Ok(Recorded::Expired);
+        }
         let step = self.step_of(sample.time_ms);
         let key = sample_key(&sample.vm, step);
         let point = Point {
@@ -660,9 +669,88 @@ impl History {
         Ok(Recorded::Written)
     }
 
-    /// Deletes, for every VM, the steps that start before `before_ms`, and remembers the cut so
-    /// that late samples before it are not recorded again. Returns how many steps went.
+    /// Packs, for every VM, the steps of each minute before `before_ms` (rounded down to a
+    /// minute) into one entry, so that an export reads 60 times fewer entries; samples for
+    /// those minutes that arrive later are not recorded ([`Recorded::Expired`]). Returns how
+    /// many steps were packed.
+    pub fn pack(&self, before_ms: u64) -> Result<u64> {
+        let before_ms = before_ms - before_ms % PACK_MS;
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let mut packed = 0;
+        for vm in self.vm_ids()? {
+            let from = sample_key(&vm, 0);
+            let to = sample_key(&vm, before_ms);
+            let prefix = &from[..from.len() - 8];
+            let mut batch = WriteBatch::default();
+            let mut minute: Option<u64> = None;
+            let mut group: Vec<Entry> = Vec::new();
+            let flush =
+                |group: &mut Vec<Entry>, minute: u64, batch: &mut WriteBatch| -> Result<u64> {
+                    if group.len() < 2 {
+                        group.clear();
+                        return Ok(0);
+                    }
+                    let mut value = vec![PACK_VERSION];
+                    let mut steps = Vec::new();
+                    for (k, v) in group.iter() {
+                        let step = u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8"));
+                        steps.extend(
+                            entry_steps(step, v)
+                                .map_err(|why| HistoryError::Corrupted(self.dir.clone(), why))?,
+                        );
+                        batch.delete(k);
+                    }
+                    put_varint(&mut value, steps.len() as u64);
+                    for (step, bytes) in &steps {
+                        put_varint(&mut value, step - minute);
+                        put_varint(&mut value, bytes.len() as u64);
+                        value.extend_from_slice(bytes);
+                    }
+                    batch.put(sample_key(&vm, minute), value);
+                    let n = steps.len() as u64;
+                    group.clear();
+                    Ok(n)
+                };
+            for item in self
+                .db
+                .iterator(IteratorMode::From(&from, Direction::Forward))
+            {
+                let (k, v) = item.map_err(self.db_err("cannot read"))?;
+                if *k >= *to || !k.starts_with(prefix) || k.len() != from.len() {
+                    break;
+                }
+                let step = u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8"));
+                let m = step - step % PACK_MS;
+                if minute != Some(m) {
+                    if let Some(prev) = minute {
+                        packed += flush(&mut group, prev, &mut batch)?;
+                    }
+                    minute = Some(m);
+                }
+                group.push((k, v));
+            }
+            if let Some(prev) = minute {
+                packed += flush(&mut group, prev, &mut batch)?;
+            }
+            let cut = self.packed_before(&vm)?.unwrap_or(0).max(before_ms);
+            batch.put([&[PACKED_TAG], vm.as_bytes()].concat(), cut.to_be_bytes());
+            self.check_space()?;
+            let mut wo = WriteOptions::default();
+            wo.set_sync(self.sync);
+            self.db
+                .write_opt(batch, &wo)
+                .map_err(self.db_err("cannot write"))?;
+        }
+        Ok(packed)
+    }
+
+    /// Deletes, for every VM, the steps that start before `before_ms` (rounded down to a
+    /// minute, as packed minutes are whole), and remembers the cut so
+    /// that late samples before it are not recorded again. Returns how many entries (steps or
+    /// packed minutes) went.
     pub fn prune(&self, before_ms: u64) -> Result<u64> {
+        // Whole minutes only: a packed minute is one entry.
+        let before_ms = before_ms - before_ms % PACK_MS;
         let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let mut deleted = 0;
         for vm in self.vm_ids()? {
@@ -699,9 +787,18 @@ impl History {
 
     /// The retention cut of `vm`: samples before it were deleted.
     pub fn pruned_before(&self, vm: &str) -> Result<Option<u64>> {
+        self.cut(vm, PRUNED_TAG)
+    }
+
+    /// The packing cut of `vm`: minutes before it are packed, and closed to late samples.
+    pub fn packed_before(&self, vm: &str) -> Result<Option<u64>> {
+        self.cut(vm, PACKED_TAG)
+    }
+
+    fn cut(&self, vm: &str, tag: u8) -> Result<Option<u64>> {
         match self
             .db
-            .get(pruned_key(vm))
+            .get([&[tag], vm.as_bytes()].concat())
             .map_err(self.db_err("cannot read"))?
         {
             None => Ok(None),
@@ -797,32 +894,15 @@ impl History {
         to_ms: Option<u64>,
         mut f: impl FnMut(&Stored) -> Result<()>,
     ) -> Result<()> {
-        check_vm_id(vm)?;
-        let to_ms = to_ms.map_or(u128::MAX, u128::from);
-        let start = sample_key(vm, self.step_of(from_ms));
-        let prefix = &start[..start.len() - 8];
-        for item in self
-            .db
-            .iterator(IteratorMode::From(&start, Direction::Forward))
-        {
-            let (k, v) = item.map_err(self.db_err("cannot read"))?;
-            if !k.starts_with(prefix) || k.len() != start.len() {
-                break;
-            }
-            let step = u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8 bytes"));
-            if u128::from(step) >= to_ms {
-                break;
-            }
-            let s = self.decode(&v, step)?;
-            if s.last.time_ms < from_ms {
-                continue;
-            }
-            if u128::from(s.last.time_ms) >= to_ms {
-                break;
-            }
-            f(&s)?;
-        }
-        Ok(())
+        self.scan_views(vm, from_ms, to_ms, |step_ms, points| {
+            let mut points: Vec<Point> = points.iter().map(PointView::to_point).collect();
+            let last = points.pop().expect("a step has a last point");
+            f(&Stored {
+                step_ms,
+                peaks: points,
+                last,
+            })
+        })
     }
 
     /// Like [`History::scan`], but hands `f` each step's points as borrowed views of the
@@ -832,11 +912,13 @@ impl History {
         vm: &str,
         from_ms: u64,
         to_ms: Option<u64>,
-        mut f: impl FnMut(&[PointView<'_>]) -> Result<()>,
+        mut f: impl FnMut(u64, &[PointView<'_>]) -> Result<()>,
     ) -> Result<()> {
         check_vm_id(vm)?;
         let to_ms = to_ms.map_or(u128::MAX, u128::from);
-        let start = sample_key(vm, self.step_of(from_ms));
+        // From the minute's start: `from` may lie inside a packed minute.
+        let first = self.step_of(from_ms);
+        let start = sample_key(vm, first - first % PACK_MS);
         let prefix = &start[..start.len() - 8];
         let mut ro = rocksdb::ReadOptions::default();
         ro.fill_cache(false);
@@ -855,15 +937,22 @@ impl History {
             if u128::from(step) >= to_ms {
                 break;
             }
-            let mut points = Vec::with_capacity(1);
-            decode_views(v, &names.by_id, &mut points)
+            let steps = entry_steps(step, v)
                 .map_err(|why| HistoryError::Corrupted(self.dir.clone(), why))?;
-            let last = points.last().expect("a step has a last point");
-            if last.time_ms >= from_ms {
-                if u128::from(last.time_ms) >= to_ms {
+            for (step, bytes) in steps {
+                if u128::from(step) >= to_ms {
                     break;
                 }
-                f(&points)?;
+                let mut points = Vec::with_capacity(1);
+                decode_views(bytes, &names.by_id, &mut points)
+                    .map_err(|why| HistoryError::Corrupted(self.dir.clone(), why))?;
+                let last = points.last().expect("a step has a last point");
+                if last.time_ms >= from_ms {
+                    if u128::from(last.time_ms) >= to_ms {
+                        return Ok(());
+                    }
+                    f(step, &points)?;
+                }
             }
             it.next();
         }
@@ -898,9 +987,13 @@ impl History {
                 break;
             }
             let step = u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8 bytes"));
-            let s = self.decode(&v, step)?;
-            if s.last.time_ms < before_ms {
-                return Ok(Some(s));
+            let steps = entry_steps(step, &v)
+                .map_err(|why| HistoryError::Corrupted(self.dir.clone(), why))?;
+            for (step, bytes) in steps.into_iter().rev() {
+                let s = self.decode(bytes, step)?;
+                if s.last.time_ms < before_ms {
+                    return Ok(Some(s));
+                }
             }
         }
         Ok(None)
@@ -930,6 +1023,41 @@ fn split_sample_key(k: &[u8]) -> Option<(&str, u64)> {
 
 fn pruned_key(vm: &str) -> Vec<u8> {
     [&[PRUNED_TAG], vm.as_bytes()].concat()
+}
+
+/// A stored key and value.
+type Entry = (Box<[u8]>, Box<[u8]>);
+
+/// The steps of one stored entry: itself, or the steps a packed minute holds.
+fn entry_steps(key_step: u64, bytes: &[u8]) -> std::result::Result<Vec<(u64, &[u8])>, String> {
+    if bytes.first() != Some(&PACK_VERSION) {
+        return Ok(vec![(key_step, bytes)]);
+    }
+    let mut r = Reader(&bytes[1..]);
+    let n = r.varint()?;
+    if n == 0 || n > PACK_MS {
+        return Err(format!("a packed minute of {n} steps"));
+    }
+    let mut out = Vec::with_capacity(n as usize);
+    let mut last = None;
+    for _ in 0..n {
+        let offset = r.varint()?;
+        let step = key_step
+            .checked_add(offset)
+            .filter(|s| offset < PACK_MS && last.is_none_or(|l| *s > l))
+            .ok_or("a packed minute with steps out of order")?;
+        let len = usize::try_from(r.varint()?).map_err(|_| "a step too long")?;
+        let body = r.take(len)?;
+        if body.first() != Some(&VALUE_VERSION) {
+            return Err("a packed minute holding something other than steps".into());
+        }
+        out.push((step, body));
+        last = Some(step);
+    }
+    if !r.0.is_empty() {
+        return Err("trailing bytes after a packed minute".into());
+    }
+    Ok(out)
 }
 
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {

@@ -374,20 +374,21 @@ fn retention_deletes_old_steps_and_keeps_them_deleted() {
     let dir = tempfile::tempdir().unwrap();
     let h = History::create(dir.path(), Options::default()).unwrap();
     for i in 0..10u64 {
-        h.record(&sample("vm1", i * 1000, i + 1, (i + 1) * 10, 0))
+        h.record(&sample("vm1", i * 15_000, i + 1, (i + 1) * 10, 0))
             .unwrap();
-        h.record(&sample("vm2", i * 1000, i + 1, (i + 1) * 10, 0))
+        h.record(&sample("vm2", i * 15_000, i + 1, (i + 1) * 10, 0))
             .unwrap();
     }
-    assert_eq!(h.prune(4_000).unwrap(), 8);
-    assert_eq!(h.prune(4_000).unwrap(), 0);
+    // Whole minutes: 70 s prunes the first minute (4 steps of each VM).
+    assert_eq!(h.prune(70_000).unwrap(), 8);
+    assert_eq!(h.prune(60_000).unwrap(), 0);
     let r = h.range("vm1", 0, u64::MAX).unwrap();
     assert_eq!(r.len(), 6);
-    assert_eq!(r[0].step_ms, 4_000);
-    assert_eq!(h.vms().unwrap()[0].pruned_before_ms, Some(4_000));
+    assert_eq!(r[0].step_ms, 60_000);
+    assert_eq!(h.vms().unwrap()[0].pruned_before_ms, Some(60_000));
     // A late sample before the cut is not recorded again.
     assert_eq!(
-        h.record(&sample("vm1", 1_000, 2, 20, 0)).unwrap(),
+        h.record(&sample("vm1", 15_000, 2, 20, 0)).unwrap(),
         Recorded::Expired
     );
     // The export starts at the first retained point and says so.
@@ -402,7 +403,7 @@ fn retention_deletes_old_steps_and_keeps_them_deleted() {
     assert_eq!(u.start, Start::Retained);
     assert_eq!(
         (u.start_ms, u.start_epoch, u.end_epoch),
-        (Some(4_000), 5, 10)
+        (Some(60_000), 5, 10)
     );
     assert_eq!(u.billed[&names::vcpu_run_ns(0)], 50);
 }
@@ -605,4 +606,96 @@ fn a_history_can_be_shared_with_a_commit_callback() {
         t.join().unwrap();
     }
     assert_eq!(h.vms().unwrap().iter().map(|r| r.samples).sum::<u64>(), 200);
+}
+
+#[test]
+fn packed_minutes_read_and_bill_exactly_like_the_steps_they_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = History::create(dir.path(), Options::default()).unwrap();
+    // 5 minutes at 1 s, with a rollback inside minute 2 (at 130.5 s).
+    for t in 0..300u64 {
+        h.record(&sample("vm1", t * 1000 + 7, t * 40 + 1, t * 1000, t * 512))
+            .unwrap();
+        if t == 130 {
+            h.record(&sample(
+                "vm1",
+                t * 1000 + 500,
+                t * 40 - 20,
+                t * 1000 - 500,
+                t * 512 - 256,
+            ))
+            .unwrap();
+        }
+    }
+    h.record(&sample("vm2", 5_000, 1, 1, 1)).unwrap();
+    let queries = [
+        (0, None),
+        (61_000, Some(200_000)),
+        (130_200, Some(130_900)),
+        (59_999, Some(60_010)),
+    ];
+    let before: Vec<_> = queries
+        .iter()
+        .map(|(f, t)| {
+            let q = Query {
+                vm: Some("vm1".into()),
+                from_ms: Some(*f),
+                to_ms: *t,
+            };
+            (export(&h, &q).unwrap(), h.before("vm1", *f).unwrap())
+        })
+        .collect();
+    let all = h.range("vm1", 0, u64::MAX).unwrap();
+    // Pack the first 3 minutes (180.5 s rounds down to 180 s).
+    assert_eq!(h.pack(180_500).unwrap(), 180);
+    assert_eq!(h.pack(180_500).unwrap(), 0, "packing again changes nothing");
+    assert_eq!(h.range("vm1", 0, u64::MAX).unwrap(), all);
+    for ((f, t), was) in queries.iter().zip(&before) {
+        let q = Query {
+            vm: Some("vm1".into()),
+            from_ms: Some(*f),
+            to_ms: *t,
+        };
+        assert_eq!(
+            &(export(&h, &q).unwrap(), h.before("vm1", *f).unwrap()),
+            was,
+            "{f} {t:?}"
+        );
+    }
+    assert_eq!(before[0].0[0].rollbacks.len(), 1);
+    // Packed minutes are closed: the same epoch again, or a late one, changes nothing.
+    let s = sample("vm1", 10_007, 401, 10_000, 10 * 512);
+    assert_eq!(h.record(&s).unwrap(), Recorded::Expired);
+    assert_eq!(h.range("vm1", 0, u64::MAX).unwrap(), all);
+    assert_eq!(h.packed_before("vm1").unwrap(), Some(180_000));
+    // Retention deletes packed minutes whole; vm2 (one step in its minute) is left as it was.
+    assert_eq!(h.range("vm2", 0, u64::MAX).unwrap().len(), 1);
+    assert_eq!(h.prune(120_000).unwrap(), 2 + 1);
+    assert_eq!(
+        h.range("vm1", 0, u64::MAX).unwrap(),
+        all[all.iter().position(|s| s.step_ms == 120_000).unwrap()..]
+    );
+    // Reopened, the same.
+    drop(h);
+    let h = History::open_read_only(dir.path()).unwrap();
+    assert_eq!(h.range("vm1", 120_000, u64::MAX).unwrap().len(), 180);
+    // A damaged pack is an error.
+    drop(h);
+    let h = History::open(dir.path()).unwrap();
+    let key = sample_key("vm1", 120_000);
+    let good = h.db.get(&key).unwrap().unwrap();
+    for bad in [
+        &good[..good.len() - 1],
+        &[PACK_VERSION, 0][..],
+        &[PACK_VERSION, 2, 5, 1, 2, 4, 1, 2][..],
+    ] {
+        h.db.put(&key, bad).unwrap();
+        assert!(
+            matches!(
+                h.range("vm1", 0, u64::MAX),
+                Err(HistoryError::Corrupted(..))
+            ),
+            "{bad:?}"
+        );
+    }
 }
