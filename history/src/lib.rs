@@ -924,6 +924,9 @@ impl History {
         ro.fill_cache(false);
         ro.set_readahead_size(2 << 20);
         let names = self.names.read().unwrap_or_else(|p| p.into_inner());
+        // Reused from step to step: no allocation per step once warm.
+        let mut points: Vec<PointView<'_>> = Vec::new();
+        let mut spare: Vec<Vec<(&str, u64)>> = Vec::new();
         let mut it = self.db.raw_iterator_opt(ro);
         it.seek(&start);
         while it.valid() {
@@ -943,8 +946,12 @@ impl History {
                 if u128::from(step) >= to_ms {
                     break;
                 }
-                let mut points = Vec::with_capacity(1);
-                decode_views(bytes, &names.by_id, &mut points)
+                spare.extend(points.drain(..).map(|p| {
+                    let mut c = p.counters;
+                    c.clear();
+                    c
+                }));
+                decode_views(bytes, &names.by_id, &mut points, &mut spare)
                     .map_err(|why| HistoryError::Corrupted(self.dir.clone(), why))?;
                 let last = points.last().expect("a step has a last point");
                 if last.time_ms >= from_ms {
@@ -962,7 +969,7 @@ impl History {
     fn decode(&self, bytes: &[u8], step_ms: u64) -> Result<Stored> {
         let names = self.names.read().unwrap_or_else(|p| p.into_inner());
         let mut points = Vec::with_capacity(1);
-        decode_views(bytes, &names.by_id, &mut points)
+        decode_views(bytes, &names.by_id, &mut points, &mut Vec::new())
             .map_err(|why| HistoryError::Corrupted(self.dir.clone(), why))?;
         let mut points: Vec<Point> = points.iter().map(PointView::to_point).collect();
         let last = points.pop().expect("a step has a last point");
@@ -1142,6 +1149,7 @@ fn decode_views<'a>(
     bytes: &[u8],
     names: &'a [String],
     out: &mut Vec<PointView<'a>>,
+    spare: &mut Vec<Vec<(&'a str, u64)>>,
 ) -> std::result::Result<(), String> {
     let mut r = Reader(bytes);
     let head = r.take(2)?;
@@ -1155,7 +1163,8 @@ fn decode_views<'a>(
         if n > MAX_COUNTERS as u64 {
             return Err(format!("a sample with {n} counters"));
         }
-        let mut counters = Vec::with_capacity(n as usize);
+        let mut counters = spare.pop().unwrap_or_default();
+        counters.reserve(n as usize);
         for _ in 0..n {
             let id = r.varint()?;
             let name = usize::try_from(id)
