@@ -155,7 +155,7 @@ pub enum HistoryError {
     #[error("the history at {0} is corrupted: {1}")]
     Corrupted(PathBuf, String),
     /// RocksDB failed.
-    #[error("history {0}: {1}")]
+    #[error("history {0}")]
     Db(String, #[source] rocksdb::Error),
     /// A file operation failed.
     #[error("history {0}")]
