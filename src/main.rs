@@ -89,6 +89,40 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Billing records from a history store (see the README, "Accounting history").
+    #[command(subcommand)]
+    Accounting(AccountingCommand),
+}
+
+#[derive(Subcommand)]
+enum AccountingCommand {
+    /// Per VM and interval: CPU time (exact ns), block requests and bytes by op, net packets
+    /// and bytes by direction, billed as the counters at the last committed epoch in the range
+    /// minus those at its start; work a failover rolled back is listed apart, not billed.
+    /// Times (T) are ms since 1970-01-01 UTC or YYYY-MM-DDTHH:MM:SS[.mmm]Z; `--to` is exclusive.
+    Export {
+        /// The history store (opened read-only).
+        #[arg(long, value_name = "DIR")]
+        history: PathBuf,
+        /// Only this VM (default: every VM with samples in the range).
+        #[arg(long, value_name = "ID")]
+        vm: Option<String>,
+        /// Start of the interval (inclusive).
+        #[arg(long, value_name = "T")]
+        from: Option<String>,
+        /// End of the interval (exclusive).
+        #[arg(long, value_name = "T")]
+        to: Option<String>,
+        /// csv: a `billed` line per VM, a `rolled_back` line per rollback; json: every counter.
+        #[arg(long, value_name = "csv|json", default_value = "csv")]
+        format: String,
+    },
+    /// The VMs in a history store and the range of their samples (CSV).
+    Ls {
+        /// The history store (opened read-only).
+        #[arg(long, value_name = "DIR")]
+        history: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -582,6 +616,44 @@ fn client(
     Ok(ExitCode::SUCCESS)
 }
 
+/// `ftvm accounting`: reads the history read-only and prints the whole answer at once, so a
+/// failure prints nothing but its error.
+fn accounting(command: AccountingCommand) -> anyhow::Result<ExitCode> {
+    use history::export;
+    let text = match command {
+        AccountingCommand::Export {
+            history: dir,
+            vm,
+            from,
+            to,
+            format,
+        } => {
+            let format = match format.as_str() {
+                "csv" => export::Format::Csv,
+                "json" => export::Format::Json,
+                other => anyhow::bail!("unknown --format {other:?}: use csv or json"),
+            };
+            let query = export::Query {
+                vm,
+                from_ms: from.as_deref().map(export::parse_time).transpose()?,
+                to_ms: to.as_deref().map(export::parse_time).transpose()?,
+            };
+            export::check_range(query.from_ms, query.to_ms)?;
+            let store = history::History::open_read_only(&dir)?;
+            let usages = export::export(&store, &query)?;
+            export::render(&store, &usages, format)
+        }
+        AccountingCommand::Ls { history: dir } => {
+            export::render_ls(&history::History::open_read_only(&dir)?.vms()?)
+        }
+    };
+    std::io::stdout()
+        .lock()
+        .write_all(text.as_bytes())
+        .context("cannot write to stdout")?;
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -615,6 +687,7 @@ fn main() -> ExitCode {
         Command::Resume { api } => client(&api, "PUT", "/resume", None),
         Command::Migrate { api } => client(&api, "PUT", "/migrate", None),
         Command::Status { api } => client(&api, "GET", "/status", None),
+        Command::Accounting(command) => accounting(command),
         Command::Cert { out, force } => checkpoint::transport::generate_into(&out, force)
             .map(|fingerprint| {
                 println!("{fingerprint}");
