@@ -175,6 +175,13 @@ struct ReplicaArgs {
     /// The fingerprint of the --then-replica's certificate.
     #[arg(long, value_name = "FINGERPRINT", requires = "then_replica")]
     then_peer: Option<String>,
+    /// Record each committed epoch's counters in this accounting history (created if
+    /// missing; see `ftvm accounting`; it keeps the last epoch of each second), under
+    /// --vm-name. A
+    /// history that cannot be written (full or read-only disk) does not stop the replica: the
+    /// failure is logged once and counted, and recording goes on when it can.
+    #[arg(long, value_name = "DIR")]
+    history: Option<PathBuf>,
     /// `--metrics`: the committed counters and the replica's health (the guest's live
     /// counters once it has taken over).
     #[command(flatten)]
@@ -467,8 +474,20 @@ fn replica(args: ReplicaArgs) -> anyhow::Result<ExitCode> {
         std::time::Duration::from_millis(args.failover_timeout),
     ));
     let metrics = args.metrics.serve(committed_metrics.source())?;
+    let recorder = args
+        .history
+        .as_ref()
+        .map(|dir| {
+            history::History::create(dir, history::Options::default())
+                .with_context(|| format!("Cannot open the history {}", dir.display()))
+        })
+        .transpose()?
+        .map(|h| HistoryRecorder::new(h, &args.metrics.vm_name));
     let on_commit: replica::OnCommit = Arc::new(move |c: &replica::Committed| {
-        committed_metrics.committed(&c.state.counters, c.epoch)
+        committed_metrics.committed(&c.state.counters, c.epoch);
+        if let Some(r) = &recorder {
+            r.record(&c.state.counters, c.epoch);
+        }
     });
     let mut warned = false;
     loop {
@@ -544,6 +563,73 @@ fn replica(args: ReplicaArgs) -> anyhow::Result<ExitCode> {
             fenced.elapsed(),
             metrics.as_ref(),
         );
+    }
+}
+
+/// Records committed counters in the accounting history (about 10 µs a commit; the store
+/// keeps the last epoch of each second); a failed write is logged once and counted, and the
+/// next commit writes again.
+struct HistoryRecorder {
+    history: history::History,
+    vm: String,
+    failures: std::sync::atomic::AtomicU64,
+}
+
+impl HistoryRecorder {
+    fn new(history: history::History, vm: &str) -> Self {
+        Self {
+            history,
+            vm: vm.to_string(),
+            failures: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn record(&self, counters: &vmm::state::CountersState, epoch: u64) {
+        let s = primary::control::counters_sample(&self.vm, counters);
+        let mut map = std::collections::BTreeMap::new();
+        for (i, v) in s.vcpus.iter().enumerate() {
+            map.insert(history::names::vcpu_run_ns(i), v.run_ns);
+        }
+        for d in &s.drives {
+            for (op, requests, bytes) in [
+                ("read", d.read_requests, d.read_bytes),
+                ("write", d.write_requests, d.write_bytes),
+                ("flush", d.flush_requests, 0),
+            ] {
+                map.insert(history::names::block_requests(&d.drive, op), requests);
+                if op != "flush" {
+                    map.insert(history::names::block_bytes(&d.drive, op), bytes);
+                }
+            }
+        }
+        for n in &s.ifaces {
+            for (dir, packets, bytes) in [
+                ("rx", n.rx_packets, n.rx_bytes),
+                ("tx", n.tx_packets, n.tx_bytes),
+            ] {
+                map.insert(history::names::net_packets(&n.iface, dir), packets);
+                map.insert(history::names::net_bytes(&n.iface, dir), bytes);
+            }
+        }
+        let sample = history::Sample {
+            vm: self.vm.clone(),
+            time_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            epoch,
+            counters: map,
+        };
+        if let Err(e) = self.history.record(&sample)
+            && self
+                .failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                == 0
+        {
+            tracing::warn!(
+                "the accounting history is behind (later failures are only counted): {}",
+                vmm::event::error_chain(&e)
+            );
+        }
     }
 }
 

@@ -455,3 +455,135 @@ fn migrate_hands_the_guest_over_with_the_stream_running() {
         t.len() > now
     });
 }
+
+/// The replica records each committed epoch's counters in its accounting history: after a
+/// guest's known disk writes (and their console line, which output commit holds until the
+/// epoch that printed it is committed), the billing export bills exactly those writes.
+#[test]
+fn the_replica_s_history_bills_exactly_the_guest_s_disk_writes() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let (pc, rc, pfp, rfp) = certs(dir.path());
+    let copies = dir.path().join("copies");
+    std::fs::create_dir(&copies).unwrap();
+    let hist = dir.path().join("history");
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 4 << 20]).unwrap();
+    let replica = Replica::start_with(
+        "127.0.0.1:0",
+        &rc,
+        &pfp,
+        &[
+            "--disk-dir",
+            &s(&copies),
+            "--history",
+            &s(&hist),
+            "--vm-name",
+            "billed",
+        ],
+        &[],
+    );
+    let sock = dir.path().join("api.sock");
+    let (_primary, log, protected, console) = spawn_logged(
+        &[
+            "run",
+            "--mem",
+            "32M",
+            "--disk",
+            &s(&img),
+            "--api",
+            &s(&sock),
+            "--paused",
+            "--replica",
+            &replica.addr,
+            "--cert",
+            &s(&pc),
+            "--peer",
+            &rfp,
+            "--cmdline",
+            "disk-write=4,5 chunk-kib=4",
+        ],
+        &[],
+        common::protection::PROTECTED,
+    );
+    protected
+        .recv_timeout(LIMIT)
+        .unwrap_or_else(|_| panic!("never protected: {}", log.lock().unwrap()));
+    common::ftvm_ok(&["resume", "--api", &s(&sock)]);
+    // Held until committed: once it is out, the replica has recorded the writes.
+    // (vCPU 1 counts on: the guest does not power off, which would release the line itself.)
+    let counts = console.wait_for_line("blk0 counts", LIMIT);
+    assert!(counts.contains("writes=1024"), "{counts}");
+    // An orderly stop of the replica, then the export.
+    let pid = replica.child.0.as_ref().unwrap().id() as i32;
+    // SAFETY: kill(2) of our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    replica.wait_log("replica stopped in order");
+    let out = common::ftvm(
+        &[
+            "accounting",
+            "export",
+            "--history",
+            &s(&hist),
+            "--format",
+            "json",
+        ],
+        LIMIT,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let vm = &doc["vms"][0];
+    assert_eq!(vm["vm"], "billed", "{doc}");
+    assert_eq!(vm["billed"]["block_write_requests"], 1024, "{doc}");
+    assert_eq!(vm["billed"]["block_write_bytes"], 4 << 20, "{doc}");
+    assert_eq!(vm["billed_counters"], vm["end_counters"], "{doc}");
+}
+
+/// A guest that powers off ends its primary's link on purpose: a replica with --failover does
+/// not bring it back.
+#[test]
+fn a_guest_that_powers_off_is_not_taken_over() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let (pc, rc, pfp, rfp) = certs(dir.path());
+    let replica = Replica::start_with(
+        "127.0.0.1:0",
+        &rc,
+        &pfp,
+        &["--failover", "--failover-timeout", "200"],
+        &[],
+    );
+    let (mut primary, log, protected, _console) = spawn_logged(
+        &[
+            "run",
+            "--mem",
+            "32M",
+            "--replica",
+            &replica.addr,
+            "--cert",
+            &s(&pc),
+            "--peer",
+            &rfp,
+            "--cmdline",
+            "count=30 interval-ms=20",
+        ],
+        &[],
+        common::protection::PROTECTED,
+    );
+    protected
+        .recv_timeout(LIMIT)
+        .unwrap_or_else(|_| panic!("never protected: {}", log.lock().unwrap()));
+    let status = primary.0.as_mut().unwrap().wait().unwrap();
+    assert!(status.success(), "the guest powered off: {status}");
+    replica.wait_log("closed the link on purpose: not taking over");
+    // Well past the failover timeout: still no takeover.
+    let deadline = Instant::now() + Duration::from_millis(600);
+    while Instant::now() < deadline {
+        assert!(!replica.log().contains("took over"), "{}", replica.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -38,6 +38,8 @@ use crate::precopy::{self, HarvestRequest, Link, SyncProgress, explain};
 
 /// Default epoch length.
 pub const DEFAULT_EPOCH: Duration = Duration::from_millis(25);
+/// How long the replication thread lets its connection's close go out when the VM ends.
+const CLOSE_GRACE: Duration = Duration::from_millis(50);
 /// How long to wait before calling a lost replica again.
 const RECONNECT: Duration = Duration::from_millis(500);
 
@@ -546,8 +548,14 @@ fn replicate(
         loop {
             let session = session(&config, &shared, &mut channels, &mut warned);
             let outcome = tokio::select! {
-                _ = &mut stop => return Ok(()),
-                outcome = session => outcome,
+                _ = &mut stop => None,
+                outcome = session => Some(outcome),
+            };
+            let Some(outcome) = outcome else {
+                // The VM ends: the dropped connection closes on purpose, which tells a
+                // replica with --failover not to take over; give the close time to go out.
+                tokio::time::sleep(CLOSE_GRACE).await;
+                return Ok(());
             };
             shared.phase.store(IDLE, Ordering::SeqCst);
             shared.in_flight.store(false, Ordering::SeqCst);

@@ -591,18 +591,31 @@ async fn serve(conn: &transport::Connection, context: &Arc<Context>) -> Result<(
             Some(t) => tokio::time::timeout(t, transport::recv_frame(&mut recv, limit)).await,
             None => Ok(transport::recv_frame(&mut recv, limit).await),
         };
-        let bytes = match received {
-            Ok(Ok(b)) => b,
-            // Silence or the primary's close, rather than a stream error.
-            Ok(Err(e)) if !ours || context.failover_timeout.is_none() => {
-                return Err(chain(&conn.explain(e)));
+        let outcome = match received {
+            Ok(Ok(b)) => Ok(b),
+            Ok(Err(e)) => {
+                let e = conn.explain(e);
+                if !ours || context.failover_timeout.is_none() {
+                    // Silence or the primary's close, rather than a stream error.
+                    return Err(chain(&e));
+                }
+                // A primary that closes the link on purpose (its guest ended, or it was
+                // stopped) is not lost: taking over would bring back a guest meant to end.
+                if e.is_closed_by_peer() {
+                    tracing::info!(
+                        primary = %conn.remote_address(),
+                        "the primary closed the link on purpose: not taking over"
+                    );
+                    return Ok(());
+                }
+                Err(chain(&e))
             }
+            Err(_) => Err("silent".to_string()),
+        };
+        let bytes = match outcome {
+            Ok(b) => b,
             // The primary is gone after a commit (silent, or its connection lost).
-            lost => {
-                let why = match lost {
-                    Ok(Err(e)) => chain(&conn.explain(e)),
-                    _ => "silent".to_string(),
-                };
+            Err(why) => {
                 let epoch = committed
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())

@@ -230,3 +230,18 @@ fn alert_name(alert: u8) -> &'static str {
 
 /// The transport's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// The peer closed the connection on purpose (an application close, as an orderly stop or
+    /// a deliberate end sends), as opposed to going silent or failing: a crashed peer cannot
+    /// send one.
+    pub fn is_closed_by_peer(&self) -> bool {
+        matches!(
+            self,
+            Error::Lost {
+                source: quinn::ConnectionError::ApplicationClosed(_),
+                ..
+            } | Error::StreamEnded
+        )
+    }
+}
