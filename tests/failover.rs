@@ -11,7 +11,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::lan::{Client, Lan, SUBNET};
-use common::protection::{Replica, cert, s, spawn_logged};
+use common::protection::{Replica, cert, protected_primary, s, spawn_logged};
 use common::require_kvm;
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -39,28 +39,21 @@ fn fail_over_once(dir: &std::path::Path, kill_after: Duration) -> String {
         &[],
     );
     let cmdline = format!("ip={SUBNET}.2/24 tcp-stream");
-    let (mut primary, log, protected, _console) = spawn_logged(
-        &[
-            "run",
-            "--mem",
-            "64M",
-            "--net",
-            "tap=tapP",
-            "--replica",
-            &replica.addr,
-            "--cert",
-            &s(&pc),
-            "--peer",
-            &rfp,
-            "--cmdline",
-            &cmdline,
-        ],
-        &[],
-        common::protection::PROTECTED,
-    );
-    protected
-        .recv_timeout(LIMIT)
-        .unwrap_or_else(|_| panic!("never protected: {}", log.lock().unwrap()));
+    let (mut primary, _log, _console) = protected_primary(&[
+        "run",
+        "--mem",
+        "64M",
+        "--net",
+        "tap=tapP",
+        "--replica",
+        &replica.addr,
+        "--cert",
+        &s(&pc),
+        "--peer",
+        &rfp,
+        "--cmdline",
+        &cmdline,
+    ]);
     let client = Client::connect();
     client.wait_more(1 << 20, "the stream before the kill");
     // Pings every 20 ms across the kill: only those sent while the replica waits out its
@@ -149,26 +142,19 @@ fn a_failing_fence_stops_the_takeover() {
         ],
         &[],
     );
-    let (mut primary, log, protected, _console) = spawn_logged(
-        &[
-            "run",
-            "--mem",
-            "32M",
-            "--replica",
-            &replica.addr,
-            "--cert",
-            &s(&pc),
-            "--peer",
-            &rfp,
-            "--cmdline",
-            "count=0 interval-ms=20",
-        ],
-        &[],
-        common::protection::PROTECTED,
-    );
-    protected
-        .recv_timeout(LIMIT)
-        .unwrap_or_else(|_| panic!("never protected: {}", log.lock().unwrap()));
+    let (mut primary, _log, _console) = protected_primary(&[
+        "run",
+        "--mem",
+        "32M",
+        "--replica",
+        &replica.addr,
+        "--cert",
+        &s(&pc),
+        "--peer",
+        &rfp,
+        "--cmdline",
+        "count=0 interval-ms=20",
+    ]);
     let child = primary.0.as_mut().unwrap();
     child.kill().unwrap();
     child.wait().unwrap();
@@ -222,28 +208,21 @@ fn the_new_primary_is_protected_again_and_survives_a_second_failover() {
         &[],
     );
     let cmdline = format!("ip={SUBNET}.2/24 tcp-stream");
-    let (mut primary, log, protected, _console) = spawn_logged(
-        &[
-            "run",
-            "--mem",
-            "64M",
-            "--net",
-            "tap=tapP",
-            "--replica",
-            &first.addr,
-            "--cert",
-            &s(&pc),
-            "--peer",
-            &r1fp,
-            "--cmdline",
-            &cmdline,
-        ],
-        &[],
-        common::protection::PROTECTED,
-    );
-    protected
-        .recv_timeout(LIMIT)
-        .unwrap_or_else(|_| panic!("never protected: {}", log.lock().unwrap()));
+    let (mut primary, _log, _console) = protected_primary(&[
+        "run",
+        "--mem",
+        "64M",
+        "--net",
+        "tap=tapP",
+        "--replica",
+        &first.addr,
+        "--cert",
+        &s(&pc),
+        "--peer",
+        &r1fp,
+        "--cmdline",
+        &cmdline,
+    ]);
     let client = Client::connect();
     client.wait_more(1 << 20, "the stream before the first kill");
     let child = primary.0.as_mut().unwrap();
@@ -288,31 +267,24 @@ fn a_guest_writing_its_disk_finishes_on_the_replica_with_a_complete_disk() {
     );
     let sock = dir.path().join("api.sock");
     // Paused until protected, so that every write happens under protection.
-    let (mut primary, log, protected, console) = spawn_logged(
-        &[
-            "run",
-            "--mem",
-            "64M",
-            "--disk",
-            &s(&img),
-            "--api",
-            &s(&sock),
-            "--paused",
-            "--replica",
-            &replica.addr,
-            "--cert",
-            &s(&pc),
-            "--peer",
-            &rfp,
-            "--cmdline",
-            "disk-write=16,5 chunk-kib=1",
-        ],
-        &[],
-        common::protection::PROTECTED,
-    );
-    protected
-        .recv_timeout(LIMIT)
-        .unwrap_or_else(|_| panic!("never protected: {}", log.lock().unwrap()));
+    let (mut primary, _log, console) = protected_primary(&[
+        "run",
+        "--mem",
+        "64M",
+        "--disk",
+        &s(&img),
+        "--api",
+        &s(&sock),
+        "--paused",
+        "--replica",
+        &replica.addr,
+        "--cert",
+        &s(&pc),
+        "--peer",
+        &rfp,
+        "--cmdline",
+        "disk-write=16,5 chunk-kib=1",
+    ]);
     common::ftvm_ok(&["resume", "--api", &s(&sock)]);
     console.wait_for("workload disk-write", LIMIT);
     // Some epochs of writes, then the primary dies mid-write.
@@ -376,30 +348,23 @@ fn migrate_hands_the_guest_over_with_the_stream_running() {
     );
     let sock = dir.path().join("api.sock");
     let cmdline = format!("ip={SUBNET}.2/24 tcp-stream");
-    let (mut primary, log, protected, _console) = spawn_logged(
-        &[
-            "run",
-            "--mem",
-            "64M",
-            "--net",
-            "tap=tapP",
-            "--api",
-            &s(&sock),
-            "--replica",
-            &replica.addr,
-            "--cert",
-            &s(&pc),
-            "--peer",
-            &rfp,
-            "--cmdline",
-            &cmdline,
-        ],
-        &[],
-        common::protection::PROTECTED,
-    );
-    protected
-        .recv_timeout(LIMIT)
-        .unwrap_or_else(|_| panic!("never protected: {}", log.lock().unwrap()));
+    let (mut primary, _log, _console) = protected_primary(&[
+        "run",
+        "--mem",
+        "64M",
+        "--net",
+        "tap=tapP",
+        "--api",
+        &s(&sock),
+        "--replica",
+        &replica.addr,
+        "--cert",
+        &s(&pc),
+        "--peer",
+        &rfp,
+        "--cmdline",
+        &cmdline,
+    ]);
     let client = Client::connect();
     client.wait_more(1 << 20, "the stream before the switch-over");
     let answer = common::ftvm_ok(&["migrate", "--api", &s(&sock)]);
@@ -484,31 +449,24 @@ fn the_replica_s_history_bills_exactly_the_guest_s_disk_writes() {
         &[],
     );
     let sock = dir.path().join("api.sock");
-    let (_primary, log, protected, console) = spawn_logged(
-        &[
-            "run",
-            "--mem",
-            "32M",
-            "--disk",
-            &s(&img),
-            "--api",
-            &s(&sock),
-            "--paused",
-            "--replica",
-            &replica.addr,
-            "--cert",
-            &s(&pc),
-            "--peer",
-            &rfp,
-            "--cmdline",
-            "disk-write=4,5 chunk-kib=4",
-        ],
-        &[],
-        common::protection::PROTECTED,
-    );
-    protected
-        .recv_timeout(LIMIT)
-        .unwrap_or_else(|_| panic!("never protected: {}", log.lock().unwrap()));
+    let (_primary, _log, console) = protected_primary(&[
+        "run",
+        "--mem",
+        "32M",
+        "--disk",
+        &s(&img),
+        "--api",
+        &s(&sock),
+        "--paused",
+        "--replica",
+        &replica.addr,
+        "--cert",
+        &s(&pc),
+        "--peer",
+        &rfp,
+        "--cmdline",
+        "disk-write=4,5 chunk-kib=4",
+    ]);
     common::ftvm_ok(&["resume", "--api", &s(&sock)]);
     // Held until committed: once it is out, the replica has recorded the writes.
     // (vCPU 1 counts on: the guest does not power off, which would release the line itself.)
@@ -557,26 +515,19 @@ fn a_guest_that_powers_off_is_not_taken_over() {
         &["--failover", "--failover-timeout", "200"],
         &[],
     );
-    let (mut primary, log, protected, _console) = spawn_logged(
-        &[
-            "run",
-            "--mem",
-            "32M",
-            "--replica",
-            &replica.addr,
-            "--cert",
-            &s(&pc),
-            "--peer",
-            &rfp,
-            "--cmdline",
-            "count=30 interval-ms=20",
-        ],
-        &[],
-        common::protection::PROTECTED,
-    );
-    protected
-        .recv_timeout(LIMIT)
-        .unwrap_or_else(|_| panic!("never protected: {}", log.lock().unwrap()));
+    let (mut primary, _log, _console) = protected_primary(&[
+        "run",
+        "--mem",
+        "32M",
+        "--replica",
+        &replica.addr,
+        "--cert",
+        &s(&pc),
+        "--peer",
+        &rfp,
+        "--cmdline",
+        "count=30 interval-ms=20",
+    ]);
     let status = primary.0.as_mut().unwrap().wait().unwrap();
     assert!(status.success(), "the guest powered off: {status}");
     replica.wait_log("closed the link on purpose: not taking over");

@@ -170,3 +170,13 @@ pub fn wait_protection(sock: &Path, what: &str, done: impl Fn(&Value) -> bool) -
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Starts `ftvm ARGS` (a protected `run`) and waits until it logs [`PROTECTED`], failing with
+/// its log if it never does; returns the child, its log and its console.
+pub fn protected_primary(args: &[&str]) -> (Guarded, Arc<Mutex<String>>, Console) {
+    let (child, log, protected, console) = spawn_logged(args, &[], PROTECTED);
+    if protected.recv_timeout(LIMIT).is_err() {
+        panic!("never protected: {}", log.lock().unwrap());
+    }
+    (child, log, console)
+}
