@@ -18,6 +18,9 @@ struct Slot {
     bytes: Option<u64>,
     /// The sync image being built.
     sync: Option<File>,
+    /// The committed copy, opened at the first epoch that writes it (a sync's rename
+    /// replaces the file, and this handle with it).
+    committed: Option<File>,
     /// Writes of epochs not yet committed: (epoch, blocks).
     staged: Vec<(u64, Pages)>,
 }
@@ -45,6 +48,7 @@ impl DiskStore {
                 .map(|_| Slot {
                     bytes: None,
                     sync: None,
+                    committed: None,
                     staged: Vec::new(),
                 })
                 .collect(),
@@ -105,6 +109,8 @@ impl DiskStore {
             if full && let Some(file) = slot.sync.take() {
                 file.sync_all().map_err(io("flush", &sync_path))?;
                 std::fs::rename(&sync_path, &path).map_err(io("rename", &sync_path))?;
+                // The renamed sync image is the committed copy now.
+                slot.committed = Some(file);
                 File::open(&self.dir)
                     .and_then(|d| d.sync_all())
                     .map_err(io("flush", &self.dir))?;
@@ -118,12 +124,16 @@ impl DiskStore {
                 continue;
             }
             let bytes = slot.bytes.ok_or("no disk size")?;
-            let file = OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .map_err(io("open", &path))?;
+            if slot.committed.is_none() {
+                let file = OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(io("open", &path))?;
+                slot.committed = Some(file);
+            }
+            let file = slot.committed.as_ref().ok_or("no committed copy")?;
             for (_, pages) in slot.staged.drain(..) {
-                write_blocks(&file, bytes, &pages).map_err(io("write", &path))?;
+                write_blocks(file, bytes, &pages).map_err(io("write", &path))?;
             }
         }
         Ok(())
