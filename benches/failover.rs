@@ -12,7 +12,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::lan::{Client, Lan, SUBNET};
-use common::protection::{Replica, cert, field, s, spawn_logged};
+use common::protection::{Replica, cert, field, s};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -29,28 +29,21 @@ fn once(dir: &std::path::Path, timeout_ms: u64, kill_after: Duration) -> (f64, f
         &[],
     );
     let cmdline = format!("ip={SUBNET}.2/24 tcp-stream");
-    let (mut primary, _log, protected, _console) = spawn_logged(
-        &[
-            "run",
-            "--mem",
-            "64M",
-            "--net",
-            "tap=tapP",
-            "--replica",
-            &replica.addr,
-            "--cert",
-            &s(&pc),
-            "--peer",
-            &rfp,
-            "--cmdline",
-            &cmdline,
-        ],
-        &[],
-        common::protection::PROTECTED,
-    );
-    protected
-        .recv_timeout(LIMIT)
-        .expect("the guest is protected");
+    let (mut primary, _log, _console) = common::protection::protected_primary(&[
+        "run",
+        "--mem",
+        "64M",
+        "--net",
+        "tap=tapP",
+        "--replica",
+        &replica.addr,
+        "--cert",
+        &s(&pc),
+        "--peer",
+        &rfp,
+        "--cmdline",
+        &cmdline,
+    ]);
     let client = Client::connect();
     client.wait_more(1 << 20, "the stream before the kill");
     std::thread::sleep(kill_after);

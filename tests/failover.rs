@@ -538,3 +538,32 @@ fn a_guest_that_powers_off_is_not_taken_over() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// --failover-timeout is 1 to 60000 ms: 0 and 60001 are refused with the range, 1 and 60000
+/// pass the check (and fail later here, on a missing --cert directory).
+#[test]
+fn the_failover_timeout_is_checked_at_its_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = s(&dir.path().join("no-cert"));
+    let fp = "00".repeat(32);
+    for (ms, in_range) in [("0", false), ("1", true), ("60000", true), ("60001", false)] {
+        let out = common::ftvm(
+            &[
+                "replica",
+                "--listen",
+                "127.0.0.1:0",
+                "--cert",
+                &missing,
+                "--peer",
+                &fp,
+                "--failover",
+                "--failover-timeout",
+                ms,
+            ],
+            LIMIT,
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{ms}: {err}");
+        assert_eq!(!err.contains("out of range"), in_range, "{ms}: {err}");
+    }
+}

@@ -230,32 +230,25 @@ fn a_tcp_stream_and_pings_stay_exact_for_30_seconds_at_40_hz() {
     let sock = dir.path().join("api.sock");
     let cmdline = format!("ip={}/24 tcp-stream", ns.guest_ip());
     let tap = format!("tap={}", ns.tap);
-    let (_primary, _log, protected, _console) = spawn_logged(
-        &[
-            "run",
-            "--mem",
-            "64M",
-            "--api",
-            &s(&sock),
-            "--net",
-            &tap,
-            "--replica",
-            &replica.addr,
-            "--cert",
-            &s(&pc),
-            "--peer",
-            &rfp,
-            "--epoch-ms",
-            "25",
-            "--cmdline",
-            &cmdline,
-        ],
-        &[],
-        common::protection::PROTECTED,
-    );
-    protected
-        .recv_timeout(LIMIT)
-        .expect("the guest is protected");
+    let (_primary, _log, _console) = common::protection::protected_primary(&[
+        "run",
+        "--mem",
+        "64M",
+        "--api",
+        &s(&sock),
+        "--net",
+        &tap,
+        "--replica",
+        &replica.addr,
+        "--cert",
+        &s(&pc),
+        "--peer",
+        &rfp,
+        "--epoch-ms",
+        "25",
+        "--cmdline",
+        &cmdline,
+    ]);
     let pinger = std::process::Command::new("ping")
         .args(["-c", "600", "-i", "0.05", "-W", "5", &ns.guest_ip()])
         .stdout(std::process::Stdio::piped())

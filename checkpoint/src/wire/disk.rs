@@ -224,6 +224,10 @@ mod tests {
         assert!(decode_disk_frame(&f, 1).is_err(), "disk 1 of 1");
         assert!(decode_disk_frame(&f[..39], 2).is_err(), "truncated header");
         assert!(
+            decode_disk_frame(&f[..40], 2).is_err(),
+            "a header and no blocks"
+        );
+        assert!(
             decode_disk_frame(&f[..f.len() - 1], 2).is_err(),
             "truncated body"
         );

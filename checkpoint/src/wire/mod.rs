@@ -199,7 +199,11 @@ mod handover_tests {
     fn handover_messages_round_trip_and_bad_ones_are_refused() {
         let m = encode_handover(77);
         assert_eq!(decode_handover(&m).unwrap(), 77);
+        // The length is exact: 19 and 21 bytes are refused.
         assert!(decode_handover(&m[..19]).is_err());
+        let mut longer = m.clone();
+        longer.push(0);
+        assert!(decode_handover(&longer).is_err());
         for at in 0..20 {
             let mut bad = m.clone();
             bad[at] ^= 1;
