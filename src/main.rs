@@ -412,6 +412,16 @@ fn supervise(
     paused: bool,
     metrics: Option<(&str, &metrics::Exporter)>,
 ) -> anyhow::Result<ExitCode> {
+    // A failed `metrics` thread ends the VM with its cause, like any other VMM thread.
+    if let Some((_, exporter)) = metrics {
+        let reporter = vm.reporter();
+        exporter.on_failure(Box::new(move |cause| {
+            reporter.send(vmm::event::VmEvent::ThreadFailed {
+                thread: "metrics".into(),
+                cause,
+            })
+        }));
+    }
     let ended =
         primary::control::supervise_with_metrics(vm, api.as_deref(), protect, paused, metrics);
     std::io::stdout().flush().ok();

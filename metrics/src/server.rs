@@ -77,13 +77,13 @@ impl Bound {
             .map_err(MetricsError::Spawn)?;
         let (shutdown, stop) = tokio::sync::oneshot::channel();
         let listener = self.listener;
-        let thread = std::thread::Builder::new()
-            .name("metrics".into())
-            .spawn(move || serve_all(listener, source, stop))
+        let failed: FailureSlot = Arc::new(Mutex::new(None));
+        let thread = spawn_reported(failed.clone(), move || serve_all(listener, source, stop))
             .map_err(MetricsError::Spawn)?;
         Ok(MetricsServer {
             shutdown: Some(shutdown),
             thread: Some(thread),
+            failed,
         })
     }
 }
@@ -92,9 +92,51 @@ impl Bound {
 pub struct MetricsServer {
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<JoinHandle<Result<(), String>>>,
+    failed: FailureSlot,
+}
+
+/// Who is told why the `metrics` thread failed (a panic or an error), once.
+type FailureSlot = Arc<Mutex<Option<Box<dyn FnOnce(String) + Send>>>>;
+
+/// Runs `body` in a thread named `metrics`; its panic or error is its result, and is also
+/// handed to whoever `failed` holds by then.
+fn spawn_reported(
+    failed: FailureSlot,
+    body: impl FnOnce() -> Result<(), String> + Send + 'static,
+) -> std::io::Result<JoinHandle<Result<(), String>>> {
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body))
+                .unwrap_or_else(|payload| Err(panic_text(payload.as_ref())));
+            // The owner hears of a failure while it runs, not only when it stops us.
+            if let Err(cause) = &outcome
+                && let Some(tell) = failed.lock().unwrap_or_else(|p| p.into_inner()).take()
+            {
+                tell(cause.clone());
+            }
+            outcome
+        })
+}
+
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    match (
+        payload.downcast_ref::<&str>(),
+        payload.downcast_ref::<String>(),
+    ) {
+        (Some(s), _) => format!("panicked: {s}"),
+        (_, Some(s)) => format!("panicked: {s}"),
+        _ => "panicked".to_string(),
+    }
 }
 
 impl MetricsServer {
+    /// Tells `tell` why the thread failed, if it fails while serving (a failure before this
+    /// call is reported by [`MetricsServer::stop`] as before).
+    pub fn on_failure(&self, tell: Box<dyn FnOnce(String) + Send>) {
+        *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(tell);
+    }
+
     /// Stops serving and waits for the thread; says why it had failed, if it had.
     pub fn stop(mut self) -> Result<(), String> {
         self.finish()
@@ -145,6 +187,11 @@ impl Exporter {
             slot,
             addr: local,
         })
+    }
+
+    /// Tells `tell` (e.g. the VM's owner) why the `metrics` thread failed, if it does.
+    pub fn on_failure(&self, tell: Box<dyn FnOnce(String) + Send>) {
+        self._server.on_failure(tell);
     }
 
     /// Serves `source` from the next scrape on.
@@ -283,5 +330,32 @@ mod tests {
             e.to_string(),
             "Invalid --metrics address 'no-port': expected HOST:PORT, e.g. 127.0.0.1:9464"
         );
+    }
+
+    #[test]
+    fn a_failing_or_panicking_metrics_thread_tells_its_owner_and_its_join() {
+        for (body, want) in [
+            (
+                Box::new(|| Err("no runtime".to_string()))
+                    as Box<dyn FnOnce() -> Result<(), String> + Send>,
+                "no runtime",
+            ),
+            (Box::new(|| panic!("boom {}", 7)), "panicked: boom 7"),
+        ] {
+            let slot: FailureSlot = Arc::new(Mutex::new(None));
+            let (tx, rx) = std::sync::mpsc::channel();
+            *slot.lock().unwrap() = Some(Box::new(move |cause| tx.send(cause).unwrap()));
+            let t = spawn_reported(slot, body).unwrap();
+            assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), want);
+            assert_eq!(t.join().unwrap(), Err(want.to_string()));
+        }
+        // A thread that ends well tells nobody.
+        let slot: FailureSlot = Arc::new(Mutex::new(None));
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        *slot.lock().unwrap() = Some(Box::new(move |cause| tx.send(cause).unwrap()));
+        let t = spawn_reported(slot.clone(), || Ok(())).unwrap();
+        assert_eq!(t.join().unwrap(), Ok(()));
+        assert!(rx.try_recv().is_err());
+        assert!(slot.lock().unwrap().is_some(), "not taken");
     }
 }
