@@ -15,6 +15,9 @@ pub struct DiskTracker {
     file: File,
     bytes: u64,
     tracking: AtomicBool,
+    /// Some block was marked since the last take: an epoch without writes skips the scan of
+    /// the whole bitmap (its words number the image's size / 256 KiB), which runs in a pause.
+    any: AtomicBool,
     dirty: Vec<AtomicU64>,
 }
 
@@ -26,6 +29,7 @@ impl DiskTracker {
             file,
             bytes,
             tracking: AtomicBool::new(false),
+            any: AtomicBool::new(false),
             dirty: (0..words).map(|_| AtomicU64::new(0)).collect(),
         }
     }
@@ -65,11 +69,16 @@ impl DiskTracker {
                 w.fetch_or(1 << (b % 64), Ordering::SeqCst);
             }
         }
+        // After the bits: a take that misses this flag finds the bits the next time.
+        self.any.store(true, Ordering::SeqCst);
     }
 
     /// The blocks written since the last call (or the start), ascending; clears them.
     pub fn take(&self) -> Vec<u64> {
         let mut out = Vec::new();
+        if !self.any.swap(false, Ordering::SeqCst) {
+            return out;
+        }
         for (i, w) in self.dirty.iter().enumerate() {
             let mut bits = w.swap(0, Ordering::SeqCst);
             while bits != 0 {
