@@ -451,6 +451,8 @@ fn the_replica_s_history_bills_exactly_the_guest_s_disk_writes() {
     let sock = dir.path().join("api.sock");
     let (_primary, _log, console) = protected_primary(&[
         "run",
+        "--vcpus",
+        "2",
         "--mem",
         "32M",
         "--disk",
@@ -465,13 +467,33 @@ fn the_replica_s_history_bills_exactly_the_guest_s_disk_writes() {
         "--peer",
         &rfp,
         "--cmdline",
-        "disk-write=4,5 chunk-kib=4",
+        "@0:disk-write=4,5 @0:chunk-kib=4 @1:count=0 @1:interval-ms=50",
     ]);
     common::ftvm_ok(&["resume", "--api", &s(&sock)]);
     // Held until committed: once it is out, the replica has recorded the writes.
     // (vCPU 1 counts on: the guest does not power off, which would release the line itself.)
     let counts = console.wait_for_line("blk0 counts", LIMIT);
     assert!(counts.contains("writes=1024"), "{counts}");
+    // The line can also have gone out while the link was down (degraded, on a loaded
+    // machine): wait until two more checkpoints are committed while protected.
+    let committed = |sock: &std::path::Path| {
+        let st = common::protection::status(sock);
+        (st["protection"]["state"] == "protected")
+            .then(|| st["protection"]["committed_epoch"].as_u64())
+            .flatten()
+    };
+    let deadline = Instant::now() + LIMIT;
+    let seen = loop {
+        if let Some(e) = committed(&sock) {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "never protected again");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    while committed(&sock).is_none_or(|e| e < seen + 2) {
+        assert!(Instant::now() < deadline, "no further commits");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     // An orderly stop of the replica, then the export.
     let pid = replica.child.0.as_ref().unwrap().id() as i32;
     // SAFETY: kill(2) of our own child.
@@ -530,7 +552,19 @@ fn a_guest_that_powers_off_is_not_taken_over() {
     ]);
     let status = primary.0.as_mut().unwrap().wait().unwrap();
     assert!(status.success(), "the guest powered off: {status}");
-    replica.wait_log("closed the link on purpose: not taking over");
+    // The replica sees the close on its next read ("on purpose") or while it sends an
+    // acknowledgement ("primary lost ... stays as it was"): either way, no takeover.
+    let deadline = Instant::now() + LIMIT;
+    while !replica
+        .log()
+        .contains("closed the link on purpose: not taking over")
+        && !replica
+            .log()
+            .contains("the committed checkpoint stays as it was")
+    {
+        assert!(Instant::now() < deadline, "{}", replica.log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
     // Well past the failover timeout: still no takeover.
     let deadline = Instant::now() + Duration::from_millis(600);
     while Instant::now() < deadline {
