@@ -493,7 +493,23 @@ fn replica(args: ReplicaArgs) -> anyhow::Result<ExitCode> {
         })
         .transpose()?
         .map(|h| HistoryRecorder::new(h, &args.metrics.vm_name));
+    // A machine built ahead of a takeover on each new committed image (--failover only).
+    let standby = args
+        .failover
+        .then(|| {
+            replica::standby::HotStandby::start(replica::standby::HostDevices {
+                nets: nets.clone(),
+                disk_dir: args.disk_dir.clone(),
+            })
+            .context("Cannot start the standby thread")
+        })
+        .transpose()?
+        .map(Arc::new);
+    let observer = standby.clone();
     let on_commit: replica::OnCommit = Arc::new(move |c: &replica::Committed| {
+        if let Some(s) = &observer {
+            s.observe(c);
+        }
         committed_metrics.committed(&c.state.counters, c.epoch);
         if let Some(r) = &recorder {
             r.record(&c.state.counters, c.epoch);
@@ -542,7 +558,7 @@ fn replica(args: ReplicaArgs) -> anyhow::Result<ExitCode> {
                     // The primary asked: it has paused its guest and ends.
                     return take_over(
                         &args,
-                        nets,
+                        standby.as_deref(),
                         &committed,
                         epoch,
                         silent,
@@ -566,7 +582,7 @@ fn replica(args: ReplicaArgs) -> anyhow::Result<ExitCode> {
         }
         return take_over(
             &args,
-            nets,
+            standby.as_deref(),
             &committed,
             epoch,
             silent,
@@ -643,43 +659,35 @@ impl HistoryRecorder {
     }
 }
 
-/// Runs the committed image here: restored in place on the replica's memory (no copy), with
-/// this host's cards and the disk copies, announced on the network, then supervised like
-/// `ftvm run`.
+/// Runs the committed image here — its state loaded into the hot standby built on it, or a
+/// machine built cold on the replica's memory (no copy) — with this host's cards and the disk
+/// copies, announced on the network, then supervised like `ftvm run`.
 fn take_over(
     args: &ReplicaArgs,
-    nets: Vec<vmm::devices::virtio::net::NetConfig>,
+    standby: Option<&replica::standby::HotStandby>,
     committed: &replica::Shared,
     epoch: u64,
     silent: std::time::Duration,
     fencing: std::time::Duration,
     metrics: Option<&metrics::Exporter>,
 ) -> anyhow::Result<ExitCode> {
-    let started = std::time::Instant::now();
     let c = committed
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .take()
         .context("Nothing committed to take over")?;
-    let disks = c.state.config.disks.len();
-    let disk_paths = match (&args.disk_dir, disks) {
-        (_, 0) => None,
-        (Some(dir), n) => Some((0..n).map(|i| dir.join(format!("disk{i}.img"))).collect()),
-        (None, _) => anyhow::bail!("The guest has disks and the replica no --disk-dir"),
-    };
-    let opts = RestoreOptions {
-        console: Box::new(std::io::stdout()),
-        nets: (!nets.is_empty()).then_some(nets),
-        disks: disk_paths,
-    };
-    let vm = Vm::restore(c.state, opts, vmm::vm::RestoreMemory::Mapped(c.memory))
+    let standby = standby.context("A takeover without --failover")?;
+    let (vm, how, activation) = standby
+        .activate(c)
+        .map_err(|e| anyhow::anyhow!(e))
         .context("Cannot take over the committed image")?;
     let cards = vm.announce().context("Cannot announce the guest's cards")?;
     tracing::info!(
         epoch,
         detection_ms = silent.as_millis() as u64,
         fencing_ms = fencing.as_millis() as u64,
-        activation_us = started.elapsed().as_micros() as u64,
+        activation_us = activation.as_micros() as u64,
+        standby = how.as_str(),
         cards,
         at_unix_ns = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::lan::{Client, Lan, SUBNET};
 use common::protection::{Replica, cert, protected_primary, s, spawn_logged};
-use common::require_kvm;
+use common::{counts, require_kvm};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -104,6 +104,12 @@ fn fail_over_once(dir: &std::path::Path, kill_after: Duration) -> String {
         .find(|l| l.contains("took over"))
         .unwrap()
         .to_string();
+    // The stream ran long enough for the hot standby to be built on the synced image.
+    assert_eq!(
+        common::protection::field(&line, "standby"),
+        Some("\"hot\""),
+        "{line}"
+    );
     drop(client);
     format!(
         "{before} bytes before the kill, {} pings lost; {line}",
@@ -600,4 +606,146 @@ fn the_failover_timeout_is_checked_at_its_limits() {
         assert_eq!(out.status.code(), Some(1), "{ms}: {err}");
         assert_eq!(!err.contains("out of range"), in_range, "{ms}: {err}");
     }
+}
+
+/// A guest counting on the console, protected by `replica` (with the certificates of `certs`)
+/// until the replica has `standbys` standbys built (or says its standby thread failed); then
+/// the primary is killed. Returns the primary's console: what it released.
+fn count_until_killed(
+    (pc, rfp): (&std::path::Path, &str),
+    replica: &Replica,
+    standbys: usize,
+) -> String {
+    let (mut primary, _log, console) = protected_primary(&[
+        "run",
+        "--mem",
+        "32M",
+        "--replica",
+        &replica.addr,
+        "--cert",
+        &s(pc),
+        "--peer",
+        rfp,
+        "--cmdline",
+        "count=0 interval-ms=20",
+    ]);
+    console.wait_until("ten counts", LIMIT, |t| counts(t, 0).len() >= 10);
+    let deadline = Instant::now() + LIMIT;
+    while replica.log().matches("hot standby ready").count() < standbys
+        && !replica.log().contains("VMM thread standby failed")
+    {
+        assert!(Instant::now() < deadline, "{}", replica.log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let child = primary.0.as_mut().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    console.text()
+}
+
+/// The guest the replica runs after a takeover continues the killed primary's count: past
+/// everything the primary released, one by one, without booting again.
+fn assert_continues(released: &str, replica: &Replica) {
+    let last = counts(released, 0)
+        .last()
+        .copied()
+        .expect("the primary counted");
+    let text = replica
+        .console
+        .wait_until("counts after the takeover", LIMIT, |t| {
+            counts(t, 0).len() >= 5
+        });
+    let after = counts(&text, 0);
+    assert!(
+        after[0] > last,
+        "resumed at {} after {last} was released",
+        after[0]
+    );
+    let want: Vec<u64> = (after[0]..after[0] + after.len() as u64).collect();
+    assert_eq!(after, want, "{text}");
+    assert!(!text.contains("ftvm-guest: boot"), "{text}");
+}
+
+fn took_over_line(replica: &Replica) -> String {
+    replica.wait_log("took over");
+    replica
+        .log()
+        .lines()
+        .find(|l| l.contains("took over"))
+        .unwrap()
+        .to_string()
+}
+
+/// The standby is rebuilt on each image a sync commits: after one primary powered off and
+/// another synced, the takeover loads the second one's state into a standby built on its image.
+#[test]
+fn the_hot_standby_follows_each_new_primary_s_image() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let (pc, rc, pfp, rfp) = certs(dir.path());
+    let replica = Replica::start_with(
+        "127.0.0.1:0",
+        &rc,
+        &pfp,
+        &["--failover", "--failover-timeout", "200"],
+        &[],
+    );
+    let (mut first, _log, _console) = protected_primary(&[
+        "run",
+        "--mem",
+        "32M",
+        "--replica",
+        &replica.addr,
+        "--cert",
+        &s(&pc),
+        "--peer",
+        &rfp,
+        "--cmdline",
+        "count=30 interval-ms=20",
+    ]);
+    assert!(first.0.as_mut().unwrap().wait().unwrap().success());
+    replica.wait_log("hot standby ready");
+    let released = count_until_killed((&pc, &rfp), &replica, 2);
+    let line = took_over_line(&replica);
+    assert_eq!(
+        common::protection::field(&line, "standby"),
+        Some("\"hot\""),
+        "{line}"
+    );
+    let activation: u64 = common::protection::field(&line, "activation_us")
+        .and_then(|v| v.parse().ok())
+        .expect("the takeover says how long activation took");
+    assert!(activation > 0, "{line}");
+    assert_continues(&released, &replica);
+}
+
+/// A standby thread that fails is reported with its name and cause when it fails, and the
+/// takeover then builds the machine cold: the guest continues all the same.
+#[test]
+fn a_failed_standby_is_reported_and_the_takeover_builds_cold() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let (pc, rc, pfp, rfp) = certs(dir.path());
+    let replica = Replica::start_with(
+        "127.0.0.1:0",
+        &rc,
+        &pfp,
+        &["--failover", "--failover-timeout", "200"],
+        &[("FTVM_INJECT_FAULT", "standby:error")],
+    );
+    let released = count_until_killed((&pc, &rfp), &replica, 1);
+    assert!(
+        replica
+            .log()
+            .contains("VMM thread standby failed: fault injected at standby"),
+        "{}",
+        replica.log()
+    );
+    let line = took_over_line(&replica);
+    assert_eq!(
+        common::protection::field(&line, "standby"),
+        Some("\"cold\""),
+        "{line}"
+    );
+    assert_continues(&released, &replica);
 }

@@ -36,6 +36,11 @@ fn io(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> String {
     move |e| format!("cannot {what} {path}: {e}")
 }
 
+/// The committed copy of disk `n` in `dir`.
+pub fn committed_path(dir: &std::path::Path, n: usize) -> PathBuf {
+    dir.join(format!("disk{n}.img"))
+}
+
 impl DiskStore {
     /// The store for a machine with `disks` disks, in `dir` (which must exist).
     pub fn new(dir: &Path, disks: usize) -> Result<Self, String> {
@@ -57,7 +62,7 @@ impl DiskStore {
 
     /// Where the committed copy of disk `n` is.
     pub fn path(&self, n: usize) -> PathBuf {
-        self.dir.join(format!("disk{n}.img"))
+        committed_path(&self.dir, n)
     }
 
     fn sync_path(&self, n: usize) -> PathBuf {

@@ -31,6 +31,7 @@ use vmm::vm::MachineState;
 
 pub mod disks;
 mod fence;
+pub mod standby;
 use disks::DiskStore;
 pub use fence::fence;
 

@@ -30,7 +30,7 @@ pub use crate::event::VmEvent;
 mod build;
 mod snapshot;
 
-pub use snapshot::{MachineState, MemoryFiller, RestoreMemory, RestoreOptions};
+pub use snapshot::{MachineState, MemoryFiller, RestoreMemory, RestoreOptions, Standby};
 
 /// Most vCPUs a VM may have (APIC ids must stay below the broadcast id 255).
 pub const MAX_VCPUS: u8 = 254;

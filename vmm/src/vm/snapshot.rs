@@ -144,18 +144,62 @@ impl Vm {
         opts: RestoreOptions,
         memory: RestoreMemory,
     ) -> Result<Vm, VmError> {
-        let count = state.vcpus.len() as u64;
+        let (mapped, fill) = match memory {
+            RestoreMemory::Fill(f) => (None, Some(f)),
+            RestoreMemory::Mapped(m) => (Some(m), None),
+        };
+        let standby = Standby::prepare(&state.config, state.vcpus.len(), opts, mapped)?;
+        if let Some(fill) = fill {
+            fill(&standby.parts.memory).map_err(VmError::LoadMemory)?;
+        }
+        standby.activate(state)
+    }
+}
+
+/// A machine built ahead of its state (a hot standby): the KVM VM, its memory slots over an
+/// image that someone else keeps current (a replica's committed image, shared, not copied),
+/// the vCPUs, the buses and the devices with their host ends (TAPs, disk files) open, but no
+/// guest state and no thread. [`Standby::activate`] loads a state into it — device, in-kernel
+/// and vCPU state, counters, which takes well under a millisecond — and gives the VM, ready to
+/// [`Vm::start`]; building is what takes milliseconds, and it is done before it is needed.
+pub struct Standby {
+    parts: build::Parts,
+    /// The configuration as a state of this machine carries it.
+    saved: SavedConfig,
+    /// The configuration built: `saved` with the cards and disks of [`RestoreOptions`].
+    config: SavedConfig,
+    vcpus: usize,
+}
+
+impl Standby {
+    /// Builds, on `memory` as it is, the machine whose states carry `config` and have `vcpus`
+    /// vCPUs, with the cards and disks of `opts`.
+    pub fn build(
+        config: &SavedConfig,
+        vcpus: usize,
+        opts: RestoreOptions,
+        memory: GuestMemoryMmap,
+    ) -> Result<Standby, VmError> {
+        Self::prepare(config, vcpus, opts, Some(memory))
+    }
+
+    fn prepare(
+        saved: &SavedConfig,
+        count: usize,
+        opts: RestoreOptions,
+        mapped: Option<GuestMemoryMmap>,
+    ) -> Result<Standby, VmError> {
         let vcpus = match u8::try_from(count) {
             Ok(n) if (1..=MAX_VCPUS).contains(&n) => n,
             _ => {
                 return Err(VmError::VcpuCount {
-                    count,
+                    count: count as u64,
                     max: u64::from(MAX_VCPUS),
                 });
             }
         };
-        let ram = memory::ram_ranges(state.config.mem_size)?;
-        let mut config = state.config.clone();
+        let ram = memory::ram_ranges(saved.mem_size)?;
+        let mut config = saved.clone();
         if let Some(nets) = opts.nets {
             if nets.len() != config.nets.len() {
                 return Err(StateError::Invalid(
@@ -183,19 +227,40 @@ impl Vm {
                 saved.path = path;
             }
         }
+        let parts = build::build(vcpus, &ram, &config, opts.console, mapped)?;
+        Ok(Standby {
+            parts,
+            saved: saved.clone(),
+            config,
+            vcpus: count,
+        })
+    }
+
+    /// Guest memory (the image it was built on).
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.parts.memory
+    }
+
+    /// Loads `state` (untrusted: checked as it is applied, before any vCPU runs guest code),
+    /// which must be of the machine this was built for; the VM continues where the saved one
+    /// was, on the memory as it is now.
+    pub fn activate(self, state: MachineState) -> Result<Vm, VmError> {
+        let Standby {
+            parts,
+            saved,
+            config,
+            vcpus,
+        } = self;
+        if state.config != saved || state.vcpus.len() != vcpus {
+            return Err(
+                StateError::Invalid("the state is of another machine than the standby").into(),
+            );
+        }
         if state.counters.vcpus.len() != state.vcpus.len()
             || state.counters.blocks.len() != config.disks.len()
             || state.counters.nets.len() != config.nets.len()
         {
             return Err(StateError::Invalid("the saved counters do not match the machine").into());
-        }
-        let (mapped, fill) = match memory {
-            RestoreMemory::Fill(f) => (None, Some(f)),
-            RestoreMemory::Mapped(m) => (Some(m), None),
-        };
-        let parts = build::build(vcpus, &ram, &config, opts.console, mapped)?;
-        if let Some(fill) = fill {
-            fill(&parts.memory).map_err(VmError::LoadMemory)?;
         }
         // What restoring wrote is not a change the guest made.
         memory::take_dirty(&parts.fd, &parts.memory)?;
