@@ -256,3 +256,55 @@ fn a_bad_counter_list_is_refused_before_the_guest_prints() {
         );
     }
 }
+
+/// `MachineState::advance_clocks` (what a takeover does for the time since the commit) moves
+/// kvmclock and every vCPU's TSC MSR on by the same time: a machine restored from the advanced
+/// state reads them an hour later than the saved ones.
+#[test]
+fn advanced_clocks_reach_the_restored_machine() {
+    let (vm, console) = test_vm(2, 64, "count=0 interval-ms=5");
+    let vm = vm.start().unwrap();
+    console.wait_for("vcpu1 count 2\n", LIMIT);
+    vm.pause().unwrap();
+    let mut state = vm.save_state().unwrap();
+    let memory = dump(&vm);
+    vm.stop().unwrap();
+    let tsc = |s: &MachineState| -> Vec<u64> {
+        s.vcpus
+            .iter()
+            .map(|v| {
+                v.msrs
+                    .iter()
+                    .find(|m| m.index == 0x10)
+                    .expect("TSC saved")
+                    .data
+            })
+            .collect()
+    };
+    let (tsc0, clock0) = (tsc(&state), state.kvm.clock.clock);
+    let khz = u64::from(state.vcpus[0].tsc_khz.expect("TSC frequency saved"));
+    let hour = Duration::from_secs(3600);
+    assert_eq!(state.advance_clocks(hour), 2, "both vCPUs' TSCs moved");
+
+    let (restored, _console) = restore(state, memory);
+    let restored = restored.start_paused().unwrap();
+    let again = restored.save_state().unwrap();
+    restored.stop().unwrap();
+    let hour_ns = hour.as_nanos() as u64;
+    assert!(
+        again.kvm.clock.clock >= clock0 + hour_ns,
+        "kvmclock {} -> {}",
+        clock0,
+        again.kvm.clock.clock
+    );
+    // Under PVM (this project's CI machine) the guest reads the host's TSC itself and KVM
+    // ignores a written one: it never falls behind real time, so it has nothing to catch up.
+    // SAFETY: rdtsc reads a counter; it has no effect on memory.
+    let host = unsafe { core::arch::x86_64::_rdtsc() };
+    for (before, after) in tsc0.iter().zip(tsc(&again)) {
+        assert!(
+            after >= before + 3600 * khz * 1000 || after.abs_diff(host) < khz * 1000,
+            "TSC {before} -> {after} at {khz} kHz (the host's: {host})"
+        );
+    }
+}

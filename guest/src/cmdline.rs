@@ -69,6 +69,8 @@ fn port(value: &str, default: u16) -> Result<u16, &'static str> {
 pub enum Kind {
     /// Print a counter `n` times (0 = forever).
     Count(u64),
+    /// Print a counter and the guest's clock (ms since its TSC started) `n` times (0 = forever).
+    Clock(u64),
     /// Run `n` iterations of the compute kernel and report the time taken.
     Compute(u64),
     /// Write `mib_per_s` MiB/s over a working set of `mib` MiB (split between the vCPUs).
@@ -141,6 +143,7 @@ pub fn parse(cmdline: &str, vcpu: u64) -> Result<Work, &'static str> {
         let (key, value) = word.split_once('=').unwrap_or((word, ""));
         let kind = match key {
             "count" => Kind::Count(if value.is_empty() { 5 } else { number(value)? }),
+            "clock" => Kind::Clock(if value.is_empty() { 5 } else { number(value)? }),
             "compute" => Kind::Compute(number(value)?),
             "dirty" => {
                 let (rate, mib) = value.split_once(',').ok_or("dirty= wants RATE,MIB")?;

@@ -26,6 +26,14 @@ pub fn run(work: &Work, boot: &BootInfo, vcpu: u64, clock: Clock) -> Result<(), 
                 k += 1;
             }
         }
+        Kind::Clock(n) => {
+            let mut k = 1;
+            while *n == 0 || k <= *n {
+                println!("vcpu{} clock {} ms {}", vcpu, k, clock.now_ns() / 1_000_000);
+                clock.sleep_ms(work.interval_ms);
+                k += 1;
+            }
+        }
         Kind::Compute(iterations) => {
             let start = clock.now_ns();
             let result = compute(*iterations, vcpu + 1);

@@ -108,6 +108,8 @@ pub struct Committed {
     pub state: MachineState,
     /// The epoch.
     pub epoch: u64,
+    /// When it was committed here (a takeover moves the guest's clocks on by the time since).
+    pub at: Instant,
 }
 
 /// What the replica holds, shared with whoever looks at it (tests, later failover).
@@ -886,6 +888,7 @@ fn commit_with(
                 memory,
                 state,
                 epoch,
+                at: Instant::now(),
             });
         }
         (FrameKind::Incremental, Some(state)) => {
@@ -895,6 +898,7 @@ fn commit_with(
             wire::apply(&decoded, &c.memory).map_err(|e| chain(&e))?;
             c.state = state;
             c.epoch = epoch;
+            c.at = Instant::now();
         }
         (_, None) => return Err("a checkpoint frame without machine state".into()),
     }

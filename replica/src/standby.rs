@@ -9,6 +9,11 @@
 //! the standby is missing or was built on another image (a sync just ended, its build failed),
 //! the takeover builds the machine cold, as a restore does, and says so.
 //!
+//! Activation also moves the guest's clocks on by the time since the commit
+//! ([`vmm::vm::MachineState::advance_clocks`]): the guest's time keeps pace with real time
+//! across the outage, and timers that fell due during it (TCP retransmissions) fire at once
+//! instead of waiting the outage out again.
+//!
 //! The standby holds the replica's TAPs open (a TAP without multi-queue has one owner), so an
 //! old standby is dropped before a new one, or a cold build, opens them again. Frames queued on
 //! a standby's TAP before the takeover reach the guest afterwards, like frames a switch
@@ -201,8 +206,17 @@ impl HotStandby {
     /// The machine of `c`, ready to start: its state loaded into the standby if one was built
     /// on `c`'s image, else built cold on that image. Ends the `standby` thread; also `how
     /// long` the activation took.
-    pub fn activate(&self, c: Committed) -> Result<(Vm, Activation, Duration), String> {
+    pub fn activate(&self, mut c: Committed) -> Result<(Vm, Activation, Duration), String> {
         let started = Instant::now();
+        // The guest's time goes on from when its state was committed, not from its capture
+        // (a few milliseconds earlier): it may fall that much behind, never ahead.
+        let behind = c.at.elapsed();
+        let tscs = c.state.advance_clocks(behind);
+        tracing::debug!(
+            behind_us = behind.as_micros() as u64,
+            tscs,
+            "the guest's clocks moved on by the time since the commit"
+        );
         self.stop();
         let built = lock(&self.ready).take();
         let image = image_of(&c.memory);

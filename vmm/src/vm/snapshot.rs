@@ -35,6 +35,33 @@ pub struct MachineState {
     pub counters: CountersState,
 }
 
+/// `IA32_TIME_STAMP_COUNTER`.
+const MSR_IA32_TSC: u32 = 0x10;
+
+impl MachineState {
+    /// Moves the guest's clocks — each vCPU's TSC (at its saved frequency) and kvmclock —
+    /// forward by `by`, as if the guest had run on for that long: a takeover restores a state
+    /// captured before the outage, and without this the guest's time would fall behind real
+    /// time by the outage (and timers due during it, such as TCP retransmissions, would wait
+    /// it out again). Every vCPU moves by the same amount, so their TSCs stay in step. Returns
+    /// how many TSCs moved.
+    pub fn advance_clocks(&mut self, by: std::time::Duration) -> usize {
+        let ns = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);
+        let mut moved = 0;
+        for vcpu in &mut self.vcpus {
+            let Some(khz) = vcpu.tsc_khz else { continue };
+            let ticks =
+                u64::try_from(u128::from(ns) * u128::from(khz) / 1_000_000).unwrap_or(u64::MAX);
+            for msr in vcpu.msrs.iter_mut().filter(|m| m.index == MSR_IA32_TSC) {
+                msr.data = msr.data.saturating_add(ticks);
+                moved += 1;
+            }
+        }
+        self.kvm.clock.clock = self.kvm.clock.clock.saturating_add(ns);
+        moved
+    }
+}
+
 /// How a restored machine differs from the saved one.
 pub struct RestoreOptions {
     /// Where the console goes.
