@@ -17,18 +17,25 @@ use common::protection::{Replica, cert, field, s};
 const LIMIT: Duration = Duration::from_secs(60);
 
 /// (total, detection, activation) in ms for one failover.
-fn once(dir: &std::path::Path, timeout_ms: u64, kill_after: Duration) -> (f64, f64, f64) {
+fn once(
+    lan: &Lan,
+    dir: &std::path::Path,
+    timeout_ms: u64,
+    kill_after: Duration,
+) -> (f64, f64, f64) {
     let (pc, rc) = (dir.join("p"), dir.join("r"));
     let (pfp, rfp) = (cert(&pc), cert(&rc));
     let t = timeout_ms.to_string();
+    lan.enter("R");
     let replica = Replica::start_with(
-        "127.0.0.1:0",
+        &Lan::rep_addr("R"),
         &rc,
         &pfp,
         &["--failover", "--failover-timeout", &t, "--net", "tap=tapR"],
         &[],
     );
     let cmdline = format!("ip={SUBNET}.2/24 tcp-stream");
+    lan.enter("P");
     let (mut primary, _log, _console) = common::protection::protected_primary(&[
         "run",
         "--mem",
@@ -44,6 +51,7 @@ fn once(dir: &std::path::Path, timeout_ms: u64, kill_after: Duration) -> (f64, f
         "--cmdline",
         &cmdline,
     ]);
+    lan.enter_lan();
     let client = Client::connect();
     client.wait_more(1 << 20, "the stream before the kill");
     std::thread::sleep(kill_after);
@@ -85,13 +93,13 @@ fn main() {
         .filter_map(|a| a.parse::<u64>().ok());
     let runs = args.next().unwrap_or(20) as usize;
     let timeout = args.next().unwrap_or(250);
-    let _lan = Lan::create();
+    let lan = Lan::create();
     let (mut total, mut detect, mut activate, mut rest) = (vec![], vec![], vec![], vec![]);
     for i in 0..runs {
         let dir = tempfile::tempdir().unwrap();
         // Kills spread over the epoch: 7 ms apart, 25 ms epochs.
         let after = Duration::from_millis(50 + (i as u64 * 7) % 200);
-        let (t, d, a) = once(dir.path(), timeout, after);
+        let (t, d, a) = once(&lan, dir.path(), timeout, after);
         eprintln!("run {i}: total {t:.1} ms, detection {d:.0} ms, activation {a:.2} ms");
         total.push(t);
         detect.push(d);

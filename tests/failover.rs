@@ -23,10 +23,11 @@ fn certs(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, Stri
 }
 
 /// One protected guest, killed after `kill_after`: the stream goes on from the replica.
-fn fail_over_once(dir: &std::path::Path, kill_after: Duration) -> String {
+fn fail_over_once(lan: &Lan, dir: &std::path::Path, kill_after: Duration) -> String {
     let (pc, rc, pfp, rfp) = certs(dir);
+    lan.enter("R");
     let replica = Replica::start_with(
-        "127.0.0.1:0",
+        &Lan::rep_addr("R"),
         &rc,
         &pfp,
         &[
@@ -39,6 +40,7 @@ fn fail_over_once(dir: &std::path::Path, kill_after: Duration) -> String {
         &[],
     );
     let cmdline = format!("ip={SUBNET}.2/24 tcp-stream");
+    lan.enter("P");
     let (mut primary, _log, _console) = protected_primary(&[
         "run",
         "--mem",
@@ -54,6 +56,7 @@ fn fail_over_once(dir: &std::path::Path, kill_after: Duration) -> String {
         "--cmdline",
         &cmdline,
     ]);
+    lan.enter_lan();
     let client = Client::connect();
     client.wait_more(1 << 20, "the stream before the kill");
     // Pings every 20 ms across the kill: only those sent while the replica waits out its
@@ -120,12 +123,12 @@ fn fail_over_once(dir: &std::path::Path, kill_after: Duration) -> String {
 #[test]
 fn a_tcp_stream_survives_sigkill_of_the_primary() {
     require_kvm();
-    let _lan = Lan::create();
+    let lan = Lan::create();
     // Kills at different moments of the epoch (25 ms): spread over 10 ms steps.
     for i in 0..10u64 {
         let dir = tempfile::tempdir().unwrap();
         let after = Duration::from_millis(100 + i * 37);
-        let said = fail_over_once(dir.path(), after);
+        let said = fail_over_once(&lan, dir.path(), after);
         eprintln!("kill {i} after {after:?}: {said}");
     }
 }
@@ -179,7 +182,7 @@ fn a_failing_fence_stops_the_takeover() {
 #[test]
 fn the_new_primary_is_protected_again_and_survives_a_second_failover() {
     require_kvm();
-    let _lan = Lan::create();
+    let lan = Lan::create();
     let dir = tempfile::tempdir().unwrap();
     let (pc, r1c, r2c) = (
         dir.path().join("p"),
@@ -188,15 +191,17 @@ fn the_new_primary_is_protected_again_and_survives_a_second_failover() {
     );
     let (pfp, r1fp, r2fp) = (cert(&pc), cert(&r1c), cert(&r2c));
     let failover = ["--failover", "--failover-timeout", "300"];
+    lan.enter("S");
     let second = Replica::start_with(
-        "127.0.0.1:0",
+        &Lan::rep_addr("S"),
         &r2c,
         &r1fp,
         &[&failover[..], &["--net", "tap=tapS"]].concat(),
         &[],
     );
+    lan.enter("R");
     let mut first = Replica::start_with(
-        "127.0.0.1:0",
+        &Lan::rep_addr("R"),
         &r1c,
         &pfp,
         &[
@@ -214,6 +219,7 @@ fn the_new_primary_is_protected_again_and_survives_a_second_failover() {
         &[],
     );
     let cmdline = format!("ip={SUBNET}.2/24 tcp-stream");
+    lan.enter("P");
     let (mut primary, _log, _console) = protected_primary(&[
         "run",
         "--mem",
@@ -229,6 +235,7 @@ fn the_new_primary_is_protected_again_and_survives_a_second_failover() {
         "--cmdline",
         &cmdline,
     ]);
+    lan.enter_lan();
     let client = Client::connect();
     client.wait_more(1 << 20, "the stream before the first kill");
     let child = primary.0.as_mut().unwrap();
@@ -342,11 +349,12 @@ fn status_epochs(sock: &std::path::Path) -> u64 {
 #[test]
 fn migrate_hands_the_guest_over_with_the_stream_running() {
     require_kvm();
-    let _lan = Lan::create();
+    let lan = Lan::create();
     let dir = tempfile::tempdir().unwrap();
     let (pc, rc, pfp, rfp) = certs(dir.path());
+    lan.enter("R");
     let replica = Replica::start_with(
-        "127.0.0.1:0",
+        &Lan::rep_addr("R"),
         &rc,
         &pfp,
         &["--failover", "--net", "tap=tapR"],
@@ -354,6 +362,7 @@ fn migrate_hands_the_guest_over_with_the_stream_running() {
     );
     let sock = dir.path().join("api.sock");
     let cmdline = format!("ip={SUBNET}.2/24 tcp-stream");
+    lan.enter("P");
     let (mut primary, _log, _console) = protected_primary(&[
         "run",
         "--mem",
@@ -371,6 +380,7 @@ fn migrate_hands_the_guest_over_with_the_stream_running() {
         "--cmdline",
         &cmdline,
     ]);
+    lan.enter_lan();
     let client = Client::connect();
     client.wait_more(1 << 20, "the stream before the switch-over");
     let answer = common::ftvm_ok(&["migrate", "--api", &s(&sock)]);
