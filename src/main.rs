@@ -681,7 +681,7 @@ fn take_over(
         .activate(c)
         .map_err(|e| anyhow::anyhow!(e))
         .context("Cannot take over the committed image")?;
-    let cards = vm.announce().context("Cannot announce the guest's cards")?;
+    let (cards, probes) = vm.announce().context("Cannot announce the guest's cards")?;
     tracing::info!(
         epoch,
         detection_ms = silent.as_millis() as u64,
@@ -689,6 +689,7 @@ fn take_over(
         activation_us = activation.as_micros() as u64,
         standby = how.as_str(),
         cards,
+        tcp_probes = probes,
         at_unix_ns = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64),

@@ -85,6 +85,8 @@ pub struct DeviceManager {
     pub disk_trackers: Vec<Arc<DiskTracker>>,
     /// Each network card's sink in the output gate, in `--net` order.
     pub net_sinks: Vec<usize>,
+    /// Each network card's TCP connections, in `--net` order.
+    pub net_flows: Vec<Arc<Mutex<crate::devices::virtio::net::flows::FlowTable>>>,
 }
 
 impl DeviceManager {
@@ -198,6 +200,7 @@ impl DeviceManager {
         let mut net = Net::new(tap, mac, mem.clone(), interrupt.clone());
         net.set_output(self.output.clone(), sink);
         self.net_counters.push(net.counters());
+        self.net_flows.push(net.flows());
         let net = Arc::new(Mutex::new(net));
         let clone = |i: usize| notify[i].try_clone().map_err(DeviceError::EventFd);
         self.handlers.push(Box::new(NetHandler {

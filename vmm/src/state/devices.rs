@@ -108,6 +108,8 @@ pub enum VirtioDeviceState {
     Net {
         /// Its MAC address, as the guest was told.
         mac: [u8; 6],
+        /// The guest's TCP connections on it (see [`crate::devices::virtio::net::flows`]).
+        flows: Vec<crate::devices::virtio::net::flows::TcpFlow>,
     },
 }
 

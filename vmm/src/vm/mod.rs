@@ -614,22 +614,31 @@ impl Machine {
 
     /// Tells the network where each of the guest's cards now is, as live migration does:
     /// broadcasts a RARP request from the card's MAC on its TAP (so that bridges and switches
-    /// learn the new port). Sent through the output gate, which is open on a VM that has just
-    /// taken over. Returns how many cards were announced.
-    pub fn announce(&self) -> std::io::Result<usize> {
-        for (i, (&sink, net)) in self
+    /// learn the new port); then sends each TCP peer of the guest a probe that it answers
+    /// with an acknowledgement, so that connections waiting for one go on at once (see
+    /// [`crate::devices::virtio::net::flows`]). Sent through the output gate, which is open on
+    /// a VM that has just taken over. Returns how many cards and probes went out.
+    pub fn announce(&self) -> std::io::Result<(usize, usize)> {
+        let mut probes = 0;
+        for (i, ((&sink, net), flows)) in self
             .devices
             .net_sinks
             .iter()
             .zip(&self.saved.nets)
+            .zip(&self.devices.net_flows)
             .enumerate()
         {
             let mac = net
                 .mac
                 .unwrap_or_else(|| crate::devices::virtio::net::default_mac(i));
             self.devices.output.emit(sink, &rarp(mac))?;
+            let frames = flows.lock().unwrap_or_else(|p| p.into_inner()).probes();
+            for frame in frames {
+                self.devices.output.emit(sink, &frame)?;
+                probes += 1;
+            }
         }
-        Ok(self.devices.net_sinks.len())
+        Ok((self.devices.net_sinks.len(), probes))
     }
 
     /// What every output of the guest goes through (see [`crate::output`]).

@@ -295,7 +295,7 @@ impl BusDevice for MmioTransport {
                 "saved virtio device differs from the configured one",
             ));
         }
-        self.device().check_state(&s.device)?;
+        self.device().load_state(&s.device)?;
         let build = || -> Result<Vec<Queue>, StateError> {
             s.queues
                 .iter()

@@ -101,6 +101,14 @@ pub trait VirtioDevice: Send {
         &self,
         state: &crate::state::VirtioDeviceState,
     ) -> Result<(), crate::state::StateError>;
+    /// Checks the saved state as [`Self::check_state`] does and takes what of it the device
+    /// keeps itself (a card's TCP connections); by default only checks.
+    fn load_state(
+        &mut self,
+        state: &crate::state::VirtioDeviceState,
+    ) -> Result<(), crate::state::StateError> {
+        self.check_state(state)
+    }
 }
 
 /// Copies `src` (a device's configuration bytes) into `data` from `offset`, zero-filling what

@@ -1,8 +1,8 @@
 //! The network device: transmit and receive queues, frames to and from a backend (the TAP).
 
 use std::io::ErrorKind;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::devices::counters::counters;
 
@@ -10,6 +10,7 @@ use ftvm_guest_abi::virtio::{ID_NET, NET_F_MAC, NET_HDR_LEN};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::Bytes;
 
+use super::flows::FlowTable;
 use crate::devices::virtio::chain::{self, Chain};
 use crate::devices::virtio::{ActivateError, Interrupt, VirtioDevice, read_config_bytes};
 use crate::memory::GuestMemoryMmap;
@@ -160,6 +161,8 @@ pub struct Net<B: NetBackend> {
     counters: Arc<NetCounters>,
     /// Where frames go instead of the backend: the output gate and this card's sink in it.
     output: Option<(Arc<OutputGate>, usize)>,
+    /// The guest's TCP connections, as its frames show them.
+    flows: Arc<Mutex<FlowTable>>,
 }
 
 impl<B: NetBackend> Net<B> {
@@ -176,7 +179,17 @@ impl<B: NetBackend> Net<B> {
             frame: vec![0; FRAME_BUF],
             counters: Arc::new(NetCounters::default()),
             output: None,
+            flows: Arc::default(),
         }
+    }
+
+    /// The guest's TCP connections on this card (see [`super::flows`]).
+    pub fn flows(&self) -> Arc<Mutex<FlowTable>> {
+        self.flows.clone()
+    }
+
+    fn flow_table(&self) -> std::sync::MutexGuard<'_, FlowTable> {
+        self.flows.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Sends frames through `gate` (sink `sink`, which writes them to this card's TAP) rather
@@ -245,6 +258,7 @@ impl<B: NetBackend> Net<B> {
             at = end;
         }
         let frame = &self.frame[NET_HDR_LEN..at];
+        self.flow_table().guest_sent(frame);
         let sent = match &self.output {
             Some((gate, sink)) => gate.emit(*sink, frame).map(|()| frame.len()),
             None => self.backend.send(frame),
@@ -341,6 +355,8 @@ impl<B: NetBackend> Net<B> {
         }
         add(&self.counters.rx_packets, 1);
         add(&self.counters.rx_bytes, len as u64);
+        self.flow_table()
+            .guest_received(&self.frame[NET_HDR_LEN..total]);
         total as u32
     }
 }
@@ -383,12 +399,15 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
     }
 
     fn save_state(&self) -> VirtioDeviceState {
-        VirtioDeviceState::Net { mac: self.mac }
+        VirtioDeviceState::Net {
+            mac: self.mac,
+            flows: self.flow_table().flows(),
+        }
     }
 
     fn check_state(&self, state: &VirtioDeviceState) -> Result<(), StateError> {
         match *state {
-            VirtioDeviceState::Net { mac } if mac == self.mac => Ok(()),
+            VirtioDeviceState::Net { mac, .. } if mac == self.mac => Ok(()),
             VirtioDeviceState::Net { .. } => Err(StateError::Invalid(
                 "a network card's MAC address differs from the snapshot's (give the same mac=)",
             )),
@@ -396,6 +415,14 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
                 "a network card was given another device's state",
             )),
         }
+    }
+
+    fn load_state(&mut self, state: &VirtioDeviceState) -> Result<(), StateError> {
+        self.check_state(state)?;
+        if let VirtioDeviceState::Net { flows, .. } = state {
+            self.flow_table().load(flows).map_err(StateError::Invalid)?;
+        }
+        Ok(())
     }
 }
 

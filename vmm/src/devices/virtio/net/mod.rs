@@ -2,6 +2,7 @@
 
 mod device;
 mod event_handler;
+pub mod flows;
 mod tap;
 #[cfg(test)]
 mod tests;
