@@ -504,8 +504,17 @@ fn serve_all(
         }
         server.close();
         // The close is sent by quinn's driver task: give it a moment to go out, so that the
-        // primary learns "replica closing" at once rather than from 1.5 s of silence.
-        tokio::time::sleep(CLOSE_GRACE).await;
+        // primary learns "replica closing" at once rather than from 1.5 s of silence — unless
+        // this replica takes over: its primary is lost, or handed over and gone already, and
+        // the guest waits.
+        let taking_over = context
+            .takeover
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
+        if !taking_over {
+            tokio::time::sleep(CLOSE_GRACE).await;
+        }
         Ok(())
     })
 }
@@ -590,8 +599,12 @@ async fn serve(conn: &transport::Connection, context: &Arc<Context>) -> Result<(
     loop {
         let limit = decoder.as_ref().map_or(64 << 10, |d| max_frame(d.shape()));
         let waited = Instant::now();
+        // Silence, not a frame's length, is what the failover timeout measures.
         let received = match context.failover_timeout.filter(|_| ours) {
-            Some(t) => tokio::time::timeout(t, transport::recv_frame(&mut recv, limit)).await,
+            Some(t) => transport::recv_frame_unless_silent(&mut recv, limit, t)
+                .await
+                .transpose()
+                .ok_or(()),
             None => Ok(transport::recv_frame(&mut recv, limit).await),
         };
         let outcome = match received {

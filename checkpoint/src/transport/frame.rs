@@ -57,3 +57,43 @@ fn read_error(e: ReadExactError, want: usize) -> Error {
         ReadExactError::ReadError(e) => Error::Recv(e),
     }
 }
+
+/// Like [`recv_frame`], but gives up (`Ok(None)`) when nothing at all arrives for `silence`:
+/// a frame that keeps arriving, however long it takes in all, is never cut short, so a large
+/// checkpoint on a slow link is not mistaken for a silent primary. What has been read of a
+/// frame given up on is lost with it (the caller ends the session).
+pub async fn recv_frame_unless_silent(
+    recv: &mut RecvStream,
+    max_len: usize,
+    silence: std::time::Duration,
+) -> Result<Option<Vec<u8>>> {
+    let mut header = [0u8; FRAME_HEADER_LEN];
+    match fill(recv, &mut header, silence).await {
+        Ok(true) => {}
+        Ok(false) => return Ok(None),
+        Err(Error::Truncated { got: 0, .. }) => return Err(Error::StreamEnded),
+        Err(e) => return Err(e),
+    }
+    let len = frame_len(header, max_len)?;
+    let mut body = vec![0u8; len];
+    Ok(fill(recv, &mut body, silence).await?.then_some(body))
+}
+
+/// Fills `buf` from `recv`; false if `silence` passes with nothing read.
+async fn fill(recv: &mut RecvStream, buf: &mut [u8], silence: std::time::Duration) -> Result<bool> {
+    let mut at = 0;
+    while at < buf.len() {
+        match tokio::time::timeout(silence, recv.read(&mut buf[at..])).await {
+            Err(_) => return Ok(false),
+            Ok(Ok(Some(n))) => at += n,
+            Ok(Ok(None)) => {
+                return Err(Error::Truncated {
+                    got: at,
+                    want: buf.len(),
+                });
+            }
+            Ok(Err(e)) => return Err(Error::Recv(e)),
+        }
+    }
+    Ok(true)
+}

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 pub use addr::{DEFAULT_PORT, PeerAddr};
 pub use endpoint::{Connection, Options, Server, connect, connect_with, listen, listen_with};
-pub use frame::{FRAME_HEADER_LEN, frame_len, recv_frame, send_frame};
+pub use frame::{FRAME_HEADER_LEN, frame_len, recv_frame, recv_frame_unless_silent, send_frame};
 pub use identity::{CERT_FILE, Fingerprint, Identity, KEY_FILE, fingerprint, generate_into};
 pub use quinn::{RecvStream, SendStream};
 

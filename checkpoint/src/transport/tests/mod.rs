@@ -455,3 +455,91 @@ fn a_key_that_does_not_match_the_certificate_is_refused_at_listen() {
         .unwrap();
     assert!(matches!(e, Error::Tls(_)), "{e}");
 }
+
+/// A frame that keeps arriving is received however long it takes in all, in pieces each
+/// within the silence allowed; nothing for longer than that gives `None` (a silent peer), and
+/// a stream that ends is told apart from silence.
+#[test]
+fn silence_not_a_frame_s_length_ends_a_wait() {
+    let rt = runtime();
+    let (replica, primary) = (Identity::generate().unwrap(), Identity::generate().unwrap());
+    rt.block_on(async {
+        let server = listen(loopback(), &replica, primary.fingerprint())
+            .await
+            .unwrap();
+        let addr = server.local_addr().unwrap();
+        let silence = Duration::from_millis(200);
+        let serve = async {
+            let conn = server.accept().await.unwrap();
+            let (_send, mut recv) = conn.accept_stream().await.unwrap();
+            // Eight pieces 60 ms apart: 480 ms in all, never 200 ms of silence.
+            let got = recv_frame_unless_silent(&mut recv, 1 << 20, silence)
+                .await
+                .unwrap();
+            assert_eq!(got.as_deref(), Some(&[7u8; 8000][..]));
+            // Then 400 ms of nothing, inside the next frame's header.
+            let started = std::time::Instant::now();
+            let got = recv_frame_unless_silent(&mut recv, 1 << 20, silence)
+                .await
+                .unwrap();
+            assert_eq!(got, None);
+            assert!(started.elapsed() >= silence);
+            conn.closed().await;
+        };
+        let client = async {
+            let conn = connect(addr, &primary, replica.fingerprint())
+                .await
+                .unwrap();
+            let (mut send, _recv) = conn.open_stream().await.unwrap();
+            let mut frame = 8000u32.to_be_bytes().to_vec();
+            frame.extend_from_slice(&[7u8; 8000]);
+            for piece in frame.chunks(frame.len().div_ceil(8)) {
+                send.write_all(piece).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(60)).await;
+            }
+            send.write_all(&[0, 0]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            conn.close("done");
+        };
+        tokio::join!(serve, client);
+    });
+}
+
+/// A stream that ends before a frame, or inside one, is an error, not silence.
+#[test]
+fn an_ended_stream_is_not_silence() {
+    let rt = runtime();
+    let (replica, primary) = (Identity::generate().unwrap(), Identity::generate().unwrap());
+    rt.block_on(async {
+        let server = listen(loopback(), &replica, primary.fingerprint())
+            .await
+            .unwrap();
+        let addr = server.local_addr().unwrap();
+        let silence = Duration::from_secs(5);
+        let serve = async {
+            let conn = server.accept().await.unwrap();
+            let (_send, mut recv) = conn.accept_stream().await.unwrap();
+            let got = recv_frame_unless_silent(&mut recv, 1 << 20, silence).await;
+            assert!(matches!(got, Ok(Some(ref b)) if b == b"one"), "{got:?}");
+            let got = recv_frame_unless_silent(&mut recv, 1 << 20, silence).await;
+            assert!(
+                matches!(got, Err(Error::Truncated { got: 2, want: 5 })),
+                "{got:?}"
+            );
+            conn.closed().await;
+        };
+        let client = async {
+            let conn = connect(addr, &primary, replica.fingerprint())
+                .await
+                .unwrap();
+            let (mut send, _recv) = conn.open_stream().await.unwrap();
+            send_frame(&mut send, b"one").await.unwrap();
+            send.write_all(&5u32.to_be_bytes()).await.unwrap();
+            send.write_all(b"tw").await.unwrap();
+            send.finish().unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            conn.close("done");
+        };
+        tokio::join!(serve, client);
+    });
+}
