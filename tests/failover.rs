@@ -814,10 +814,13 @@ fn the_guest_s_clock_moves_on_across_a_takeover() {
     let after = readings(&after_text);
     let ((k0, ms0), (k1, ms1)) = (*before.last().unwrap(), after[0]);
     assert!(k1 > k0, "resumed at reading {k1} after {k0}");
-    let gap = ms1 - ms0;
+    // Only a lower bound: under PVM a fresh VM's guest sometimes reads a TSC based at 0 and
+    // the restored one the host's, a jump of hours forward (see the README, "Failover").
+    let gap = ms1.saturating_sub(ms0);
     assert!(
-        (300..10_000).contains(&gap),
-        "the guest's clock moved {gap} ms between reading {k0} (released by the primary) and \
-         {k1} (the first after the takeover); it should cover the 300 ms silence at least"
+        gap >= 300,
+        "the guest's clock moved {gap} ms ({ms0} -> {ms1}) between reading {k0} (released by the primary) and \
+         {k1} (the first after the takeover); it should cover the 300 ms silence at least\n{}",
+        replica.log()
     );
 }
