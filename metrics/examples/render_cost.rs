@@ -5,7 +5,10 @@
 
 use std::time::Instant;
 
-use metrics::{ConsoleSample, DriveSample, IfaceSample, ReplicationSample, VcpuSample, VmSample};
+use metrics::{
+    CheckpointSample, ConsoleSample, DriveSample, Histogram, IfaceSample, OutputSample,
+    ReplicationSample, Unit, VcpuSample, VmSample, histogram,
+};
 
 fn vm(i: usize) -> VmSample {
     let reasons = [
@@ -24,6 +27,7 @@ fn vm(i: usize) -> VmSample {
         vcpus: (0..2)
             .map(|v| VcpuSample {
                 run_ns: 123_456_789 * (v + 1),
+                kvm_run_ns: 23_456_789 * (v + 1),
                 exits: reasons
                     .iter()
                     .map(|r| (r.to_string(), 1000 + i as u64))
@@ -54,8 +58,36 @@ fn vm(i: usize) -> VmSample {
             protected: true,
             epochs: 40_000,
             committed_epoch: Some(39_999),
+            failovers: 0,
+            checkpoints: Some(checkpoints()),
         }),
-        output: None,
+        output: Some(OutputSample {
+            hold: {
+                let mut h = Histogram::new(Unit::Nanoseconds, histogram::ACK_NS);
+                (0..1000).for_each(|k| h.observe(k * 10_000));
+                h.sample()
+            },
+            ..Default::default()
+        }),
+    }
+}
+
+/// 40,000 checkpoints' figures (pauses, pages, acks spread over the buckets).
+fn checkpoints() -> CheckpointSample {
+    let mut pause = Histogram::new(Unit::Nanoseconds, histogram::PAUSE_NS);
+    let mut pages = Histogram::new(Unit::Count, histogram::PAGES);
+    let mut ack = Histogram::new(Unit::Nanoseconds, histogram::ACK_NS);
+    for k in 0..40_000u64 {
+        pause.observe(200_000 + k * 37);
+        pages.observe(k % 5000);
+        ack.observe(1_000_000 + k * 91);
+    }
+    CheckpointSample {
+        pause: pause.sample(),
+        dirty_pages: pages.sample(),
+        ack: ack.sample(),
+        raw_bytes: 1 << 40,
+        wire_bytes: 1 << 36,
     }
 }
 
