@@ -993,3 +993,102 @@ fn counters_never_go_below_what_a_scraper_saw_across_a_failover() {
     }
     drop(lan);
 }
+
+#[test]
+fn run_history_records_the_acknowledged_counters() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let history = dir.path().join("history");
+    // Only acknowledged checkpoints are recorded: without a replica there are none.
+    let o = ftvm(&["run", "--history", history.to_str().unwrap()], LIMIT);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("--replica"), "{err}");
+    assert!(!history.exists(), "nothing written");
+
+    let (pc, rc) = (dir.path().join("p"), dir.path().join("r"));
+    let (pfp, rfp) = (cert(&pc), cert(&rc));
+    let copies = dir.path().join("copies");
+    std::fs::create_dir(&copies).unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 8 << 20]).unwrap();
+    let replica = Replica::start_with(
+        "127.0.0.1:0",
+        &rc,
+        &pfp,
+        &["--disk-dir", copies.to_str().unwrap()],
+        &[],
+    );
+    let port = free_port();
+    let sock = dir.path().join("api.sock");
+    let (primary, log, protected, console) = spawn_logged(
+        &[
+            "run",
+            "--vcpus",
+            "2",
+            "--mem",
+            "64M",
+            "--disk",
+            img.to_str().unwrap(),
+            "--api",
+            sock.to_str().unwrap(),
+            "--paused",
+            "--replica",
+            &replica.addr,
+            "--cert",
+            pc.to_str().unwrap(),
+            "--peer",
+            &rfp,
+            "--metrics",
+            &format!("127.0.0.1:{port}"),
+            "--vm-name",
+            "t8",
+            "--history",
+            history.to_str().unwrap(),
+            "--cmdline",
+            "@0:disk-write=4,9 @0:chunk-kib=64 @1:count=0 @1:interval-ms=20",
+        ],
+        &[],
+        common::protection::PROTECTED,
+    );
+    protected
+        .recv_timeout(LIMIT)
+        .unwrap_or_else(|_| panic!("never protected: {}", log.lock().unwrap()));
+    common::ftvm_ok(&["resume", "--api", sock.to_str().unwrap()]);
+    console.wait_for_line("blk0 counts ", LIMIT);
+    let bytes = r#"ftvm_block_bytes_total{vm="t8",drive="0",op="write"}"#;
+    let cpu = r#"ftvm_vcpu_run_seconds_total{vm="t8",vcpu="0"}"#;
+    let s = scrape_until(port, "the whole write acknowledged", |s| {
+        s.get(bytes) == Some(&((4 << 20) as f64))
+    });
+    let epoch = count(&s, r#"ftvm_checkpoint_committed_epoch{vm="t8"}"#);
+    // An orderly stop closes the history.
+    let pid = primary.0.as_ref().unwrap().id() as i32;
+    // SAFETY: kill(2) of our own child, not yet reaped (Guarded reaps it on drop).
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let mut primary = primary;
+    let status = primary.0.as_mut().unwrap().wait().unwrap();
+    assert_eq!(status.code(), Some(143), "{}", log.lock().unwrap());
+
+    let out = common::ftvm_ok(&[
+        "accounting",
+        "export",
+        "--history",
+        history.to_str().unwrap(),
+        "--vm",
+        "t8",
+        "--format",
+        "json",
+    ]);
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let vm = &doc["vms"][0];
+    assert_eq!(vm["vm"], "t8", "{out}");
+    assert!(vm["end"]["epoch"].as_u64().unwrap() >= epoch, "{out}");
+    let end = &vm["end_counters"];
+    assert_eq!(end["block/0/write/bytes"], 4 << 20, "{out}");
+    assert_eq!(end["block/0/write/requests"], 64, "{out}");
+    assert!(
+        end["vcpu/0/run_ns"].as_u64().unwrap() >= ns(&s, cpu),
+        "recorded CPU time below the one served at epoch {epoch}: {out}"
+    );
+}
