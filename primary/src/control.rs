@@ -412,17 +412,14 @@ pub fn metrics_source(
     })
 }
 
-/// The output gate's hold times as a histogram: its power-of-two buckets of microseconds
-/// (bucket i holds [2^i, 2^(i+1)) µs, so its bound is 2^(i+1) µs; the last one is open).
+/// The output gate's hold times as a histogram. The gate counts them in power-of-two buckets
+/// of microseconds (bucket i holds [2^i, 2^(i+1)) µs); the bounds served are 2^k µs for k in
+/// [`HOLD_BOUNDS_LOG2`] (64 µs to 16.8 s), each counting the buckets below it.
 fn output_hold(o: &vmm::output::OutputStats) -> metrics::HistogramSample {
-    let mut total = 0;
-    let last = o.hold_us_log2.len() - 1;
-    let buckets = o.hold_us_log2[..last]
-        .iter()
-        .enumerate()
-        .map(|(i, n)| {
-            total += n;
-            ((2u64 << i) * 1000, total)
+    let buckets = HOLD_BOUNDS_LOG2
+        .map(|k| {
+            let below = o.hold_us_log2.iter().take(k as usize).sum();
+            ((1u64 << k) * 1000, below)
         })
         .collect();
     metrics::HistogramSample {
@@ -432,6 +429,9 @@ fn output_hold(o: &vmm::output::OutputStats) -> metrics::HistogramSample {
         sum: o.hold_ns_sum,
     }
 }
+
+/// See [`output_hold`].
+const HOLD_BOUNDS_LOG2: std::ops::RangeInclusive<u32> = 6..=24;
 
 /// What a replica's `/metrics` serves: the counters of its last commit, the committed epoch,
 /// and protected = 1 while that commit is at most `alive` old (the replica's own test of a
@@ -591,6 +591,33 @@ mod tests {
                 500 + pos(SerialCounters::NAMES, "tx_bytes"),
                 500 + pos(SerialCounters::NAMES, "tx_errors")
             ]
+        );
+    }
+
+    #[test]
+    fn output_hold_times_become_cumulative_buckets_with_their_sum() {
+        let mut o = vmm::output::OutputStats::default();
+        // 1 µs, 70 µs (bucket 6: [64, 128)), 1 ms (bucket 9), 60 s (bucket 25: above 16.8 s).
+        o.hold_us_log2[0] = 1;
+        o.hold_us_log2[6] = 1;
+        o.hold_us_log2[9] = 1;
+        o.hold_us_log2[25] = 1;
+        o.hold_ns_sum = 60_001_071_000;
+        let h = output_hold(&o);
+        assert_eq!(h.count, 4);
+        assert_eq!(h.sum, 60_001_071_000);
+        assert_eq!(h.buckets.len(), 19);
+        assert_eq!(h.buckets[0], (64_000, 1), "le 64 µs: the 1 µs one");
+        assert_eq!(h.buckets[1], (128_000, 2), "le 128 µs: and the 70 µs one");
+        assert_eq!(
+            h.buckets[4],
+            (1_024_000, 3),
+            "le 1.024 ms: and the 1 ms one"
+        );
+        assert_eq!(
+            *h.buckets.last().unwrap(),
+            (16_777_216_000, 3),
+            "60 s is only in +Inf"
         );
     }
 
