@@ -807,10 +807,6 @@ fn a_protected_primary_exports_consistent_checkpoint_figures() {
     let (acks, ack_sum) = histogram(&s, "ftvm_checkpoint_ack_seconds", l);
     assert_eq!([pauses, checkpoints, acks], [e; 3], "{s:#?}");
     assert!(pause_sum > 0.0 && ack_sum > 0.0 && pages >= 1.0, "{s:#?}");
-    assert!(
-        pause_sum < ack_sum * 10.0 + 1.0,
-        "pauses {pause_sum} s vs acks {ack_sum} s"
-    );
     // Guest memory is mostly zero pages and the disk data a pattern: the wire carries less.
     let raw = count(
         &s,

@@ -915,3 +915,76 @@ async fn session(
         shared.in_flight.store(false, Ordering::SeqCst);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared() -> Shared {
+        Shared {
+            status: Mutex::default(),
+            gate: Arc::new(OutputGate::new(1 << 20)),
+            phase: AtomicU8::new(IDLE),
+            final_all: AtomicBool::new(true),
+            in_flight: AtomicBool::new(false),
+            published: Mutex::default(),
+        }
+    }
+
+    fn counters(x: u64) -> vmm::state::CountersState {
+        vmm::state::CountersState {
+            serial: vec![x, 0],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn metrics_serve_acknowledged_counters_only_while_a_chain_runs() {
+        let s = shared();
+        assert!(s.metrics().committed.is_none(), "nothing published: live");
+        s.phase.store(SYNCING, Ordering::SeqCst);
+        // An acknowledgement without the capture that ends a sync does not switch.
+        s.publish(&counters(1), 0, false);
+        assert!(s.metrics().committed.is_none());
+        // The capture that ends the sync: its counters from now on, then each ack's.
+        s.phase.store(CHAIN, Ordering::SeqCst);
+        s.publish(&counters(2), 1, true);
+        assert_eq!(s.metrics().committed, Some((counters(2), 1)));
+        s.publish(&counters(3), 2, false);
+        assert_eq!(s.metrics().committed, Some((counters(3), 2)));
+        // A capture that raced the end of its session (phase IDLE) is not served.
+        s.phase.store(IDLE, Ordering::SeqCst);
+        assert!(s.metrics().committed.is_none());
+        s.phase.store(CHAIN, Ordering::SeqCst);
+        s.unpublish();
+        assert!(s.metrics().committed.is_none(), "the chain ended: live");
+    }
+
+    #[test]
+    fn checkpoint_figures_count_each_acknowledged_checkpoint_once() {
+        let s = shared();
+        {
+            let mut st = s.status();
+            st.state = "protected";
+            st.epochs_committed = 2;
+            for (pause_ns, pages) in [(300_000, 10), (2_000_000, 0)] {
+                st.figures.pause.observe(pause_ns);
+                st.figures.pages.observe(pages);
+                st.figures.ack.observe(1_000_000);
+            }
+            st.figures.raw_bytes = 40960;
+            st.figures.wire_bytes = 100;
+        }
+        let r = s.metrics().replication;
+        assert!(r.protected);
+        let c = r.checkpoints.unwrap();
+        assert_eq!(
+            [c.pause.count, c.dirty_pages.count, c.ack.count],
+            [r.epochs; 3]
+        );
+        assert_eq!(c.pause.sum, 2_300_000);
+        assert_eq!(c.dirty_pages.sum, 10);
+        assert_eq!(c.dirty_pages.buckets[0], (0, 1), "an empty checkpoint");
+        assert_eq!((c.raw_bytes, c.wire_bytes), (40960, 100));
+    }
+}
