@@ -272,6 +272,7 @@ impl ProtectArgs {
                 PolicyArg::Fixed => primary::protect::Policy::Fixed,
                 PolicyArg::Early => primary::protect::Policy::Early,
             },
+            on_commit: None,
         }))
     }
 }
@@ -336,9 +337,16 @@ struct RunArgs {
     paused: bool,
     #[command(flatten)]
     protect: ProtectArgs,
-    /// `--metrics`: the running VM's live counters.
+    /// `--metrics`: the running VM's counters (while protected, those of the last
+    /// acknowledged checkpoint, which a takeover continues from).
     #[command(flatten)]
     metrics: MetricsArgs,
+    /// Record the counters of each checkpoint the replica acknowledges in this accounting
+    /// history (created if missing; see `ftvm accounting`), under --vm-name. Needs --replica.
+    /// A history that cannot be written does not stop the VM: the failure is logged once and
+    /// counted, and recording goes on when it can.
+    #[arg(long, value_name = "DIR", requires = "replica")]
+    history: Option<PathBuf>,
 }
 
 /// Parses `512`, `512M`, `2G`, `65536K` into bytes (a bare number is MiB).
@@ -366,7 +374,15 @@ fn parse_all<T: std::str::FromStr<Err = String>>(values: &[String]) -> anyhow::R
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let protect = args.protect.config()?;
+    let mut protect = args.protect.config()?;
+    if let (Some(dir), Some(p)) = (&args.history, &mut protect) {
+        let h = history::History::create(dir, history::Options::default())
+            .with_context(|| format!("Cannot open the history {}", dir.display()))?;
+        let recorder = HistoryRecorder::new(h, &args.metrics.vm_name);
+        p.on_commit = Some(Arc::new(move |c: &vmm::state::CountersState, epoch| {
+            recorder.record(c, epoch)
+        }));
+    }
     let mem_size = parse_size(&args.mem)?;
     let vcpus: u64 = args
         .vcpus
@@ -400,7 +416,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         "guest started"
     );
     let metrics = metrics.as_ref().map(|e| (args.metrics.vm_name.as_str(), e));
-    supervise(vm, args.api, protect, args.paused, metrics)
+    supervise(vm, args.api, protect, args.paused, metrics, 0)
 }
 
 /// Runs `vm` until it ends and maps how it ended to ftvm's exit status: the guest's status on
@@ -411,6 +427,7 @@ fn supervise(
     protect: Option<ProtectConfig>,
     paused: bool,
     metrics: Option<(&str, &metrics::Exporter)>,
+    failovers: u64,
 ) -> anyhow::Result<ExitCode> {
     // A failed `metrics` thread ends the VM with its cause, like any other VMM thread.
     if let Some((_, exporter)) = metrics {
@@ -423,7 +440,7 @@ fn supervise(
         }));
     }
     let ended =
-        primary::control::supervise_with_metrics(vm, api.as_deref(), protect, paused, metrics);
+        primary::control::supervise_full(vm, api.as_deref(), protect, paused, metrics, failovers);
     std::io::stdout().flush().ok();
     match ended? {
         Ended::PowerOff(status) => {
@@ -463,7 +480,7 @@ fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     let vm = checkpoint::snapshot::restore(&args.from, opts)?;
     tracing::info!(from = %args.from.display(), "guest restored");
     let metrics = metrics.as_ref().map(|e| (args.metrics.vm_name.as_str(), e));
-    supervise(vm, args.api, None, false, metrics)
+    supervise(vm, args.api, None, false, metrics, 0)
 }
 
 /// Keeps a replica until a termination signal; with --failover, takes over when the primary
@@ -706,7 +723,7 @@ fn take_over(
     }
     .config()?;
     let metrics = metrics.map(|e| (args.metrics.vm_name.as_str(), e));
-    supervise(vm, args.api.clone(), protect, false, metrics)
+    supervise(vm, args.api.clone(), protect, false, metrics, 1)
 }
 
 /// Sends one API request and prints the answer.

@@ -5,7 +5,10 @@
 //! values; a port in use is a one-line error before anything runs. A replica's `/metrics`
 //! serves the committed counters and its health, and after a failover (SIGKILL of the primary
 //! mid-write) the counters continue: the scrape equals the guest's own counts of the whole
-//! write, done partly on each host.
+//! write, done partly on each host. A vCPU's CPU seconds follow its thread's CPU time and
+//! continue exactly from a snapshot; a protected primary exports checkpoint figures that agree
+//! with each other; and while protected it serves only acknowledged counters, so that after a
+//! SIGKILL and a takeover no counter is below anything either host served.
 
 mod common;
 
@@ -440,14 +443,17 @@ fn the_replica_serves_committed_counters_and_they_continue_exactly_after_a_failo
     let p = scrape_until(pport, "the primary's epochs", |s| {
         s.get(PROTECTED) == Some(&1.0) && s.get(EPOCHS).is_some_and(|&e| e >= 8.0)
     });
-    // The replica: protected, a committed epoch, committed writes that lag the live ones.
+    // The replica: protected, a committed epoch, committed writes; the primary, protected,
+    // serves only what its replica has committed (scraped before, so never more).
     let r = scrape_until(rport, "the replica's committed writes", |s| {
         s.get(PROTECTED) == Some(&1.0) && s.get(WRITES).is_some_and(|&w| w > 0.0)
     });
     assert!(count(&r, COMMITTED) >= 1, "{r:#?}");
     assert!(count(&r, EPOCHS) >= 1, "{r:#?}");
-    let live = count(&scrape_until(pport, "the primary", |_| true), WRITES);
-    assert!(count(&r, WRITES) <= live, "committed {r:#?} vs live {live}");
+    assert!(
+        count(&p, WRITES) <= count(&r, WRITES),
+        "primary {p:#?} vs committed {r:#?}"
+    );
     assert_eq!(
         count(&r, WRITE_BYTES),
         count(&r, WRITES) * 1024,
@@ -564,4 +570,521 @@ fn counters_continue_exactly_across_a_snapshot_and_restore() {
     );
     assert!(count(&after, console_series) > count(&before, console_series));
     assert!(after[run_series] >= before[run_series], "{after:#?}");
+}
+
+/// The CPU time (ns) of the thread named `name` of process `pid`, from
+/// /proc/PID/task/TID/schedstat (the clock CLOCK_THREAD_CPUTIME_ID reads).
+fn thread_cpu_ns(pid: u32, name: &str) -> u64 {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let t = t.unwrap().path();
+        if std::fs::read_to_string(t.join("comm")).is_ok_and(|c| c.trim() == name) {
+            let stat = std::fs::read_to_string(t.join("schedstat")).unwrap();
+            return stat.split(' ').next().unwrap().parse().unwrap();
+        }
+    }
+    panic!("process {pid} has no thread {name}");
+}
+
+/// Seconds as scraped, back in nanoseconds (exact: the exposition prints ns / 1e9 in full).
+fn ns(s: &BTreeMap<String, f64>, series: &str) -> u64 {
+    let v = *s
+        .get(series)
+        .unwrap_or_else(|| panic!("no {series} in {s:#?}"));
+    (v * 1e9).round() as u64
+}
+
+/// Slack between a vCPU's counted CPU time and its thread's: what the thread ran before it
+/// started counting (its start-up), far less than this.
+const STARTUP_NS: u64 = 20_000_000;
+
+#[test]
+fn vcpu_cpu_time_follows_the_vcpu_thread_and_continues_exactly_across_a_snapshot() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, sock2) = (dir.path().join("api.sock"), dir.path().join("api2.sock"));
+    let snap = dir.path().join("vm.snap");
+    let (port, port2) = (free_port(), free_port());
+    let cpu0 = r#"ftvm_vcpu_run_seconds_total{vm="t5",vcpu="0"}"#;
+    // vCPU 0 computes without exits (a KVM_RUN that lasts), vCPU 1 mostly waits.
+    let (vm, console, _reader) = spawn_ftvm(&[
+        "run",
+        "--vcpus",
+        "2",
+        "--mem",
+        "64M",
+        "--api",
+        sock.to_str().unwrap(),
+        "--metrics",
+        &format!("127.0.0.1:{port}"),
+        "--vm-name",
+        "t5",
+        "--cmdline",
+        "@0:compute=1000000000000 @1:count=0 @1:interval-ms=20",
+    ]);
+    console.wait_for("vcpu1 count ", LIMIT);
+    let pid = vm.0.as_ref().unwrap().id();
+    // Counted live, while vCPU 0 is still inside one long KVM_RUN.
+    scrape_until(port, "vCPU 0's CPU time", |s| {
+        s.get(cpu0).is_some_and(|&v| v >= 0.3)
+    });
+    common::ftvm_ok(&["pause", "--api", sock.to_str().unwrap()]);
+    let t1 = thread_cpu_ns(pid, "vcpu0");
+    let paused = scrape_until(port, "the paused VM", |_| true);
+    let t2 = thread_cpu_ns(pid, "vcpu0");
+    let x = ns(&paused, cpu0);
+    assert!(
+        x <= t2 && x + STARTUP_NS >= t1,
+        "counted {x} ns vs the thread's {t1}..{t2} ns"
+    );
+    for v in ["0", "1"] {
+        let s = format!(r#"ftvm_vcpu_run_seconds_total{{vm="t5",vcpu="{v}"}}"#);
+        let t = thread_cpu_ns(pid, &format!("vcpu{v}"));
+        assert!(ns(&paused, &s) <= t, "vCPU {v}: {} > {t}", ns(&paused, &s));
+    }
+
+    // The snapshot carries the count as it was at the save, exactly.
+    common::ftvm_ok(&[
+        "snapshot",
+        "--api",
+        sock.to_str().unwrap(),
+        "--to",
+        snap.to_str().unwrap(),
+    ]);
+    let t3 = thread_cpu_ns(pid, "vcpu0");
+    drop(vm);
+    let saved = checkpoint::snapshot::read::<vmm::vm::MachineState>(&snap)
+        .unwrap()
+        .state
+        .counters
+        .vcpus[0]
+        .last()
+        .copied()
+        .unwrap();
+    assert!(
+        x <= saved && saved <= t3,
+        "saved {saved} ns: not between the scrape {x} and the thread's {t3}"
+    );
+
+    // The restored vCPU counts on from the saved value: saved + its new thread's CPU time.
+    let (restored, _console2, _reader2) = spawn_ftvm(&[
+        "restore",
+        "--from",
+        snap.to_str().unwrap(),
+        "--api",
+        sock2.to_str().unwrap(),
+        "--metrics",
+        &format!("127.0.0.1:{port2}"),
+        "--vm-name",
+        "t5",
+    ]);
+    let first = scrape_until(port2, "the restored count", |s| s.contains_key(cpu0));
+    assert!(ns(&first, cpu0) >= saved, "{} < {saved}", ns(&first, cpu0));
+    scrape_until(port2, "vCPU 0 computing again", |s| {
+        s.get(cpu0).is_some_and(|&v| v * 1e9 >= saved as f64 + 2e8)
+    });
+    common::ftvm_ok(&["pause", "--api", sock2.to_str().unwrap()]);
+    let pid2 = restored.0.as_ref().unwrap().id();
+    let t4 = thread_cpu_ns(pid2, "vcpu0");
+    let y = ns(
+        &scrape_until(port2, "the paused restored VM", |_| true),
+        cpu0,
+    );
+    let t5 = thread_cpu_ns(pid2, "vcpu0");
+    eprintln!(
+        "vCPU 0: counted {x} ns, thread {t1}..{t2} ns; saved {saved} ns; restored {y} ns, \
+         new thread {t4}..{t5} ns"
+    );
+    assert!(
+        y <= saved + t5 && y + STARTUP_NS >= saved + t4,
+        "restored count {y} ns vs saved {saved} + the new thread's {t4}..{t5}"
+    );
+}
+
+/// The value of a histogram's series, checking that its buckets are cumulative and end with
+/// +Inf = count; returns (count, sum).
+fn histogram(s: &BTreeMap<String, f64>, name: &str, labels: &str) -> (u64, f64) {
+    let prefix = format!("{name}_bucket{{{labels},le=\"");
+    let buckets: Vec<(String, u64)> = s
+        .iter()
+        .filter(|(k, _)| k.starts_with(&prefix))
+        .map(|(k, _)| (k[prefix.len()..k.len() - 2].to_string(), count(s, k)))
+        .collect();
+    let mut by_bound: Vec<(f64, u64)> = buckets
+        .iter()
+        .map(|(le, n)| (le.parse().unwrap(), *n))
+        .collect();
+    by_bound.sort_by(|a, b| a.0.total_cmp(&b.0));
+    assert!(by_bound.len() >= 2, "{name}: {buckets:?}");
+    assert!(
+        by_bound.windows(2).all(|w| w[0].1 <= w[1].1),
+        "{name} buckets are not cumulative: {by_bound:?}"
+    );
+    let n = count(s, &format!("{name}_count{{{labels}}}"));
+    let last = by_bound.last().unwrap();
+    assert!(last.0.is_infinite() && last.1 == n, "{name}: {by_bound:?}");
+    (n, s[&format!("{name}_sum{{{labels}}}")])
+}
+
+/// Runs promtool check metrics on `text`.
+fn promtool(text: &str) {
+    let mut p = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool runs (Debian's prometheus package; scripts/setup.sh installs it)");
+    p.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let checked = p.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool: {}{}\n{text}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+}
+
+#[test]
+fn a_protected_primary_exports_consistent_checkpoint_figures() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let (pc, rc) = (dir.path().join("p"), dir.path().join("r"));
+    let (pfp, rfp) = (cert(&pc), cert(&rc));
+    let copies = dir.path().join("copies");
+    std::fs::create_dir(&copies).unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 8 << 20]).unwrap();
+    let replica = Replica::start_with(
+        "127.0.0.1:0",
+        &rc,
+        &pfp,
+        &["--disk-dir", copies.to_str().unwrap()],
+        &[],
+    );
+    let port = free_port();
+    let (_primary, log, console) = common::protection::protected_primary(&[
+        "run",
+        "--vcpus",
+        "2",
+        "--mem",
+        "64M",
+        "--disk",
+        img.to_str().unwrap(),
+        "--replica",
+        &replica.addr,
+        "--cert",
+        pc.to_str().unwrap(),
+        "--peer",
+        &rfp,
+        "--metrics",
+        &format!("127.0.0.1:{port}"),
+        "--vm-name",
+        "t7",
+        "--cmdline",
+        "@0:disk-write=4,9 @0:chunk-kib=64 @1:count=0 @1:interval-ms=20",
+    ]);
+    console.wait_for_line("blk0 counts ", LIMIT);
+    let l = r#"vm="t7""#;
+    let epochs = format!("ftvm_checkpoint_epochs_total{{{l}}}");
+    let s = scrape_until(port, "20 acknowledged epochs and released output", |s| {
+        s.get(&epochs).is_some_and(|&e| e >= 20.0)
+            && s.get(&format!("ftvm_output_delay_seconds_count{{{l}}}"))
+                .is_some_and(|&n| n > 0.0)
+    });
+    let text = http_get(port, "/metrics").unwrap().1;
+    promtool(&text);
+    for line in text.lines().filter(|l| {
+        l.starts_with("ftvm_checkpoint_") || l.starts_with("ftvm_output_delay_seconds_")
+    }) {
+        eprintln!("{line}");
+    }
+    let e = count(&s, &epochs);
+    assert_eq!(count(&s, &format!("ftvm_replication_protected{{{l}}}")), 1);
+    assert_eq!(count(&s, &format!("ftvm_failovers_total{{{l}}}")), 0);
+    // One observation per acknowledged checkpoint in each checkpoint histogram.
+    let (pauses, pause_sum) = histogram(&s, "ftvm_checkpoint_pause_seconds", l);
+    let (checkpoints, pages) = histogram(&s, "ftvm_checkpoint_dirty_pages", l);
+    let (acks, ack_sum) = histogram(&s, "ftvm_checkpoint_ack_seconds", l);
+    assert_eq!([pauses, checkpoints, acks], [e; 3], "{s:#?}");
+    assert!(pause_sum > 0.0 && ack_sum > 0.0 && pages >= 1.0, "{s:#?}");
+    // Guest memory is mostly zero pages and the disk data a pattern: the wire carries less.
+    let raw = count(
+        &s,
+        &format!("ftvm_checkpoint_bytes_total{{{l},stage=\"raw\"}}"),
+    );
+    let wire = count(
+        &s,
+        &format!("ftvm_checkpoint_bytes_total{{{l},stage=\"wire\"}}"),
+    );
+    assert!(raw >= pages as u64 * 4096, "raw {raw} for {pages} pages");
+    assert!(0 < wire && wire <= raw, "wire {wire} vs raw {raw}");
+    // Every released output item was held, and its hold time counted.
+    let (held, held_sum) = histogram(&s, "ftvm_output_delay_seconds", l);
+    assert_eq!(
+        held,
+        count(&s, &format!("ftvm_output_released_items_total{{{l}}}")),
+        "{s:#?}"
+    );
+    assert!(held_sum > 0.0, "{s:#?}");
+    assert!(
+        log.lock().unwrap().contains("protected"),
+        "{}",
+        log.lock().unwrap()
+    );
+}
+
+/// The guest's accounting counters in a scrape (vCPU, block, net, console: the ones the
+/// checkpoints carry and a takeover continues), not the process's own figures (checkpoints,
+/// output gate, failovers).
+fn guest_counters(s: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
+    s.iter()
+        .filter(|(k, _)| {
+            ["ftvm_vcpu_", "ftvm_block_", "ftvm_net_", "ftvm_console_"]
+                .iter()
+                .any(|p| k.starts_with(p))
+        })
+        .map(|(k, v)| (k.clone(), *v))
+        .collect()
+}
+
+/// Each series of `high` becomes the larger of its value and `s`'s.
+fn raise(high: &mut BTreeMap<String, f64>, s: &BTreeMap<String, f64>) {
+    for (k, v) in guest_counters(s) {
+        let h = high.entry(k).or_insert(v);
+        *h = h.max(v);
+    }
+}
+
+/// Every series of `low` is in `s` and at most its value there.
+fn assert_at_most(low: &BTreeMap<String, f64>, s: &BTreeMap<String, f64>, what: &str) {
+    for (k, v) in low {
+        let now = s.get(k).unwrap_or_else(|| panic!("{what}: no {k}"));
+        assert!(v <= now, "{what}: {k} was {v}, is {now}");
+    }
+}
+
+#[test]
+fn counters_never_go_below_what_a_scraper_saw_across_a_failover() {
+    require_kvm();
+    let lan = common::lan::Lan::create();
+    let dir = tempfile::tempdir().unwrap();
+    let (pc, rc) = (dir.path().join("p"), dir.path().join("r"));
+    let (pfp, rfp) = (cert(&pc), cert(&rc));
+    let copies = dir.path().join("copies");
+    std::fs::create_dir(&copies).unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 16 << 20]).unwrap();
+    let (rport, pport) = (free_port(), free_port());
+    let (raddr, paddr) = (format!("127.0.0.1:{rport}"), format!("127.0.0.1:{pport}"));
+    let replica = Replica::start_with(
+        "127.0.0.1:0",
+        &rc,
+        &pfp,
+        &[
+            "--failover",
+            "--failover-timeout",
+            "300",
+            "--disk-dir",
+            copies.to_str().unwrap(),
+            "--net",
+            "tap=tapR",
+            "--metrics",
+            &raddr,
+            "--vm-name",
+            "t6",
+        ],
+        &[],
+    );
+    let sock = dir.path().join("api.sock");
+    let guest_ip = format!("{}.2", common::lan::SUBNET);
+    let cmdline = format!("ip={guest_ip}/24 tcp-echo @1:disk-write=16,5 @1:chunk-kib=1");
+    let (mut primary, log, protected, console) = spawn_logged(
+        &[
+            "run",
+            "--vcpus",
+            "2",
+            "--mem",
+            "64M",
+            "--disk",
+            img.to_str().unwrap(),
+            "--net",
+            "tap=tapP",
+            "--api",
+            sock.to_str().unwrap(),
+            "--paused",
+            "--replica",
+            &replica.addr,
+            "--cert",
+            pc.to_str().unwrap(),
+            "--peer",
+            &rfp,
+            "--metrics",
+            &paddr,
+            "--vm-name",
+            "t6",
+            "--cmdline",
+            &cmdline,
+        ],
+        &[],
+        common::protection::PROTECTED,
+    );
+    protected
+        .recv_timeout(LIMIT)
+        .unwrap_or_else(|_| panic!("never protected: {}", log.lock().unwrap()));
+    common::ftvm_ok(&["resume", "--api", sock.to_str().unwrap()]);
+    console.wait_for("workload disk-write", LIMIT);
+    // Pings all along, answered by whichever host runs the guest.
+    let _ping = Guarded(Some(
+        Command::new("ping")
+            .args(["-i", "0.02", "-W", "1", &guest_ip])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("ping runs"),
+    ));
+
+    // Scrape the primary then the replica, again and again: the replica has committed
+    // whatever the primary serves (it serves acknowledged checkpoints only), and the
+    // primary's values never go back.
+    let rx = r#"ftvm_net_packets_total{vm="t6",iface="0",direction="rx"}"#;
+    let writes = r#"ftvm_block_requests_total{vm="t6",drive="0",op="write"}"#;
+    let (mut seen, mut committed) = (BTreeMap::new(), BTreeMap::new());
+    let deadline = Instant::now() + LIMIT;
+    let mut scrapes = 0;
+    loop {
+        let p = samples(&http_get(pport, "/metrics").expect("the primary serves").1);
+        assert_eq!(count(&p, r#"ftvm_replication_protected{vm="t6"}"#), 1);
+        assert_at_most(&seen, &guest_counters(&p), "the primary again");
+        raise(&mut seen, &p);
+        let r = samples(&http_get(rport, "/metrics").expect("the replica serves").1);
+        assert_at_most(&guest_counters(&p), &r, "the replica after the primary");
+        raise(&mut committed, &r);
+        scrapes += 1;
+        if scrapes >= 20 && p.get(rx).is_some_and(|&n| n >= 20.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no pings arrived: {p:#?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(seen[writes] < 16384.0, "the write ended too soon");
+
+    let child = primary.0.as_mut().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    replica.wait_log("took over");
+    // The new primary (the replica's server, now serving the guest it runs) starts from the
+    // committed counters: never below anything either side served before.
+    for _ in 0..10 {
+        let after = scrape_until(rport, "the new primary", |s| {
+            s.get(r#"ftvm_failovers_total{vm="t6"}"#) == Some(&1.0)
+        });
+        assert_at_most(&seen, &after, "the new primary vs the old one's scrapes");
+        assert_at_most(
+            &committed,
+            &after,
+            "the new primary vs the replica's scrapes",
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(lan);
+}
+
+#[test]
+fn run_history_records_the_acknowledged_counters() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let history = dir.path().join("history");
+    // Only acknowledged checkpoints are recorded: without a replica there are none.
+    let o = ftvm(&["run", "--history", history.to_str().unwrap()], LIMIT);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("--replica"), "{err}");
+    assert!(!history.exists(), "nothing written");
+
+    let (pc, rc) = (dir.path().join("p"), dir.path().join("r"));
+    let (pfp, rfp) = (cert(&pc), cert(&rc));
+    let copies = dir.path().join("copies");
+    std::fs::create_dir(&copies).unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 8 << 20]).unwrap();
+    let replica = Replica::start_with(
+        "127.0.0.1:0",
+        &rc,
+        &pfp,
+        &["--disk-dir", copies.to_str().unwrap()],
+        &[],
+    );
+    let port = free_port();
+    let sock = dir.path().join("api.sock");
+    let (primary, log, protected, console) = spawn_logged(
+        &[
+            "run",
+            "--vcpus",
+            "2",
+            "--mem",
+            "64M",
+            "--disk",
+            img.to_str().unwrap(),
+            "--api",
+            sock.to_str().unwrap(),
+            "--paused",
+            "--replica",
+            &replica.addr,
+            "--cert",
+            pc.to_str().unwrap(),
+            "--peer",
+            &rfp,
+            "--metrics",
+            &format!("127.0.0.1:{port}"),
+            "--vm-name",
+            "t8",
+            "--history",
+            history.to_str().unwrap(),
+            "--cmdline",
+            "@0:disk-write=4,9 @0:chunk-kib=64 @1:count=0 @1:interval-ms=20",
+        ],
+        &[],
+        common::protection::PROTECTED,
+    );
+    protected
+        .recv_timeout(LIMIT)
+        .unwrap_or_else(|_| panic!("never protected: {}", log.lock().unwrap()));
+    common::ftvm_ok(&["resume", "--api", sock.to_str().unwrap()]);
+    console.wait_for_line("blk0 counts ", LIMIT);
+    let bytes = r#"ftvm_block_bytes_total{vm="t8",drive="0",op="write"}"#;
+    let cpu = r#"ftvm_vcpu_run_seconds_total{vm="t8",vcpu="0"}"#;
+    let s = scrape_until(port, "the whole write acknowledged", |s| {
+        s.get(bytes) == Some(&((4 << 20) as f64))
+    });
+    let epoch = count(&s, r#"ftvm_checkpoint_committed_epoch{vm="t8"}"#);
+    // An orderly stop closes the history.
+    let pid = primary.0.as_ref().unwrap().id() as i32;
+    // SAFETY: kill(2) of our own child, not yet reaped (Guarded reaps it on drop).
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let mut primary = primary;
+    let status = primary.0.as_mut().unwrap().wait().unwrap();
+    assert_eq!(status.code(), Some(143), "{}", log.lock().unwrap());
+
+    let out = common::ftvm_ok(&[
+        "accounting",
+        "export",
+        "--history",
+        history.to_str().unwrap(),
+        "--vm",
+        "t8",
+        "--format",
+        "json",
+    ]);
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let vm = &doc["vms"][0];
+    assert_eq!(vm["vm"], "t8", "{out}");
+    assert!(vm["end"]["epoch"].as_u64().unwrap() >= epoch, "{out}");
+    let end = &vm["end_counters"];
+    assert_eq!(end["block/0/write/bytes"], 4 << 20, "{out}");
+    assert_eq!(end["block/0/write/requests"], 64, "{out}");
+    assert!(
+        end["vcpu/0/run_ns"].as_u64().unwrap() >= ns(&s, cpu),
+        "recorded CPU time below the one served at epoch {epoch}: {out}"
+    );
 }

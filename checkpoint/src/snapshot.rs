@@ -42,8 +42,9 @@ pub const MAGIC: [u8; 8] = *b"FTVMSNAP";
 /// carries each virtio device's identity (capacity, MAC) and the block counters gained
 /// `host_errors`; the header checks itself.
 pub const FORMAT_MAJOR: u16 = 2;
-/// Format minor version (compatible additions within a major version).
-pub const FORMAT_MINOR: u16 = 0;
+/// Format minor version (compatible additions within a major version). 1: each vCPU's saved
+/// counters end with its thread's CPU nanoseconds (2.0 files load with that count from 0).
+pub const FORMAT_MINOR: u16 = 1;
 /// Header flag: memory is raw and page-aligned (mappable), not compressed.
 pub const FLAG_RAW_MEMORY: u32 = 1;
 const HEADER_LEN: usize = 40;

@@ -6,7 +6,11 @@
 //! errors). Values are exact counts; the exposition format carries them as floats, which are
 //! exact up to 2^53.
 
-use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
+use prometheus::proto::{
+    Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType,
+};
+
+use crate::histogram::HistogramSample;
 use prometheus::{Encoder, TextEncoder};
 
 /// One VM's counters at one moment. The VMM fills it from its live counters (the primary) or
@@ -33,8 +37,11 @@ pub struct VmSample {
 /// One vCPU.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct VcpuSample {
-    /// Nanoseconds inside KVM_RUN.
+    /// CPU time of the vCPU's thread in nanoseconds (guest code, KVM on its behalf, and the
+    /// VMM's handling of its exits; not the time it waits): what a customer is billed.
     pub run_ns: u64,
+    /// Wall-clock nanoseconds inside KVM_RUN (counted when KVM_RUN returns).
+    pub kvm_run_ns: u64,
     /// Exits by reason (the `reason` label), in a fixed order.
     pub exits: Vec<(String, u64)>,
 }
@@ -104,6 +111,25 @@ pub struct ReplicationSample {
     pub epochs: u64,
     /// The last committed epoch, if any.
     pub committed_epoch: Option<u64>,
+    /// Times this VM was taken over by its replica (on the process that took it over).
+    pub failovers: u64,
+    /// The primary's figures of its acknowledged checkpoints (None on a replica).
+    pub checkpoints: Option<CheckpointSample>,
+}
+
+/// The primary's figures of the checkpoints its replica acknowledged.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CheckpointSample {
+    /// How long the guest was paused for each capture (nanoseconds).
+    pub pause: HistogramSample,
+    /// Pages in each checkpoint.
+    pub dirty_pages: HistogramSample,
+    /// From sending each checkpoint to its acknowledgement (nanoseconds).
+    pub ack: HistogramSample,
+    /// Bytes of pages, machine state and disk writes before encoding.
+    pub raw_bytes: u64,
+    /// The same as sent (after zero-page elision and compression).
+    pub wire_bytes: u64,
 }
 
 /// The output gate (what the guest sends is held until its checkpoint is acknowledged).
@@ -119,6 +145,8 @@ pub struct OutputSample {
     pub passed_items: u64,
     /// Writes that failed at release.
     pub write_errors: u64,
+    /// How long released items were held (nanoseconds).
+    pub hold: HistogramSample,
 }
 
 /// Metric families under construction, in first-use order.
@@ -150,6 +178,7 @@ impl Families {
                 .collect(),
         );
         match kind {
+            MetricType::HISTOGRAM => {}
             MetricType::GAUGE => {
                 let mut g = Gauge::default();
                 g.set_value(v);
@@ -171,10 +200,39 @@ impl Families {
     fn gauge(&mut self, name: &str, help: &str, labels: &[(&str, &str)], v: f64) {
         self.add(name, help, MetricType::GAUGE, labels, v);
     }
+
+    fn histogram(&mut self, name: &str, help: &str, labels: &[(&str, &str)], h: &HistogramSample) {
+        self.add(name, help, MetricType::HISTOGRAM, labels, 0.0);
+        let mut p = Histogram::default();
+        p.set_sample_count(h.count);
+        p.set_sample_sum(h.unit.to_base(h.sum));
+        p.set_bucket(
+            h.buckets
+                .iter()
+                .map(|&(bound, n)| {
+                    let mut b = Bucket::default();
+                    b.set_upper_bound(h.unit.to_base(bound));
+                    b.set_cumulative_count(n);
+                    b
+                })
+                .collect(),
+        );
+        if let Some(m) = self
+            .0
+            .iter_mut()
+            .find(|f| f.name() == name)
+            .and_then(|f| f.mut_metric().last_mut())
+        {
+            m.set_histogram(p);
+        }
+    }
 }
 
-const RUN_SECONDS: &str = "Time the vCPU spent inside KVM_RUN (running guest code, or in KVM on \
-the guest's behalf), in seconds.";
+const RUN_SECONDS: &str = "CPU time of the vCPU's thread (guest code, KVM on the guest's behalf, \
+the VMM's handling of its exits; not time spent waiting), in seconds.";
+
+const KVM_RUN_SECONDS: &str = "Wall-clock time the vCPU spent inside KVM_RUN (counted when \
+KVM_RUN returns; includes time KVM waits on the guest's behalf), in seconds.";
 
 /// The metric families of `vms`, every sample of a family together (as the format requires).
 pub fn families(vms: &[VmSample]) -> Vec<MetricFamily> {
@@ -190,6 +248,13 @@ pub fn families(vms: &[VmSample]) -> Vec<MetricFamily> {
                 MetricType::COUNTER,
                 &l,
                 c.run_ns as f64 / 1e9,
+            );
+            f.add(
+                "ftvm_vcpu_kvm_run_seconds_total",
+                KVM_RUN_SECONDS,
+                MetricType::COUNTER,
+                &l,
+                c.kvm_run_ns as f64 / 1e9,
             );
             for (reason, n) in &c.exits {
                 f.counter(
@@ -308,6 +373,44 @@ pub fn families(vms: &[VmSample]) -> Vec<MetricFamily> {
                     e as f64,
                 );
             }
+            f.counter(
+                "ftvm_failovers_total",
+                "Times this VM was taken over by its replica, counted by the process that \
+                 took it over.",
+                &[("vm", vm)],
+                r.failovers,
+            );
+            if let Some(c) = &r.checkpoints {
+                let l = [("vm", vm)];
+                f.histogram(
+                    "ftvm_checkpoint_pause_seconds",
+                    "How long the guest was paused to capture each acknowledged checkpoint.",
+                    &l,
+                    &c.pause,
+                );
+                f.histogram(
+                    "ftvm_checkpoint_dirty_pages",
+                    "Guest pages in each acknowledged checkpoint.",
+                    &l,
+                    &c.dirty_pages,
+                );
+                f.histogram(
+                    "ftvm_checkpoint_ack_seconds",
+                    "From sending each checkpoint (with its disk writes) to its \
+                     acknowledgement.",
+                    &l,
+                    &c.ack,
+                );
+                for (stage, n) in [("raw", c.raw_bytes), ("wire", c.wire_bytes)] {
+                    f.counter(
+                        "ftvm_checkpoint_bytes_total",
+                        "Bytes of acknowledged checkpoints (pages, machine state, disk writes): \
+                         raw before encoding, wire as sent (zero pages elided, compressed).",
+                        &[("vm", vm), ("stage", stage)],
+                        n,
+                    );
+                }
+            }
         }
         if let Some(o) = &s.output {
             let l = [("vm", vm)];
@@ -342,6 +445,13 @@ pub fn families(vms: &[VmSample]) -> Vec<MetricFamily> {
                 &l,
                 o.write_errors,
             );
+            f.histogram(
+                "ftvm_output_delay_seconds",
+                "How long each released output item (frame, console write) was held for its \
+                 checkpoint's acknowledgement (bucket bounds are powers of two of microseconds).",
+                &l,
+                &o.hold,
+            );
         }
     }
     f.0
@@ -363,6 +473,7 @@ pub const CONTENT_TYPE: &str = prometheus::TEXT_FORMAT;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::histogram::Unit;
 
     fn sample(vm: &str) -> VmSample {
         VmSample {
@@ -370,10 +481,12 @@ mod tests {
             vcpus: vec![
                 VcpuSample {
                     run_ns: 1_500_000_000,
+                    kvm_run_ns: 250_000_000,
                     exits: vec![("mmio_read".into(), 7), ("io_out".into(), 0)],
                 },
                 VcpuSample {
                     run_ns: 3,
+                    kvm_run_ns: 0,
                     exits: vec![("mmio_read".into(), 1), ("io_out".into(), 2)],
                 },
             ],
@@ -404,9 +517,33 @@ mod tests {
                 protected: true,
                 epochs: 42,
                 committed_epoch: Some(41),
+                failovers: 1,
+                checkpoints: Some(CheckpointSample {
+                    pause: HistogramSample {
+                        unit: Unit::Nanoseconds,
+                        buckets: vec![(500_000, 30), (1_000_000, 41)],
+                        count: 42,
+                        sum: 21_000_000,
+                    },
+                    dirty_pages: HistogramSample {
+                        unit: Unit::Count,
+                        buckets: vec![(16, 2), (64, 42)],
+                        count: 42,
+                        sum: 1234,
+                    },
+                    ack: HistogramSample::default(),
+                    raw_bytes: 5_054_464,
+                    wire_bytes: 99_999,
+                }),
             }),
             output: Some(OutputSample {
                 held_bytes: 5,
+                hold: HistogramSample {
+                    unit: Unit::Nanoseconds,
+                    buckets: vec![(2_000, 1), (4_000, 3)],
+                    count: 3,
+                    sum: 7_000,
+                },
                 ..Default::default()
             }),
         }
@@ -480,6 +617,54 @@ mod tests {
             "41"
         );
         assert_eq!(value(&t, r#"ftvm_output_held_bytes{vm="a"}"#), "5");
+        assert_eq!(
+            value(&t, r#"ftvm_vcpu_kvm_run_seconds_total{vm="a",vcpu="0"}"#),
+            "0.25"
+        );
+        assert_eq!(value(&t, r#"ftvm_failovers_total{vm="a"}"#), "1");
+        // Histograms: cumulative buckets in base units, +Inf = count, the exact sum.
+        for (series, v) in [
+            (
+                r#"ftvm_checkpoint_pause_seconds_bucket{vm="a",le="0.0005"}"#,
+                "30",
+            ),
+            (
+                r#"ftvm_checkpoint_pause_seconds_bucket{vm="a",le="0.001"}"#,
+                "41",
+            ),
+            (
+                r#"ftvm_checkpoint_pause_seconds_bucket{vm="a",le="+Inf"}"#,
+                "42",
+            ),
+            (r#"ftvm_checkpoint_pause_seconds_sum{vm="a"}"#, "0.021"),
+            (r#"ftvm_checkpoint_pause_seconds_count{vm="a"}"#, "42"),
+            (
+                r#"ftvm_checkpoint_dirty_pages_bucket{vm="a",le="64"}"#,
+                "42",
+            ),
+            (r#"ftvm_checkpoint_dirty_pages_sum{vm="a"}"#, "1234"),
+            (r#"ftvm_checkpoint_ack_seconds_count{vm="a"}"#, "0"),
+            (
+                r#"ftvm_checkpoint_bytes_total{vm="a",stage="raw"}"#,
+                "5054464",
+            ),
+            (
+                r#"ftvm_checkpoint_bytes_total{vm="a",stage="wire"}"#,
+                "99999",
+            ),
+            (
+                r#"ftvm_output_delay_seconds_bucket{vm="a",le="0.000002"}"#,
+                "1",
+            ),
+            (r#"ftvm_output_delay_seconds_sum{vm="a"}"#, "0.000007"),
+            (r#"ftvm_output_delay_seconds_count{vm="a"}"#, "3"),
+        ] {
+            assert_eq!(value(&t, series), v, "{series}");
+        }
+        assert!(
+            t.contains("# TYPE ftvm_checkpoint_pause_seconds histogram\n"),
+            "{t}"
+        );
         assert!(t.contains("# TYPE ftvm_net_bytes_total counter\n"), "{t}");
         assert!(
             t.contains("# TYPE ftvm_replication_protected gauge\n"),

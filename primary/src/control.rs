@@ -88,6 +88,19 @@ pub fn supervise_with_metrics(
     paused: bool,
     metrics: Option<(&str, &metrics::Exporter)>,
 ) -> Result<Ended, ControlError> {
+    supervise_full(vm, api, protect, paused, metrics, 0)
+}
+
+/// [`supervise_with_metrics`] of a VM that got here through `failovers` takeovers (counted in
+/// `ftvm_failovers_total`).
+pub fn supervise_full(
+    vm: Vm,
+    api: Option<&Path>,
+    protect: Option<ProtectConfig>,
+    paused: bool,
+    metrics: Option<(&str, &metrics::Exporter)>,
+    failovers: u64,
+) -> Result<Ended, ControlError> {
     let bound = api.map(api::bind).transpose()?;
     vmm::signals::watch(&vm.reporter()).map_err(ControlError::Signals)?;
     let mut protector = protect
@@ -108,8 +121,8 @@ pub fn supervise_with_metrics(
         None => (None, None),
     };
     if let Some((name, exporter)) = metrics {
-        let protection = protector.as_ref().map(Protector::status_source);
-        exporter.publish(metrics_source(&vm, name, protection));
+        let protection = protector.as_ref().map(Protector::metrics_view);
+        exporter.publish(metrics_source(&vm, name, protection, failovers));
     }
     let event = std::panic::catch_unwind(AssertUnwindSafe(|| {
         run(&vm, requests.as_ref(), protector.as_mut())
@@ -303,7 +316,9 @@ pub fn counters_sample(name: &str, c: &vmm::state::CountersState) -> metrics::Vm
             .vcpus
             .iter()
             .map(|v| metrics::VcpuSample {
-                run_ns: v.first().copied().unwrap_or(0),
+                // See vmm::vcpu::VcpuCounters::values.
+                run_ns: v.get(ExitReason::ALL.len() + 2).copied().unwrap_or(0),
+                kvm_run_ns: v.first().copied().unwrap_or(0),
                 exits: ExitReason::ALL
                     .iter()
                     .enumerate()
@@ -352,12 +367,15 @@ pub fn counters_sample(name: &str, c: &vmm::state::CountersState) -> metrics::Vm
     }
 }
 
-/// What `GET /metrics` of a running VM named `name` answers: its live counters, its output
-/// gate and its replication figures (from `protection`'s status; protected 0 without one).
+/// What `GET /metrics` of a running VM named `name` answers: its counters, its output gate
+/// and its replication figures (protected 0 without `protection`). While protected the
+/// counters are those of the last acknowledged checkpoint, which a takeover continues from;
+/// otherwise the live ones. `failovers`: how many times this VM was taken over to get here.
 pub fn metrics_source(
     vm: &RunningVm,
     name: &str,
-    protection: Option<Arc<dyn Fn() -> Value + Send + Sync>>,
+    protection: Option<Arc<dyn Fn() -> crate::protect::ProtectionMetrics + Send + Sync>>,
+    failovers: u64,
 ) -> metrics::Source {
     let vcpus = vm.vcpu_counters();
     let blocks = vm.block_counters().to_vec();
@@ -366,11 +384,15 @@ pub fn metrics_source(
     let gate = vm.output_gate().clone();
     let name = name.to_string();
     Arc::new(move || {
-        let c = vmm::state::CountersState {
-            vcpus: vcpus.iter().map(|c| c.values()).collect(),
-            blocks: blocks.iter().map(|c| c.values()).collect(),
-            nets: nets.iter().map(|c| c.values()).collect(),
-            serial: serial.values(),
+        let p = protection.as_ref().map(|view| view());
+        let c = match p.as_ref().and_then(|p| p.committed.as_ref()) {
+            Some((committed, _)) => committed.clone(),
+            None => vmm::state::CountersState {
+                vcpus: vcpus.iter().map(|c| c.values()).collect(),
+                blocks: blocks.iter().map(|c| c.values()).collect(),
+                nets: nets.iter().map(|c| c.values()).collect(),
+                serial: serial.values(),
+            },
         };
         let mut s = counters_sample(&name, &c);
         let o = gate.stats();
@@ -380,22 +402,36 @@ pub fn metrics_source(
             released_bytes: o.released_bytes,
             passed_items: o.passed_items,
             write_errors: o.write_errors,
+            hold: output_hold(&o),
         });
         // An unprotected VM says so (protected 0) rather than having no such series.
-        s.replication = Some(match &protection {
-            Some(status) => {
-                let v = status();
-                metrics::ReplicationSample {
-                    protected: v["state"] == "protected",
-                    epochs: v["epochs_committed"].as_u64().unwrap_or(0),
-                    committed_epoch: v["committed_epoch"].as_u64(),
-                }
-            }
-            None => metrics::ReplicationSample::default(),
-        });
+        let mut r = p.map(|p| p.replication).unwrap_or_default();
+        r.failovers = failovers;
+        s.replication = Some(r);
         metrics::render(&[s])
     })
 }
+
+/// The output gate's hold times as a histogram. The gate counts them in power-of-two buckets
+/// of microseconds (bucket i holds [2^i, 2^(i+1)) µs); the bounds served are 2^k µs for k in
+/// [`HOLD_BOUNDS_LOG2`] (64 µs to 16.8 s), each counting the buckets below it.
+fn output_hold(o: &vmm::output::OutputStats) -> metrics::HistogramSample {
+    let buckets = HOLD_BOUNDS_LOG2
+        .map(|k| {
+            let below = o.hold_us_log2.iter().take(k as usize).sum();
+            ((1u64 << k) * 1000, below)
+        })
+        .collect();
+    metrics::HistogramSample {
+        unit: metrics::Unit::Nanoseconds,
+        buckets,
+        count: o.hold_us_log2.iter().sum(),
+        sum: o.hold_ns_sum,
+    }
+}
+
+/// See [`output_hold`].
+const HOLD_BOUNDS_LOG2: std::ops::RangeInclusive<u32> = 6..=24;
 
 /// What a replica's `/metrics` serves: the counters of its last commit, the committed epoch,
 /// and protected = 1 while that commit is at most `alive` old (the replica's own test of a
@@ -453,6 +489,8 @@ impl CommittedMetrics {
                 protected: v.as_ref().is_some_and(|c| c.at.elapsed() <= alive),
                 epochs: v.as_ref().map_or(0, |c| c.commits),
                 committed_epoch: v.as_ref().map(|c| c.epoch),
+                failovers: 0,
+                checkpoints: None,
             });
             metrics::render(&[s])
         })
@@ -472,8 +510,8 @@ mod tests {
         let seq = |base: u64, n: usize| (0..n as u64).map(|i| base + i).collect::<Vec<_>>();
         vmm::state::CountersState {
             vcpus: vec![
-                seq(100, ExitReason::ALL.len() + 2),
-                seq(200, ExitReason::ALL.len() + 2),
+                seq(100, vmm::vcpu::VcpuCounters::VALUES),
+                seq(200, vmm::vcpu::VcpuCounters::VALUES),
             ],
             blocks: vec![seq(300, BlockCounters::NAMES.len())],
             nets: vec![seq(400, NetCounters::NAMES.len())],
@@ -488,7 +526,12 @@ mod tests {
         let b = |n| 300 + pos(BlockCounters::NAMES, n);
         let n = |x| 400 + pos(NetCounters::NAMES, x);
         assert_eq!(s.vm, "v");
-        assert_eq!(s.vcpus[1].run_ns, 200);
+        assert_eq!(s.vcpus[1].kvm_run_ns, 200);
+        assert_eq!(
+            s.vcpus[1].run_ns,
+            200 + vmm::vcpu::VcpuCounters::VALUES as u64 - 1,
+            "CPU time is the last value"
+        );
         assert_eq!(
             s.vcpus[1].exits[0],
             (ExitReason::ALL[0].name().to_string(), 201)
@@ -548,6 +591,33 @@ mod tests {
                 500 + pos(SerialCounters::NAMES, "tx_bytes"),
                 500 + pos(SerialCounters::NAMES, "tx_errors")
             ]
+        );
+    }
+
+    #[test]
+    fn output_hold_times_become_cumulative_buckets_with_their_sum() {
+        let mut o = vmm::output::OutputStats::default();
+        // 1 µs, 70 µs (bucket 6: [64, 128)), 1 ms (bucket 9), 60 s (bucket 25: above 16.8 s).
+        o.hold_us_log2[0] = 1;
+        o.hold_us_log2[6] = 1;
+        o.hold_us_log2[9] = 1;
+        o.hold_us_log2[25] = 1;
+        o.hold_ns_sum = 60_001_071_000;
+        let h = output_hold(&o);
+        assert_eq!(h.count, 4);
+        assert_eq!(h.sum, 60_001_071_000);
+        assert_eq!(h.buckets.len(), 19);
+        assert_eq!(h.buckets[0], (64_000, 1), "le 64 µs: the 1 µs one");
+        assert_eq!(h.buckets[1], (128_000, 2), "le 128 µs: and the 70 µs one");
+        assert_eq!(
+            h.buckets[4],
+            (1_024_000, 3),
+            "le 1.024 ms: and the 1 ms one"
+        );
+        assert_eq!(
+            *h.buckets.last().unwrap(),
+            (16_777_216_000, 3),
+            "60 s is only in +Inf"
         );
     }
 

@@ -18,6 +18,10 @@
 //!   round, and the machine state). The replica commits it, the primary logs "protected". A
 //!   lost or silent replica leaves the guest running unprotected (logged, and visible in
 //!   `status`); when one answers again, a new sync re-protects it.
+//! - Accounting: each acknowledged checkpoint's counters are handed to
+//!   [`ProtectConfig::on_commit`] and become what `/metrics` serves while protected (see
+//!   [`Protector::metrics_view`]): the values a takeover continues from, so that no scraper
+//!   ever sees a counter the replica's copy of the guest would go below.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -57,6 +61,21 @@ pub struct ProtectConfig {
     pub precopy_rounds: u32,
     /// When checkpoints are taken.
     pub policy: Policy,
+    /// Told the counters and epoch of each checkpoint the replica acknowledged (on the
+    /// replication thread, in epoch order; keep it short).
+    pub on_commit: Option<OnCommit>,
+}
+
+/// See [`ProtectConfig::on_commit`].
+pub type OnCommit = Arc<dyn Fn(&vmm::state::CountersState, u64) + Send + Sync>;
+
+/// What `/metrics` takes from protection, read at each scrape.
+pub struct ProtectionMetrics {
+    /// Protected or not, epochs, and the acknowledged checkpoints' figures.
+    pub replication: metrics::ReplicationSample,
+    /// While protected: the counters of the last acknowledged checkpoint (the first one of a
+    /// sync from its capture on), to be served instead of the live ones. None: serve live.
+    pub committed: Option<(vmm::state::CountersState, u64)>,
 }
 
 /// When checkpoints are taken.
@@ -84,6 +103,10 @@ struct Job {
     disks: Vec<(Vec<u64>, Vec<u8>)>,
     /// The last checkpoint of a planned switch-over: told the outcome (the epoch).
     handover: Option<Handover>,
+    /// How long the guest was paused for it.
+    pause: Duration,
+    /// Pages in it.
+    pages: usize,
 }
 
 /// Where a planned switch-over's outcome goes.
@@ -107,6 +130,52 @@ pub(crate) struct Status {
     pub(crate) sync: Option<SyncProgress>,
     /// The last initial sync: how long it took to protected, its final pause.
     last_sync: Option<(Duration, Duration)>,
+    /// Figures of the acknowledged checkpoints.
+    figures: Figures,
+}
+
+/// The histograms and byte counts of acknowledged checkpoints.
+#[derive(Debug)]
+struct Figures {
+    pause: metrics::Histogram,
+    pages: metrics::Histogram,
+    ack: metrics::Histogram,
+    raw_bytes: u64,
+    wire_bytes: u64,
+}
+
+impl Default for Figures {
+    fn default() -> Self {
+        use metrics::histogram::{ACK_NS, PAGES, PAUSE_NS};
+        Self {
+            pause: metrics::Histogram::new(metrics::Unit::Nanoseconds, PAUSE_NS),
+            pages: metrics::Histogram::new(metrics::Unit::Count, PAGES),
+            ack: metrics::Histogram::new(metrics::Unit::Nanoseconds, ACK_NS),
+            raw_bytes: 0,
+            wire_bytes: 0,
+        }
+    }
+}
+
+impl Figures {
+    fn sample(&self) -> metrics::CheckpointSample {
+        metrics::CheckpointSample {
+            pause: self.pause.sample(),
+            dirty_pages: self.pages.sample(),
+            ack: self.ack.sample(),
+            raw_bytes: self.raw_bytes,
+            wire_bytes: self.wire_bytes,
+        }
+    }
+}
+
+/// The counters `/metrics` serves while protected.
+#[derive(Default)]
+struct Published {
+    /// Serve `counters` rather than live values (from the capture that ends a sync until the
+    /// chain of checkpoints ends).
+    serving: bool,
+    counters: Option<(vmm::state::CountersState, u64)>,
 }
 
 /// No replica is connected.
@@ -128,11 +197,52 @@ pub(crate) struct Shared {
     final_all: AtomicBool,
     /// A checkpoint is on its way and not yet acknowledged.
     in_flight: AtomicBool,
+    /// What `/metrics` serves while protected.
+    published: Mutex<Published>,
 }
 
 impl Shared {
     pub(crate) fn status(&self) -> std::sync::MutexGuard<'_, Status> {
         self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn published(&self) -> std::sync::MutexGuard<'_, Published> {
+        self.published.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Serve the counters of `epoch` from now on (`start`: the capture that ends a sync).
+    fn publish(&self, counters: &vmm::state::CountersState, epoch: u64, start: bool) {
+        let mut p = self.published();
+        if start {
+            p.serving = true;
+        }
+        p.counters = Some((counters.clone(), epoch));
+    }
+
+    /// The chain of checkpoints ended (or a new one starts): serve live values.
+    fn unpublish(&self) {
+        *self.published() = Published::default();
+    }
+
+    fn metrics(&self) -> ProtectionMetrics {
+        let committed = {
+            let p = self.published();
+            // A capture that raced the end of its session (phase IDLE) publishes nothing.
+            (p.serving && self.phase.load(Ordering::SeqCst) != IDLE)
+                .then(|| p.counters.clone())
+                .flatten()
+        };
+        let st = self.status();
+        ProtectionMetrics {
+            replication: metrics::ReplicationSample {
+                protected: st.state == "protected",
+                epochs: st.epochs_committed,
+                committed_epoch: st.committed,
+                failovers: 0,
+                checkpoints: Some(st.figures.sample()),
+            },
+            committed,
+        }
     }
 }
 
@@ -176,6 +286,7 @@ impl Protector {
             phase: AtomicU8::new(IDLE),
             final_all: AtomicBool::new(true),
             in_flight: AtomicBool::new(false),
+            published: Mutex::default(),
         });
         let (jobs, rx) = tokio::sync::mpsc::channel(1);
         let (stop, stopped) = tokio::sync::oneshot::channel();
@@ -323,6 +434,11 @@ impl Protector {
             st.last_pause = stats.pause;
             st.last_pages = stats.pages;
         }
+        if kind == FrameKind::Full {
+            // Output is held from this pause on, and so are the counters /metrics shows: a
+            // scraper never sees values newer than a takeover would go back to.
+            self.shared.publish(&state.counters, self.next_epoch, true);
+        }
         let job = Job {
             epoch: self.next_epoch,
             generation,
@@ -331,6 +447,8 @@ impl Protector {
             state,
             disks,
             handover,
+            pause: stats.pause,
+            pages: stats.pages,
         };
         self.next_epoch += 1;
         self.shared.in_flight.store(true, Ordering::SeqCst);
@@ -403,6 +521,12 @@ impl Protector {
     /// Protection's part of `status`.
     pub fn status_json(&self) -> Value {
         status_json(&self.shared.status(), &self.shared.gate)
+    }
+
+    /// What `/metrics` takes from protection, for the metrics thread.
+    pub fn metrics_view(&self) -> Arc<dyn Fn() -> ProtectionMetrics + Send + Sync> {
+        let shared = self.shared.clone();
+        Arc::new(move || shared.metrics())
     }
 
     /// A shared handle on the status, for the API thread.
@@ -559,6 +683,8 @@ fn replicate(
             };
             shared.phase.store(IDLE, Ordering::SeqCst);
             shared.in_flight.store(false, Ordering::SeqCst);
+            // Unprotected, /metrics serves live counters (never below what it served).
+            shared.unpublish();
             // Unprotected, output goes out at once: what was held too.
             if shared.gate.stats().holding {
                 let at = unix_ns();
@@ -616,6 +742,7 @@ async fn session(
     }
     // A stale checkpoint from before this connection is dropped.
     while channels.jobs.try_recv().is_ok() {}
+    shared.unpublish();
     shared.in_flight.store(false, Ordering::SeqCst);
     shared.phase.store(SYNCING, Ordering::SeqCst);
     // The first harvest starts dirty tracking afresh and tells the machine's shape.
@@ -701,6 +828,7 @@ async fn session(
             let _ = channels.give_back.send(job.staging);
         }
         let sent = Instant::now();
+        let (mut raw_bytes, mut wire_bytes) = (stats.raw_bytes, stats.wire_bytes);
         // The epoch's disk writes first: the replica stages them for this epoch's commit.
         for (n, (blocks, data)) in job.disks.iter().enumerate() {
             let enc = disk_encoders
@@ -715,8 +843,10 @@ async fn session(
             for (i, chunk) in blocks.chunks(4096).enumerate() {
                 let bytes = &data[i * 4096 * 4096..][..chunk.len() * 4096];
                 let mut out = Vec::new();
-                wire::encode_disk_frame(enc, header, chunk, bytes, &mut out)
+                let disk_stats = wire::encode_disk_frame(enc, header, chunk, bytes, &mut out)
                     .map_err(|e| event::error_chain(&e))?;
+                raw_bytes += disk_stats.raw_bytes;
+                wire_bytes += out.len() as u64;
                 transport::send_frame(link.send, &out)
                     .await
                     .map_err(explain(link.conn, "cannot send disk writes"))?;
@@ -724,6 +854,12 @@ async fn session(
         }
         link.exchange(&frame, job.epoch).await?;
         let acked = job.epoch;
+        let ack = sent.elapsed();
+        // Committed on the replica: its counters are what a takeover continues from.
+        shared.publish(&job.state.counters, acked, false);
+        if let Some(tell) = &config.on_commit {
+            tell(&job.state.counters, acked);
+        }
         if let Some(done) = job.handover {
             // Committed: the output it covers may go (the guest is paused, nothing follows),
             // then the replica takes over.
@@ -751,8 +887,13 @@ async fn session(
         let mut st = shared.status();
         st.committed = Some(acked);
         st.epochs_committed += 1;
-        st.last_ack = sent.elapsed();
+        st.last_ack = ack;
         st.last_wire_bytes = stats.wire_bytes;
+        st.figures.pause.observe(job.pause.as_nanos() as u64);
+        st.figures.pages.observe(job.pages as u64);
+        st.figures.ack.observe(ack.as_nanos() as u64);
+        st.figures.raw_bytes += raw_bytes;
+        st.figures.wire_bytes += wire_bytes;
         if job.kind == FrameKind::Full {
             st.state = "protected";
             let pause = st
@@ -772,5 +913,78 @@ async fn session(
             );
         }
         shared.in_flight.store(false, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared() -> Shared {
+        Shared {
+            status: Mutex::default(),
+            gate: Arc::new(OutputGate::new(1 << 20)),
+            phase: AtomicU8::new(IDLE),
+            final_all: AtomicBool::new(true),
+            in_flight: AtomicBool::new(false),
+            published: Mutex::default(),
+        }
+    }
+
+    fn counters(x: u64) -> vmm::state::CountersState {
+        vmm::state::CountersState {
+            serial: vec![x, 0],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn metrics_serve_acknowledged_counters_only_while_a_chain_runs() {
+        let s = shared();
+        assert!(s.metrics().committed.is_none(), "nothing published: live");
+        s.phase.store(SYNCING, Ordering::SeqCst);
+        // An acknowledgement without the capture that ends a sync does not switch.
+        s.publish(&counters(1), 0, false);
+        assert!(s.metrics().committed.is_none());
+        // The capture that ends the sync: its counters from now on, then each ack's.
+        s.phase.store(CHAIN, Ordering::SeqCst);
+        s.publish(&counters(2), 1, true);
+        assert_eq!(s.metrics().committed, Some((counters(2), 1)));
+        s.publish(&counters(3), 2, false);
+        assert_eq!(s.metrics().committed, Some((counters(3), 2)));
+        // A capture that raced the end of its session (phase IDLE) is not served.
+        s.phase.store(IDLE, Ordering::SeqCst);
+        assert!(s.metrics().committed.is_none());
+        s.phase.store(CHAIN, Ordering::SeqCst);
+        s.unpublish();
+        assert!(s.metrics().committed.is_none(), "the chain ended: live");
+    }
+
+    #[test]
+    fn checkpoint_figures_count_each_acknowledged_checkpoint_once() {
+        let s = shared();
+        {
+            let mut st = s.status();
+            st.state = "protected";
+            st.epochs_committed = 2;
+            for (pause_ns, pages) in [(300_000, 10), (2_000_000, 0)] {
+                st.figures.pause.observe(pause_ns);
+                st.figures.pages.observe(pages);
+                st.figures.ack.observe(1_000_000);
+            }
+            st.figures.raw_bytes = 40960;
+            st.figures.wire_bytes = 100;
+        }
+        let r = s.metrics().replication;
+        assert!(r.protected);
+        let c = r.checkpoints.unwrap();
+        assert_eq!(
+            [c.pause.count, c.dirty_pages.count, c.ack.count],
+            [r.epochs; 3]
+        );
+        assert_eq!(c.pause.sum, 2_300_000);
+        assert_eq!(c.dirty_pages.sum, 10);
+        assert_eq!(c.dirty_pages.buckets[0], (0, 1), "an empty checkpoint");
+        assert_eq!((c.raw_bytes, c.wire_bytes), (40960, 100));
     }
 }

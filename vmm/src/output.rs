@@ -62,6 +62,8 @@ pub struct OutputStats {
     /// How long released items were held: counts per power-of-two bucket of microseconds
     /// (bucket i: [2^i, 2^(i+1)) µs; bucket 0 also holds 0).
     pub hold_us_log2: [u64; 32],
+    /// The sum of those hold times, in nanoseconds (with the buckets, a Prometheus histogram).
+    pub hold_ns_sum: u64,
 }
 
 impl OutputStats {
@@ -274,7 +276,9 @@ fn release_locked(g: &mut Inner, upto: u64) -> Released {
     while g.queue.front().is_some_and(|h| h.generation <= upto) {
         let Some(h) = g.queue.pop_front() else { break };
         g.bytes -= h.data.len();
-        let held = h.since.elapsed().as_micros() as u64;
+        let held_ns = h.since.elapsed().as_nanos() as u64;
+        g.stats.hold_ns_sum = g.stats.hold_ns_sum.saturating_add(held_ns);
+        let held = held_ns / 1000;
         let bucket = (64 - held.leading_zeros()).saturating_sub(1).min(31) as usize;
         g.stats.hold_us_log2[bucket] += 1;
         g.stats.held_items -= 1;
@@ -410,6 +414,9 @@ mod tests {
         );
         assert_eq!(s.high_water_bytes, 12);
         assert!(s.hold_quantile(0.99).is_some());
+        // Five items were held from their emit to now: the sum covers them all.
+        assert!(s.hold_ns_sum > 0, "{s:?}");
+        assert_eq!(s.hold_us_log2.iter().sum::<u64>(), 5);
     }
 
     #[test]

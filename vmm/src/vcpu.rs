@@ -92,11 +92,77 @@ impl ExitReason {
 /// Per-vCPU counters: monotonic, never reset on read.
 #[derive(Debug, Default)]
 pub struct VcpuCounters {
-    /// Nanoseconds spent inside KVM_RUN.
-    pub run_ns: AtomicU64,
+    /// Wall-clock nanoseconds inside KVM_RUN, added when it returns. Not CPU time: a vCPU
+    /// parked in KVM on the guest's behalf counts, and a long KVM_RUN counts only once it ends.
+    pub kvm_run_ns: AtomicU64,
     exits: [AtomicU64; ExitReason::ALL.len()],
     /// Port or MMIO accesses that no device decodes.
     pub unhandled_io: AtomicU64,
+    cpu: Mutex<CpuTime>,
+}
+
+/// The vCPU thread's CPU time (`CLOCK_THREAD_CPUTIME_ID` of its thread): guest code, KVM on
+/// its behalf and the VMM's handling of its exits, all on that thread; not the time it waits.
+#[derive(Debug, Default)]
+struct CpuTime {
+    /// Nanoseconds counted up to `clock`'s reading `at` (or in all, with no clock).
+    base: u64,
+    /// While a vCPU thread counts: its CPU clock and that clock's reading when `base` was set.
+    clock: Option<(libc::clockid_t, u64)>,
+}
+
+/// Reads a CPU-time clock in nanoseconds.
+fn read_clock(clock: libc::clockid_t) -> Option<u64> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes only the timespec it is given.
+    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
+    (rc == 0).then(|| ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}
+
+impl CpuTime {
+    fn now(&self) -> u64 {
+        match self.clock {
+            // A clock that cannot be read (its thread is ending) adds nothing.
+            Some((clock, at)) => {
+                self.base + read_clock(clock).map_or(0, |now| now.saturating_sub(at))
+            }
+            None => self.base,
+        }
+    }
+}
+
+/// Counts the calling thread's CPU time into `counters` until dropped (unwinding included).
+struct CpuCounting<'a>(&'a VcpuCounters);
+
+impl<'a> CpuCounting<'a> {
+    fn start(counters: &'a VcpuCounters) -> Self {
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: pthread_self is always valid; the call only writes `clock`.
+        let rc = unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) };
+        let mut cpu = counters.cpu_lock();
+        if rc == 0
+            && let Some(at) = read_clock(clock)
+        {
+            cpu.clock = Some((clock, at));
+        } else {
+            tracing::warn!(
+                "the vCPU thread's CPU clock cannot be read: its CPU time is not counted"
+            );
+        }
+        Self(counters)
+    }
+}
+
+impl Drop for CpuCounting<'_> {
+    fn drop(&mut self) {
+        // Freeze the count before the thread (and its clock) goes away.
+        let mut cpu = self.0.cpu_lock();
+        cpu.base = cpu.now();
+        cpu.clock = None;
+    }
 }
 
 impl VcpuCounters {
@@ -105,26 +171,48 @@ impl VcpuCounters {
         self.exits[reason as usize].load(Ordering::Relaxed)
     }
 
-    /// run_ns, exits by reason (in [`ExitReason::ALL`] order), unhandled_io.
+    fn cpu_lock(&self) -> MutexGuard<'_, CpuTime> {
+        self.cpu.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// CPU time of the vCPU's thread in nanoseconds, read now (also while the guest runs
+    /// without exits), continued from the value loaded at restore.
+    pub fn cpu_ns(&self) -> u64 {
+        self.cpu_lock().now()
+    }
+
+    /// The number of values of [`VcpuCounters::values`].
+    pub const VALUES: usize = ExitReason::ALL.len() + 3;
+
+    /// kvm_run_ns, exits by reason (in [`ExitReason::ALL`] order), unhandled_io, cpu_ns.
     pub fn values(&self) -> Vec<u64> {
-        let mut v = vec![self.run_ns.load(Ordering::Relaxed)];
+        let mut v = vec![self.kvm_run_ns.load(Ordering::Relaxed)];
         v.extend(self.exits.iter().map(|e| e.load(Ordering::Relaxed)));
         v.push(self.unhandled_io.load(Ordering::Relaxed));
+        v.push(self.cpu_ns());
         v
     }
 
     /// Sets the counters from [`VcpuCounters::values`] (untrusted: the length must match).
+    /// Values saved before cpu_ns existed (one fewer) are accepted, with cpu_ns from 0.
     pub fn load_values(&self, v: &[u64]) -> Result<(), crate::state::StateError> {
-        if v.len() != self.exits.len() + 2 {
+        if v.len() != Self::VALUES && v.len() != Self::VALUES - 1 {
             return Err(crate::state::StateError::Invalid(
                 "wrong number of vCPU counters",
             ));
         }
-        self.run_ns.store(v[0], Ordering::Relaxed);
+        self.kvm_run_ns.store(v[0], Ordering::Relaxed);
         for (e, &x) in self.exits.iter().zip(&v[1..]) {
             e.store(x, Ordering::Relaxed);
         }
-        self.unhandled_io.store(v[v.len() - 1], Ordering::Relaxed);
+        let n = self.exits.len();
+        self.unhandled_io.store(v[n + 1], Ordering::Relaxed);
+        let mut cpu = self.cpu_lock();
+        cpu.base = v.get(n + 2).copied().unwrap_or(0);
+        // A thread already counting counts on from here.
+        if let Some((clock, at)) = &mut cpu.clock {
+            *at = read_clock(*clock).unwrap_or(*at);
+        }
         Ok(())
     }
 
@@ -426,6 +514,8 @@ impl Runner {
     fn run(mut self) -> Result<(), String> {
         let shared = self.shared.clone();
         let _exited = ExitGuard(&shared);
+        let counters = self.counters.clone();
+        let _cpu = CpuCounting::start(&counters);
         self.shared.lock().kvm_run = self.fd.get_kvm_run();
         event::check_fault(&format!("vcpu{}", self.index))?;
         loop {
@@ -516,7 +606,7 @@ impl Runner {
         let start = Instant::now();
         let result = fd.run();
         counters
-            .run_ns
+            .kvm_run_ns
             .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
         let exit = match result {
             Ok(exit) => exit,
@@ -601,5 +691,90 @@ impl Runner {
             vcpu: self.index,
             reason: format!("{what} at rip {rip:#x}"),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn own_cpu_ns() -> u64 {
+        read_clock(libc::CLOCK_THREAD_CPUTIME_ID).unwrap()
+    }
+
+    fn burn(ns: u64) {
+        let start = own_cpu_ns();
+        let mut x = 0u64;
+        while own_cpu_ns() - start < ns {
+            for i in 0..1000 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+            }
+        }
+    }
+
+    #[test]
+    fn cpu_time_follows_the_counting_thread_live_and_freezes_when_it_ends() {
+        let c = Arc::new(VcpuCounters::default());
+        c.load_values(&[7; VcpuCounters::VALUES]).unwrap();
+        assert_eq!(c.cpu_ns(), 7, "loaded before the thread starts");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let worker = {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                let _counting = CpuCounting::start(&c);
+                let t0 = own_cpu_ns();
+                burn(30_000_000);
+                tx.send(own_cpu_ns() - t0).unwrap();
+                // Read from another thread while this one still counts (and waits).
+                go_rx.recv().unwrap();
+                own_cpu_ns() - t0
+            })
+        };
+        let burnt = rx.recv().unwrap();
+        let live = c.cpu_ns();
+        assert!(live >= 7 + burnt, "{live} < 7 + {burnt}");
+        assert!(live <= 7 + burnt + 5_000_000, "{live} vs 7 + {burnt}");
+        go_tx.send(()).unwrap();
+        let total = worker.join().unwrap();
+        let frozen = c.cpu_ns();
+        assert!(
+            frozen >= live && frozen >= 7 + total,
+            "{frozen} {live} {total}"
+        );
+        assert!(frozen <= 7 + total + 5_000_000, "{frozen} vs 7 + {total}");
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(
+            c.cpu_ns(),
+            frozen,
+            "nothing counts once the thread has ended"
+        );
+        assert_eq!(c.values()[VcpuCounters::VALUES - 1], frozen);
+    }
+
+    #[test]
+    fn counters_load_their_own_values_and_the_older_layout_but_no_other_length() {
+        let a = VcpuCounters::default();
+        let want: Vec<u64> = (1..=VcpuCounters::VALUES as u64).collect();
+        a.load_values(&want).unwrap();
+        assert_eq!(a.values(), want);
+        assert_eq!(a.exits(ExitReason::IoIn), 2);
+        // Saved before cpu_ns existed: it starts from 0.
+        let b = VcpuCounters::default();
+        b.load_values(&want[..VcpuCounters::VALUES - 1]).unwrap();
+        assert_eq!(b.cpu_ns(), 0);
+        assert_eq!(
+            b.values()[..VcpuCounters::VALUES - 1],
+            want[..VcpuCounters::VALUES - 1]
+        );
+        for len in [0, VcpuCounters::VALUES - 2, VcpuCounters::VALUES + 1] {
+            let c = VcpuCounters::default();
+            assert!(c.load_values(&vec![9; len]).is_err(), "{len} values");
+            assert_eq!(
+                c.values(),
+                vec![0; VcpuCounters::VALUES],
+                "a refused load changes nothing"
+            );
+        }
     }
 }

@@ -7,7 +7,9 @@ use serde::{Deserialize, Serialize};
 /// Every counter of the machine.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CountersState {
-    /// Per vCPU: run nanoseconds, exits by reason, unhandled I/O.
+    /// Per vCPU ([`crate::vcpu::VcpuCounters::values`]): wall nanoseconds inside KVM_RUN,
+    /// exits by reason, unhandled I/O, the vCPU thread's CPU nanoseconds (absent in state saved
+    /// before snapshot format 2.1).
     pub vcpus: Vec<Vec<u64>>,
     /// Per disk.
     pub blocks: Vec<Vec<u64>>,
