@@ -22,6 +22,9 @@
 
 pub mod export;
 pub mod names;
+pub mod recorder;
+
+pub use recorder::{Recorder, RecorderStatus, Retrying};
 
 use std::collections::BTreeMap;
 use std::collections::HashMap;
@@ -196,7 +199,7 @@ pub struct History {
     dir: PathBuf,
     resolution_ms: u64,
     sync: bool,
-    min_free_bytes: u64,
+    min_free_bytes: std::sync::atomic::AtomicU64,
     /// Counter names by id: values hold ids, so that a sample is small and fast to scan.
     names: RwLock<Names>,
     /// Serialises read-modify-write of a step.
@@ -410,7 +413,7 @@ impl History {
             dir: dir.to_owned(),
             resolution_ms: options.resolution_ms,
             sync: options.sync,
-            min_free_bytes: options.min_free_bytes,
+            min_free_bytes: options.min_free_bytes.into(),
             names: RwLock::new(Names::default()),
             write: Mutex::new(()),
         })
@@ -465,15 +468,16 @@ impl History {
             dir: dir.to_owned(),
             resolution_ms,
             sync: options.sync,
-            min_free_bytes: options.min_free_bytes,
+            min_free_bytes: options.min_free_bytes.into(),
             names: RwLock::new(names),
             write: Mutex::new(()),
         })
     }
 
     /// Sets the free-space reserve (see [`Options::min_free_bytes`]).
-    pub fn set_min_free_bytes(&mut self, bytes: u64) {
-        self.min_free_bytes = bytes;
+    pub fn set_min_free_bytes(&self, bytes: u64) {
+        self.min_free_bytes
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Fails with [`HistoryError::Full`] when the store's file system has less free space
@@ -500,11 +504,14 @@ impl History {
             ));
         }
         let free = st.f_bavail.saturating_mul(st.f_frsize);
-        if free < self.min_free_bytes {
+        let min = self
+            .min_free_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if free < min {
             return Err(HistoryError::Full {
                 dir: self.dir.display().to_string(),
                 free,
-                min: self.min_free_bytes,
+                min,
             });
         }
         Ok(())
@@ -554,7 +561,15 @@ impl History {
 
     fn db_err(&self, what: &str) -> impl FnOnce(rocksdb::Error) -> HistoryError + '_ {
         let what = format!("{}: {what}", self.dir.display());
-        move |e| HistoryError::Db(what, e)
+        move |e| {
+            // Damaged files found while reading (a bad block checksum, a torn table).
+            let text = e.to_string();
+            if text.contains("Corruption") {
+                HistoryError::Corrupted(self.dir.clone(), text)
+            } else {
+                HistoryError::Db(what, e)
+            }
+        }
     }
 
     /// Records a committed sample. Idempotent: the same (vm, epoch) again changes nothing.

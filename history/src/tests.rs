@@ -699,3 +699,129 @@ fn packed_minutes_read_and_bill_exactly_like_the_steps_they_hold() {
         );
     }
 }
+
+fn counters(k: u64) -> BTreeMap<String, u64> {
+    sample("vm1", 0, 0, k * 1_000_000_007, k * 4096).counters
+}
+
+#[test]
+fn a_recorder_that_cannot_write_is_behind_keeps_the_latest_commit_and_catches_up_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Recorder::new(
+        History::create(dir.path(), Options::default()).unwrap(),
+        "vm1",
+    )
+    .unwrap();
+    assert!(r.record_at(1_000, 1, counters(1)));
+    let s = r.status();
+    assert!(!s.behind);
+    assert_eq!(
+        (s.recorded_epoch, s.recorded_ms, s.failures),
+        (Some(1), Some(1_000), 0)
+    );
+    // The store refuses to write (as on a full disk): the VM's commits go on.
+    r.history().set_min_free_bytes(u64::MAX);
+    assert!(!r.record_at(2_000, 2, counters(2)));
+    assert!(!r.record_at(3_000, 3, counters(3)));
+    assert!(!r.retry());
+    let s = r.status();
+    assert!(s.behind && s.behind_since_ms.is_some(), "{s:?}");
+    assert_eq!(
+        (s.failures, s.recorded_epoch, s.pending_epoch),
+        (3, Some(1), Some(3))
+    );
+    assert!(
+        s.last_error.as_deref().unwrap().contains("not written"),
+        "{s:?}"
+    );
+    let j = r.status_json();
+    assert_eq!(
+        (j["behind"].as_bool(), j["write_failures"].as_u64()),
+        (Some(true), Some(3))
+    );
+    assert_eq!(r.history().range("vm1", 0, u64::MAX).unwrap().len(), 1);
+    // Room again: the latest commit is written, the totals catch up exactly.
+    r.history().set_min_free_bytes(0);
+    assert!(r.retry());
+    let s = r.status();
+    assert!(!s.behind && s.behind_since_ms.is_none(), "{s:?}");
+    assert_eq!(
+        (s.failures, s.recorded_epoch, s.pending_epoch),
+        (3, Some(3), None)
+    );
+    assert!(r.retry(), "nothing left to write");
+    let steps: Vec<u64> = r
+        .history()
+        .range("vm1", 0, u64::MAX)
+        .unwrap()
+        .iter()
+        .map(|s| s.last.epoch)
+        .collect();
+    assert_eq!(
+        steps,
+        [1, 3],
+        "the commit in between is superseded, not written"
+    );
+    let u = export(r.history(), &Query::default()).unwrap();
+    assert_eq!(u[0].end_epoch, 3);
+    assert_eq!(u[0].billed, counters(3));
+    // A commit after catching up is written at once.
+    assert!(r.record_at(4_000, 4, counters(4)));
+    assert_eq!(r.status().failures, 3);
+}
+
+#[test]
+fn a_recorder_catches_up_from_its_timer_when_commits_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = std::sync::Arc::new(
+        Recorder::new(
+            History::create(dir.path(), Options::default()).unwrap(),
+            "vm1",
+        )
+        .unwrap(),
+    );
+    let retrying = r.retry_every(std::time::Duration::from_millis(10)).unwrap();
+    r.history().set_min_free_bytes(u64::MAX);
+    assert!(!r.record_at(1_000, 7, counters(7)));
+    // The timer retries while the store is still full: more failures, still behind.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while r.status().failures < 3 {
+        assert!(std::time::Instant::now() < deadline, "no retries");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(r.status().behind);
+    // No further commit: the timer writes the one kept back once there is room.
+    r.history().set_min_free_bytes(0);
+    while r.status().behind {
+        assert!(std::time::Instant::now() < deadline, "never caught up");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(r.status().recorded_epoch, Some(7));
+    retrying.stop().unwrap();
+    let u = export(r.history(), &Query::default()).unwrap();
+    assert_eq!(u[0].billed, counters(7));
+}
+
+#[test]
+fn a_recorder_on_a_read_only_store_reports_why_and_never_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    History::create(dir.path(), Options::default())
+        .unwrap()
+        .record(&sample("vm1", 1_000, 1, 1, 1))
+        .unwrap();
+    let r = Recorder::new(History::open_read_only(dir.path()).unwrap(), "vm1").unwrap();
+    for e in 2..5 {
+        assert!(!r.record_at(e * 1_000, e, counters(e)));
+    }
+    let s = r.status();
+    assert!(s.behind);
+    assert_eq!(
+        (s.failures, s.recorded_epoch, s.pending_epoch),
+        (3, None, Some(4))
+    );
+    assert!(s.last_error.unwrap().contains("cannot write"));
+    // Bad VM ids are refused up front.
+    let h = History::open_read_only(dir.path()).unwrap();
+    let e = Recorder::new(h, "a/b").unwrap_err();
+    assert!(e.to_string().contains("VM id"), "{e}");
+}
