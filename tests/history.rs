@@ -187,6 +187,35 @@ fn export_totals_equal_the_counters_at_the_last_epoch_and_rollbacks_stand_apart(
     );
 }
 
+/// A populated history whose RocksDB files (a table, the manifest or the write-ahead log) are
+/// then damaged in place by `damage`, given the file's path and bytes.
+fn damaged(dir: &Path, file: &str, damage: impl FnOnce(&mut Vec<u8>)) {
+    populated(dir);
+    {
+        // A table on disk, and more samples only in the write-ahead log.
+        let h = History::open(dir).unwrap();
+        h.compact().unwrap();
+        for s in 10..40u64 {
+            h.record(&sample("vm-b", 1_000_200 + s * 1000, s * 40, s + 1))
+                .unwrap();
+        }
+    }
+    let path = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().contains(file))
+        .unwrap_or_else(|| panic!("no {file} file in {}", dir.display()));
+    let mut bytes = std::fs::read(&path).unwrap();
+    assert!(
+        bytes.len() > 64,
+        "{} is too small to damage",
+        path.display()
+    );
+    damage(&mut bytes);
+    std::fs::write(&path, bytes).unwrap();
+}
+
 #[test]
 fn bad_input_is_one_error_line_exit_1_and_nothing_written() {
     let root = tempfile::tempdir().unwrap();
@@ -198,6 +227,21 @@ fn bad_input_is_one_error_line_exit_1_and_nothing_written() {
     let not_history = root.path().join("not-history");
     std::fs::create_dir(&not_history).unwrap();
     std::fs::write(not_history.join("data"), b"x").unwrap();
+    // Garbage in the middle of a table, a manifest of garbage, a flipped log record.
+    let bad_table = root.path().join("bad-table");
+    damaged(&bad_table, ".sst", |b| {
+        let n = b.len();
+        b[n / 3..n / 2].fill(0x5a);
+    });
+    let bad_manifest = root.path().join("bad-manifest");
+    damaged(&bad_manifest, "MANIFEST-", |b| b.fill(0x5a));
+    let bad_log = root.path().join("bad-log");
+    damaged(&bad_log, ".log", |b| {
+        let n = b.len();
+        for x in &mut b[n / 2..n / 2 + 3] {
+            *x ^= 0xff;
+        }
+    });
     let missing = root.path().join("missing");
     let before = snapshot(root.path());
     let g = good.to_str().unwrap();
@@ -248,6 +292,13 @@ fn bad_input_is_one_error_line_exit_1_and_nothing_written() {
             "corrupted",
         ),
     ];
+    let mut cases = cases;
+    for d in [&bad_table, &bad_manifest, &bad_log] {
+        let d = d.to_str().unwrap();
+        cases.push((vec!["export", "--history", d], "corrupted"));
+        cases.push((vec!["ls", "--history", d], "corrupted"));
+        cases.push((vec!["export", "--history", d, "--vm", "vm-b"], "corrupted"));
+    }
     for (args, expect) in cases {
         let out = ftvm(&[&["accounting"], args.as_slice()].concat());
         let err = String::from_utf8_lossy(&out.stderr);
@@ -621,4 +672,42 @@ fn a_replica_whose_history_cannot_write_keeps_committing_says_so_and_catches_up_
     // 2 vCPUs, and read/write/flush requests and read/write bytes of the one disk.
     assert_eq!(checked, 7, "{end:?}");
     assert!(end.values().any(|v| v.as_u64() > Some(0)));
+}
+
+#[test]
+fn a_replica_s_metrics_on_a_port_in_use_is_one_error_line_and_no_history_is_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pc, rc) = (dir.path().join("p"), dir.path().join("r"));
+    let pfp = cert(&pc);
+    cert(&rc);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let hist = dir.path().join("history");
+    let out = common::ftvm(
+        &[
+            "replica",
+            "--listen",
+            "127.0.0.1:0",
+            "--cert",
+            &s(&rc),
+            "--peer",
+            &pfp,
+            "--history",
+            &s(&hist),
+            "--metrics",
+            &addr,
+        ],
+        LIMIT,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with(&format!(
+            "ftvm: error: Cannot listen for metrics on {addr}: "
+        )) && err.contains("in use"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
+    assert!(!hist.exists(), "the history was made");
 }

@@ -218,12 +218,23 @@ fn name_key(id: u32) -> [u8; 5] {
     [NAME_TAG, b[0], b[1], b[2], b[3]]
 }
 
+/// A RocksDB error: damaged files found while reading (a bad block checksum, a torn table)
+/// make [`HistoryError::Corrupted`].
+fn db_error(dir: &Path, what: String, e: rocksdb::Error) -> HistoryError {
+    let text = e.to_string();
+    if text.contains("Corruption") {
+        HistoryError::Corrupted(dir.to_owned(), text)
+    } else {
+        HistoryError::Db(what, e)
+    }
+}
+
 fn load_names(db: &DB, dir: &Path) -> Result<Names> {
     let bad = |why: String| HistoryError::Corrupted(dir.to_owned(), why);
     let mut names = Names::default();
     for item in db.iterator(IteratorMode::From(&[NAME_TAG], Direction::Forward)) {
         let (k, v) =
-            item.map_err(|e| HistoryError::Db(format!("cannot read {}", dir.display()), e))?;
+            item.map_err(|e| db_error(dir, format!("cannot read {}", dir.display()), e))?;
         if k.first() != Some(&NAME_TAG) {
             break;
         }
@@ -355,6 +366,10 @@ fn db_options(create: bool) -> rocksdb::Options {
     table.set_block_size(64 << 10);
     o.set_block_based_table_factory(&table);
     o.set_keep_log_file_num(2);
+    // A damaged write-ahead log is an error, not samples silently dropped from where the
+    // damage starts (RocksDB's default, point-in-time recovery); a record torn by a crash at
+    // the log's very end is still tolerated.
+    o.set_wal_recovery_mode(rocksdb::DBRecoveryMode::TolerateCorruptedTailRecords);
     // Small memtables: a flush needs little room, well within `Options::min_free_bytes`.
     o.set_write_buffer_size(8 << 20);
     o
@@ -561,15 +576,7 @@ impl History {
 
     fn db_err(&self, what: &str) -> impl FnOnce(rocksdb::Error) -> HistoryError + '_ {
         let what = format!("{}: {what}", self.dir.display());
-        move |e| {
-            // Damaged files found while reading (a bad block checksum, a torn table).
-            let text = e.to_string();
-            if text.contains("Corruption") {
-                HistoryError::Corrupted(self.dir.clone(), text)
-            } else {
-                HistoryError::Db(what, e)
-            }
-        }
+        move |e| db_error(&self.dir, what, e)
     }
 
     /// Records a committed sample. Idempotent: the same (vm, epoch) again changes nothing.
