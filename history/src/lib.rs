@@ -20,6 +20,7 @@
 //! A store that cannot write (full or read-only disk) returns an error from
 //! [`History::record`]; the caller keeps its VM running and retries later.
 
+mod codec;
 pub mod export;
 pub mod names;
 pub mod recorder;
@@ -50,6 +51,8 @@ const PRUNED_TAG: u8 = b'P';
 const NAME_TAG: u8 = b'N';
 const PACKED_TAG: u8 = b'K';
 const PACK_VERSION: u8 = 3;
+/// Packed minutes of deltas (see `codec`), what [`History::pack`] writes.
+const PACK_DELTA_VERSION: u8 = 4;
 /// [`History::pack`] puts the steps of each closed minute into one entry.
 pub const PACK_MS: u64 = 60_000;
 const VALUE_VERSION: u8 = 2;
@@ -692,7 +695,9 @@ impl History {
     }
 
     /// Packs, for every VM, the steps of each minute before `before_ms` (rounded down to a
-    /// minute) into one entry, so that an export reads 60 times fewer entries; samples for
+    /// minute) into one entry of deltas (see `codec`), so that an export reads 60 times fewer
+    /// entries and a fraction of the bytes (minutes packed in the older format 3 are packed
+    /// again); samples for
     /// those minutes that arrive later are not recorded ([`Recorded::Expired`]). Returns how
     /// many steps were packed.
     pub fn pack(&self, before_ms: u64) -> Result<u64> {
@@ -708,27 +713,36 @@ impl History {
             let mut group: Vec<Entry> = Vec::new();
             let flush =
                 |group: &mut Vec<Entry>, minute: u64, batch: &mut WriteBatch| -> Result<u64> {
-                    if group.len() < 2 {
+                    // One entry is left as it is, unless it is a minute packed in format 3.
+                    let old_pack = |(_, v): &Entry| v.first() == Some(&PACK_VERSION);
+                    if group.len() < 2 && !group.first().is_some_and(old_pack) {
                         group.clear();
                         return Ok(0);
                     }
-                    let mut value = vec![PACK_VERSION];
+                    let names = self
+                        .names
+                        .read()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .by_id
+                        .len();
+                    let bad = |why| HistoryError::Corrupted(self.dir.clone(), why);
                     let mut steps = Vec::new();
                     for (k, v) in group.iter() {
                         let step = u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8"));
-                        steps.extend(
-                            entry_steps(step, v)
-                                .map_err(|why| HistoryError::Corrupted(self.dir.clone(), why))?,
-                        );
+                        let mut entry = codec::Steps::new(step, v).map_err(bad)?;
+                        let mut points = Vec::new();
+                        while let Some((step, _)) = entry
+                            .next(names, &mut points, &mut Vec::new())
+                            .map_err(bad)?
+                        {
+                            steps.push((step, points.clone()));
+                        }
                         batch.delete(k);
                     }
-                    put_varint(&mut value, steps.len() as u64);
-                    for (step, bytes) in &steps {
-                        put_varint(&mut value, step - minute);
-                        put_varint(&mut value, bytes.len() as u64);
-                        value.extend_from_slice(bytes);
-                    }
-                    batch.put(sample_key(&vm, minute), value);
+                    batch.put(
+                        sample_key(&vm, minute),
+                        codec::encode_minute(minute, &steps),
+                    );
                     let n = steps.len() as u64;
                     group.clear();
                     Ok(n)
@@ -936,6 +950,24 @@ impl History {
         to_ms: Option<u64>,
         mut f: impl FnMut(u64, &[PointView<'_>]) -> Result<()>,
     ) -> Result<()> {
+        self.scan_ids(vm, from_ms, to_ms, |step, points, _, names| {
+            let views: Vec<PointView<'_>> =
+                points.iter().map(|p| p.view(names, Vec::new())).collect();
+            f(step, &views)
+        })
+    }
+
+    /// The steps of `vm` whose last point's time is in `[from_ms, to_ms)`, decoded in place:
+    /// `f` gets each step's start, its points, whether it is a delta of the step it got before
+    /// (one point with the same counters as that step's last, none lower: see `codec`), and
+    /// the counter names by id.
+    pub(crate) fn scan_ids(
+        &self,
+        vm: &str,
+        from_ms: u64,
+        to_ms: Option<u64>,
+        mut f: impl FnMut(u64, &[codec::IdPoint], bool, &[String]) -> Result<()>,
+    ) -> Result<()> {
         check_vm_id(vm)?;
         let to_ms = to_ms.map_or(u128::MAX, u128::from);
         // From the minute's start: `from` may lie inside a packed minute.
@@ -946,9 +978,13 @@ impl History {
         ro.fill_cache(false);
         ro.set_readahead_size(2 << 20);
         let names = self.names.read().unwrap_or_else(|p| p.into_inner());
+        let names = names.by_id.as_slice();
+        let bad = |why| HistoryError::Corrupted(self.dir.clone(), why);
         // Reused from step to step: no allocation per step once warm.
-        let mut points: Vec<PointView<'_>> = Vec::new();
-        let mut spare: Vec<Vec<(&str, u64)>> = Vec::new();
+        let mut points: Vec<codec::IdPoint> = Vec::new();
+        let mut spare: Vec<codec::IdPoint> = Vec::new();
+        // Whether `f` got the step before (a delta of one it did not get is not one to it).
+        let mut gave_last = false;
         let mut it = self.db.raw_iterator_opt(ro);
         it.seek(&start);
         while it.valid() {
@@ -962,25 +998,23 @@ impl History {
             if u128::from(step) >= to_ms {
                 break;
             }
-            let steps = entry_steps(step, v)
-                .map_err(|why| HistoryError::Corrupted(self.dir.clone(), why))?;
-            for (step, bytes) in steps {
+            let mut steps = codec::Steps::new(step, v).map_err(bad)?;
+            while let Some((step, delta)) = steps
+                .next(names.len(), &mut points, &mut spare)
+                .map_err(bad)?
+            {
                 if u128::from(step) >= to_ms {
                     break;
                 }
-                spare.extend(points.drain(..).map(|p| {
-                    let mut c = p.counters;
-                    c.clear();
-                    c
-                }));
-                decode_views(bytes, &names.by_id, &mut points, &mut spare)
-                    .map_err(|why| HistoryError::Corrupted(self.dir.clone(), why))?;
                 let last = points.last().expect("a step has a last point");
                 if last.time_ms >= from_ms {
                     if u128::from(last.time_ms) >= to_ms {
                         return Ok(());
                     }
-                    f(step, &points)?;
+                    f(step, &points, delta && gave_last, names)?;
+                    gave_last = true;
+                } else {
+                    gave_last = false;
                 }
             }
             it.next();
@@ -991,15 +1025,20 @@ impl History {
     fn decode(&self, bytes: &[u8], step_ms: u64) -> Result<Stored> {
         let names = self.names.read().unwrap_or_else(|p| p.into_inner());
         let mut points = Vec::with_capacity(1);
-        decode_views(bytes, &names.by_id, &mut points, &mut Vec::new())
+        codec::decode_step(bytes, names.by_id.len(), &mut points, &mut Vec::new())
             .map_err(|why| HistoryError::Corrupted(self.dir.clone(), why))?;
-        let mut points: Vec<Point> = points.iter().map(PointView::to_point).collect();
+        Ok(Self::stored(step_ms, &points, &names.by_id))
+    }
+
+    /// A step's points as a [`Stored`].
+    fn stored(step_ms: u64, points: &[codec::IdPoint], names: &[String]) -> Stored {
+        let mut points: Vec<Point> = points.iter().map(|p| p.to_point(names)).collect();
         let last = points.pop().expect("a step has a last point");
-        Ok(Stored {
+        Stored {
             step_ms,
             peaks: points,
             last,
-        })
+        }
     }
 
     /// The last stored step of `vm` whose last point is before `before_ms`.
@@ -1016,13 +1055,21 @@ impl History {
                 break;
             }
             let step = u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8 bytes"));
-            let steps = entry_steps(step, &v)
-                .map_err(|why| HistoryError::Corrupted(self.dir.clone(), why))?;
-            for (step, bytes) in steps.into_iter().rev() {
-                let s = self.decode(bytes, step)?;
-                if s.last.time_ms < before_ms {
-                    return Ok(Some(s));
+            let names = self.names.read().unwrap_or_else(|p| p.into_inner());
+            let bad = |why| HistoryError::Corrupted(self.dir.clone(), why);
+            let mut steps = codec::Steps::new(step, &v).map_err(bad)?;
+            let (mut points, mut spare) = (Vec::new(), Vec::new());
+            let mut found = None;
+            while let Some((step, _)) = steps
+                .next(names.by_id.len(), &mut points, &mut spare)
+                .map_err(bad)?
+            {
+                if points.last().expect("a step has a point").time_ms < before_ms {
+                    found = Some(Self::stored(step, &points, &names.by_id));
                 }
+            }
+            if found.is_some() {
+                return Ok(found);
             }
         }
         Ok(None)
@@ -1056,38 +1103,6 @@ fn pruned_key(vm: &str) -> Vec<u8> {
 
 /// A stored key and value.
 type Entry = (Box<[u8]>, Box<[u8]>);
-
-/// The steps of one stored entry: itself, or the steps a packed minute holds.
-fn entry_steps(key_step: u64, bytes: &[u8]) -> std::result::Result<Vec<(u64, &[u8])>, String> {
-    if bytes.first() != Some(&PACK_VERSION) {
-        return Ok(vec![(key_step, bytes)]);
-    }
-    let mut r = Reader(&bytes[1..]);
-    let n = r.varint()?;
-    if n == 0 || n > PACK_MS {
-        return Err(format!("a packed minute of {n} steps"));
-    }
-    let mut out = Vec::with_capacity(n as usize);
-    let mut last = None;
-    for _ in 0..n {
-        let offset = r.varint()?;
-        let step = key_step
-            .checked_add(offset)
-            .filter(|s| offset < PACK_MS && last.is_none_or(|l| *s > l))
-            .ok_or("a packed minute with steps out of order")?;
-        let len = usize::try_from(r.varint()?).map_err(|_| "a step too long")?;
-        let body = r.take(len)?;
-        if body.first() != Some(&VALUE_VERSION) {
-            return Err("a packed minute holding something other than steps".into());
-        }
-        out.push((step, body));
-        last = Some(step);
-    }
-    if !r.0.is_empty() {
-        return Err("trailing bytes after a packed minute".into());
-    }
-    Ok(out)
-}
 
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
@@ -1124,20 +1139,32 @@ impl<'a> Reader<'a> {
         self.0 = b;
         Ok(a)
     }
+    #[inline]
     fn varint(&mut self) -> std::result::Result<u64, String> {
+        // Most stored numbers (ids, deltas) fit in one byte.
+        match self.0.split_first() {
+            Some((&b, rest)) if b < 0x80 => {
+                self.0 = rest;
+                Ok(u64::from(b))
+            }
+            _ => self.long_varint(),
+        }
+    }
+
+    fn long_varint(&mut self) -> std::result::Result<u64, String> {
         let mut v = 0u64;
-        for shift in (0..70).step_by(7) {
-            let b = *self.0.first().ok_or("a truncated sample")?;
-            self.0 = &self.0[1..];
-            if shift == 63 && b > 1 {
+        for (i, &b) in self.0.iter().take(10).enumerate() {
+            if i == 9 && b > 1 {
                 return Err("a number too large".into());
             }
-            v |= u64::from(b & 0x7f) << shift;
+            v |= u64::from(b & 0x7f) << (7 * i);
             if b & 0x80 == 0 {
+                self.0 = &self.0[i + 1..];
                 return Ok(v);
             }
         }
-        Err("a number too long".into())
+        // Ten bytes always end above (a value, or one too large): fewer did not end.
+        Err("a truncated sample".into())
     }
 }
 
@@ -1165,46 +1192,6 @@ impl PointView<'_> {
                 .collect(),
         }
     }
-}
-
-fn decode_views<'a>(
-    bytes: &[u8],
-    names: &'a [String],
-    out: &mut Vec<PointView<'a>>,
-    spare: &mut Vec<Vec<(&'a str, u64)>>,
-) -> std::result::Result<(), String> {
-    let mut r = Reader(bytes);
-    let head = r.take(2)?;
-    if head[0] != VALUE_VERSION {
-        return Err(format!("a sample of format {}", head[0]));
-    }
-    for _ in 0..=head[1] {
-        let time_ms = r.varint()?;
-        let epoch = r.varint()?;
-        let n = r.varint()?;
-        if n > MAX_COUNTERS as u64 {
-            return Err(format!("a sample with {n} counters"));
-        }
-        let mut counters = spare.pop().unwrap_or_default();
-        counters.reserve(n as usize);
-        for _ in 0..n {
-            let id = r.varint()?;
-            let name = usize::try_from(id)
-                .ok()
-                .and_then(|i| names.get(i))
-                .ok_or_else(|| format!("an unknown counter name id {id}"))?;
-            counters.push((name.as_str(), r.varint()?));
-        }
-        out.push(PointView {
-            time_ms,
-            epoch,
-            counters,
-        });
-    }
-    if !r.0.is_empty() {
-        return Err("trailing bytes after a sample".into());
-    }
-    Ok(())
 }
 
 #[cfg(test)]

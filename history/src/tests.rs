@@ -2,6 +2,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::*;
+use crate::codec::encode_step;
 use crate::export::{Query, Start, export};
 
 fn sample(vm: &str, time_ms: u64, epoch: u64, cpu: u64, bytes: u64) -> Sample {
@@ -824,4 +825,117 @@ fn a_recorder_on_a_read_only_store_reports_why_and_never_panics() {
     let h = History::open_read_only(dir.path()).unwrap();
     let e = Recorder::new(h, "a/b").unwrap_err();
     assert!(e.to_string().contains("VM id"), "{e}");
+}
+
+#[test]
+fn delta_packed_minutes_bill_like_their_steps_and_format_3_packs_still_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = History::create(dir.path(), Options::default()).unwrap();
+    for t in 0..120u64 {
+        let mut s = sample("vm1", t * 1000 + 3, t * 40, t * 999, t * 4096);
+        match t {
+            // The same epoch again a step later (a repeat, counted once).
+            10 => s = sample("vm1", t * 1000 + 3, 9 * 40, 9 * 999, 9 * 4096),
+            // A counter appears.
+            20.. => {
+                s.counters.insert(names::net_bytes("eth0", "rx"), t * 60);
+            }
+            _ => {}
+        }
+        // A rollback from one step to the next: lower epoch and counters.
+        if t == 30 {
+            s.epoch = 28 * 40;
+            s.counters.insert(names::vcpu_run_ns(0), 28 * 999);
+            s.counters
+                .insert(names::block_bytes("vda", "write"), 28 * 4096);
+            s.counters.insert(names::net_bytes("eth0", "rx"), 28 * 60);
+        }
+        h.record(&s).unwrap();
+    }
+    // Epoch 400's counters differ in two steps: an error before packing and after.
+    h.record(&sample("vm-bad", 1_000, 400, 5, 5)).unwrap();
+    h.record(&sample("vm-bad", 2_000, 400, 6, 5)).unwrap();
+    let queries = [(0, None), (10_500, Some(70_000)), (29_000, Some(31_000))];
+    let billed = |h: &History| -> Vec<_> {
+        queries
+            .iter()
+            .map(|(f, t)| {
+                let q = Query {
+                    vm: Some("vm1".into()),
+                    from_ms: Some(*f),
+                    to_ms: *t,
+                };
+                export(h, &q).unwrap()
+            })
+            .collect()
+    };
+    let bad = Query {
+        vm: Some("vm-bad".into()),
+        ..Default::default()
+    };
+    let was = billed(&h);
+    assert_eq!(was[0][0].repeats, 1);
+    assert_eq!(was[0][0].rollbacks.len(), 1);
+    let e = export(&h, &bad).unwrap_err().to_string();
+    assert!(e.contains("appears twice with different counters"), "{e}");
+    let all = h.range("vm1", 0, u64::MAX).unwrap();
+    // The single-step values, to pack by hand in format 3 below.
+    let raw: Vec<(u64, Vec<u8>)> = (0..60u64)
+        .map(|t| {
+            let v = h.db.get(sample_key("vm1", t * 1000)).unwrap().unwrap();
+            (t * 1000, v)
+        })
+        .collect();
+    assert_eq!(h.pack(120_000).unwrap(), 122);
+    let packed = h.db.get(sample_key("vm1", 0)).unwrap().unwrap();
+    assert_eq!(packed[0], PACK_DELTA_VERSION);
+    let v2_bytes: usize = raw.iter().map(|(_, v)| v.len()).sum();
+    assert!(packed.len() < v2_bytes, "{} vs {v2_bytes}", packed.len());
+    assert_eq!(h.range("vm1", 0, u64::MAX).unwrap(), all);
+    assert_eq!(billed(&h), was);
+    let e = export(&h, &bad).unwrap_err().to_string();
+    assert!(e.contains("appears twice with different counters"), "{e}");
+
+    // Minute 0 in format 3 (as an older ftvm packed it): the same steps, the same bills.
+    let mut v3 = vec![PACK_VERSION];
+    put_varint(&mut v3, raw.len() as u64);
+    for (step, v) in &raw {
+        put_varint(&mut v3, *step);
+        put_varint(&mut v3, v.len() as u64);
+        v3.extend_from_slice(v);
+    }
+    h.db.put(sample_key("vm1", 0), &v3).unwrap();
+    assert_eq!(h.range("vm1", 0, u64::MAX).unwrap(), all);
+    assert_eq!(billed(&h), was);
+    // Packing again brings it to format 4; the minute packed already stays as it is.
+    assert_eq!(h.pack(120_000).unwrap(), 60);
+    assert_eq!(h.db.get(sample_key("vm1", 0)).unwrap().unwrap(), packed);
+    assert_eq!(h.range("vm1", 0, u64::MAX).unwrap(), all);
+
+    // Damaged delta packs are errors: a delta first, an unknown kind, a delta past 2^64.
+    h.db.put(sample_key("vm1", 0), &packed).unwrap();
+    let full = encode_step(&[codec_point(5, 1, &[(0, 7)])]);
+    let mut first_delta = vec![PACK_DELTA_VERSION, 1, 0, 1, 0, 0, 0];
+    first_delta.truncate(7);
+    let mut unknown_kind = vec![PACK_DELTA_VERSION, 1, 0, 7];
+    unknown_kind.extend_from_slice(&full);
+    let mut overflow = vec![PACK_DELTA_VERSION, 2, 0, 0, full.len() as u8];
+    overflow.extend_from_slice(&full);
+    overflow.extend_from_slice(&[1, 1, 0, 0]);
+    overflow.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01]);
+    for damaged in [first_delta, unknown_kind, overflow] {
+        h.db.put(sample_key("vm1", 0), &damaged).unwrap();
+        let e = h.range("vm1", 0, u64::MAX).unwrap_err();
+        assert!(matches!(e, HistoryError::Corrupted(..)), "{damaged:?}: {e}");
+        assert!(export(&h, &Query::default()).is_err());
+    }
+}
+
+fn codec_point(time_ms: u64, epoch: u64, counters: &[(u32, u64)]) -> codec::IdPoint {
+    codec::IdPoint {
+        time_ms,
+        epoch,
+        ids: counters.iter().map(|c| c.0).collect(),
+        values: counters.iter().map(|c| c.1).collect(),
+    }
 }
