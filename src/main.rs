@@ -590,24 +590,25 @@ fn replica(args: ReplicaArgs) -> anyhow::Result<ExitCode> {
 /// when it catches up) and writes the latest commit at the next commit or within a second.
 struct HistoryRecorder {
     recorder: Arc<history::Recorder>,
-    _retrying: history::Retrying,
+    _timer: history::Timer,
 }
 
 impl HistoryRecorder {
-    /// How often a recorder that is behind tries again when no commit comes.
-    const RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+    /// How often a recorder that is behind tries again when no commit comes (and, once a
+    /// minute, packs the history).
+    const TICK: std::time::Duration = std::time::Duration::from_secs(1);
 
     fn new(history: history::History, vm: &str) -> anyhow::Result<Self> {
         let recorder = Arc::new(
             history::Recorder::new(history, vm)
                 .with_context(|| format!("Cannot record the history of VM '{vm}'"))?,
         );
-        let retrying = recorder
-            .retry_every(Self::RETRY)
-            .context("Cannot start the history-retry thread")?;
+        let timer = recorder
+            .tick_every(Self::TICK)
+            .context("Cannot start the history thread")?;
         Ok(Self {
             recorder,
-            _retrying: retrying,
+            _timer: timer,
         })
     }
 

@@ -25,7 +25,7 @@ pub mod export;
 pub mod names;
 pub mod recorder;
 
-pub use recorder::{Recorder, RecorderStatus, Retrying};
+pub use recorder::{Recorder, RecorderStatus, Timer};
 
 use std::collections::BTreeMap;
 use std::collections::HashMap;
@@ -696,16 +696,20 @@ impl History {
 
     /// Packs, for every VM, the steps of each minute before `before_ms` (rounded down to a
     /// minute) into one entry of deltas (see `codec`), so that an export reads 60 times fewer
-    /// entries and a fraction of the bytes (minutes packed in the older format 3 are packed
-    /// again); samples for
-    /// those minutes that arrive later are not recorded ([`Recorded::Expired`]). Returns how
-    /// many steps were packed.
+    /// entries and a fraction of the bytes; samples for those minutes that arrive later are
+    /// not recorded ([`Recorded::Expired`]). It starts at each VM's packing cut, so calling
+    /// it often costs only the minutes since the last call. Returns how many steps were
+    /// packed.
     pub fn pack(&self, before_ms: u64) -> Result<u64> {
         let before_ms = before_ms - before_ms % PACK_MS;
         let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let mut packed = 0;
         for vm in self.vm_ids()? {
-            let from = sample_key(&vm, 0);
+            let cut = self.packed_before(&vm)?.unwrap_or(0);
+            if cut >= before_ms {
+                continue;
+            }
+            let from = sample_key(&vm, cut);
             let to = sample_key(&vm, before_ms);
             let prefix = &from[..from.len() - 8];
             let mut batch = WriteBatch::default();
@@ -713,9 +717,7 @@ impl History {
             let mut group: Vec<Entry> = Vec::new();
             let flush =
                 |group: &mut Vec<Entry>, minute: u64, batch: &mut WriteBatch| -> Result<u64> {
-                    // One entry is left as it is, unless it is a minute packed in format 3.
-                    let old_pack = |(_, v): &Entry| v.first() == Some(&PACK_VERSION);
-                    if group.len() < 2 && !group.first().is_some_and(old_pack) {
+                    if group.len() < 2 {
                         group.clear();
                         return Ok(0);
                     }
@@ -768,8 +770,10 @@ impl History {
             if let Some(prev) = minute {
                 packed += flush(&mut group, prev, &mut batch)?;
             }
-            let cut = self.packed_before(&vm)?.unwrap_or(0).max(before_ms);
-            batch.put([&[PACKED_TAG], vm.as_bytes()].concat(), cut.to_be_bytes());
+            batch.put(
+                [&[PACKED_TAG], vm.as_bytes()].concat(),
+                before_ms.to_be_bytes(),
+            );
             self.check_space()?;
             let mut wo = WriteOptions::default();
             wo.set_sync(self.sync);

@@ -4,15 +4,18 @@
 //! or read-only disk, a damaged store) the VM goes on: the recorder is *behind*, keeps the
 //! latest unrecorded sample (only the latest: counters are cumulative, so writing the latest
 //! one catches the billed totals up exactly; the steps in between stay empty), and writes it
-//! at the next commit or on [`Recorder::retry`] (which [`Recorder::retry_every`] calls from a
-//! thread, for when commits stop while it is behind). It logs once when it falls behind and
-//! once when it catches up, and counts every failed write.
+//! at the next commit or on [`Recorder::retry`] (which [`Recorder::tick`] calls, from a thread
+//! that [`Recorder::tick_every`] starts, for when commits stop while it is behind). It logs
+//! once when it falls behind and once when it catches up, and counts every failed write.
+//!
+//! The tick also packs the minutes older than [`PACK_LAG_MS`] once a minute
+//! ([`History::pack`]), so that the billing export reads a recorded month quickly.
 //!
 //! ```no_run
 //! # use std::collections::BTreeMap;
 //! let history = history::History::create("/var/lib/ftvm/history", history::Options::default())?;
 //! let recorder = std::sync::Arc::new(history::Recorder::new(history, "vm1")?);
-//! let _retrying = recorder.retry_every(std::time::Duration::from_secs(1));
+//! let _timer = recorder.tick_every(std::time::Duration::from_secs(1));
 //! let mut counters = BTreeMap::new();
 //! counters.insert(history::names::vcpu_run_ns(0), 1_250_000_000);
 //! recorder.record(42, counters);
@@ -26,7 +29,11 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::{History, Result, Sample, check_vm_id};
+use crate::{History, PACK_MS, Result, Sample, check_vm_id};
+
+/// [`Recorder::tick`] packs the minutes older than this (ms): late enough that no commit
+/// still comes for them, except from a recorder that is behind, which does not pack.
+pub const PACK_LAG_MS: u64 = 2 * PACK_MS;
 
 /// Records one VM's commits into a history; see the [module](self).
 pub struct Recorder {
@@ -42,6 +49,7 @@ struct State {
     recorded: Option<(u64, u64)>,
     pending: Option<Sample>,
     last_error: Option<String>,
+    packed_at_ms: Option<u64>,
 }
 
 /// Where a [`Recorder`] stands.
@@ -204,20 +212,42 @@ impl Recorder {
         })
     }
 
-    /// Calls [`Recorder::retry`] every `period` on a thread of its own until the returned
-    /// guard is dropped (or [`Retrying::stop`]ped), so that a recorder that fell behind catches
-    /// up even when no commit comes any more.
-    pub fn retry_every(self: &Arc<Self>, period: Duration) -> std::io::Result<Retrying> {
+    /// At `now_ms`: [`Recorder::retry`]; then, once a minute and unless behind, packs the
+    /// minutes before `now_ms - PACK_LAG_MS`. A failed pack is logged and left for the next
+    /// minute (the samples are recorded, only not packed yet).
+    pub fn tick(&self, now_ms: u64) {
+        let mut st = self.lock();
+        if st.pending.is_some() && !self.write_pending(&mut st) {
+            return;
+        }
+        if st
+            .packed_at_ms
+            .is_some_and(|t| now_ms.saturating_sub(t) < PACK_MS)
+        {
+            return;
+        }
+        st.packed_at_ms = Some(now_ms);
+        if let Err(e) = self.history.pack(now_ms.saturating_sub(PACK_LAG_MS)) {
+            let why = chain(&e);
+            tracing::warn!(vm = %self.vm, "cannot pack the accounting history (tried again in a minute): {why}");
+            st.last_error = Some(why);
+        }
+    }
+
+    /// Calls [`Recorder::tick`] every `period` on a thread of its own until the returned
+    /// guard is dropped (or [`Timer::stop`]ped), so that a recorder that fell behind catches
+    /// up even when no commit comes any more, and the history gets packed.
+    pub fn tick_every(self: &Arc<Self>, period: Duration) -> std::io::Result<Timer> {
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let me = Arc::clone(self);
         let thread = std::thread::Builder::new()
-            .name("history-retry".into())
+            .name("history".into())
             .spawn(move || {
                 while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(period) {
-                    me.retry();
+                    me.tick(now_ms());
                 }
             })?;
-        Ok(Retrying {
+        Ok(Timer {
             stop: Some(stop),
             thread: Some(thread),
         })
@@ -234,14 +264,14 @@ impl std::fmt::Debug for Recorder {
     }
 }
 
-/// The thread of [`Recorder::retry_every`]; stops it when dropped.
+/// The thread of [`Recorder::tick_every`]; stops it when dropped.
 #[derive(Debug)]
-pub struct Retrying {
+pub struct Timer {
     stop: Option<Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
 
-impl Retrying {
+impl Timer {
     /// Stops the thread and waits for it; an error when it panicked.
     pub fn stop(mut self) -> std::result::Result<(), String> {
         self.finish()
@@ -251,7 +281,7 @@ impl Retrying {
         drop(self.stop.take());
         match self.thread.take().map(JoinHandle::join) {
             Some(Err(panic)) => Err(format!(
-                "the history-retry thread panicked: {}",
+                "the history thread panicked: {}",
                 panic
                     .downcast_ref::<&str>()
                     .map(|s| s.to_string())
@@ -263,7 +293,7 @@ impl Retrying {
     }
 }
 
-impl Drop for Retrying {
+impl Drop for Timer {
     fn drop(&mut self) {
         if let Err(e) = self.finish() {
             tracing::error!("{e}");

@@ -781,7 +781,7 @@ fn a_recorder_catches_up_from_its_timer_when_commits_stop() {
         )
         .unwrap(),
     );
-    let retrying = r.retry_every(std::time::Duration::from_millis(10)).unwrap();
+    let timer = r.tick_every(std::time::Duration::from_millis(10)).unwrap();
     r.history().set_min_free_bytes(u64::MAX);
     assert!(!r.record_at(1_000, 7, counters(7)));
     // The timer retries while the store is still full: more failures, still behind.
@@ -798,7 +798,7 @@ fn a_recorder_catches_up_from_its_timer_when_commits_stop() {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     assert_eq!(r.status().recorded_epoch, Some(7));
-    retrying.stop().unwrap();
+    timer.stop().unwrap();
     let u = export(r.history(), &Query::default()).unwrap();
     assert_eq!(u[0].billed, counters(7));
 }
@@ -907,10 +907,11 @@ fn delta_packed_minutes_bill_like_their_steps_and_format_3_packs_still_read() {
     h.db.put(sample_key("vm1", 0), &v3).unwrap();
     assert_eq!(h.range("vm1", 0, u64::MAX).unwrap(), all);
     assert_eq!(billed(&h), was);
-    // Packing again brings it to format 4; the minute packed already stays as it is.
-    assert_eq!(h.pack(120_000).unwrap(), 60);
-    assert_eq!(h.db.get(sample_key("vm1", 0)).unwrap().unwrap(), packed);
-    assert_eq!(h.range("vm1", 0, u64::MAX).unwrap(), all);
+    assert_eq!(
+        h.pack(120_000).unwrap(),
+        0,
+        "packed minutes are not packed again"
+    );
 
     // Damaged delta packs are errors: a delta first, an unknown kind, a delta past 2^64.
     h.db.put(sample_key("vm1", 0), &packed).unwrap();
@@ -938,4 +939,43 @@ fn codec_point(time_ms: u64, epoch: u64, counters: &[(u32, u64)]) -> codec::IdPo
         ids: counters.iter().map(|c| c.0).collect(),
         values: counters.iter().map(|c| c.1).collect(),
     }
+}
+
+#[test]
+fn a_recorder_packs_the_minutes_older_than_its_lag_once_a_minute_and_not_while_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Recorder::new(
+        History::create(dir.path(), Options::default()).unwrap(),
+        "vm1",
+    )
+    .unwrap();
+    for t in 0..300u64 {
+        assert!(r.record_at(t * 1000 + 5, t * 40, counters(t)));
+    }
+    let all = r.history().range("vm1", 0, u64::MAX).unwrap();
+    let bill = export(r.history(), &Query::default()).unwrap();
+    // Behind: no packing.
+    r.history().set_min_free_bytes(u64::MAX);
+    assert!(!r.record_at(300_005, 300 * 40, counters(300)));
+    r.tick(400_000);
+    assert_eq!(r.history().packed_before("vm1").unwrap(), None);
+    // Caught up by the tick itself, which then packs the minutes older than 2 minutes
+    // (before 280 s, in whole minutes).
+    r.history().set_min_free_bytes(0);
+    r.tick(400_000);
+    assert!(!r.status().behind);
+    assert_eq!(r.history().packed_before("vm1").unwrap(), Some(240_000));
+    // Not again within the minute; again after it.
+    r.tick(459_999);
+    assert_eq!(r.history().packed_before("vm1").unwrap(), Some(240_000));
+    r.tick(460_000);
+    assert_eq!(r.history().packed_before("vm1").unwrap(), Some(300_000));
+    let mut now_all = all.clone();
+    now_all.push(r.history().range("vm1", 300_000, u64::MAX).unwrap()[0].clone());
+    assert_eq!(r.history().range("vm1", 0, u64::MAX).unwrap(), now_all);
+    let q = Query {
+        to_ms: Some(300_000),
+        ..Default::default()
+    };
+    assert_eq!(export(r.history(), &q).unwrap(), bill);
 }
