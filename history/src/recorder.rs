@@ -147,8 +147,12 @@ impl Recorder {
             return true;
         };
         match self.history.record(&sample) {
-            Ok(_) => {
-                st.recorded = Some((sample.epoch, sample.time_ms));
+            Ok(done) => {
+                // An expired one (its minute packed or pruned: a clock set back) is not
+                // recorded; the next commit's cumulative counters carry it.
+                if done != crate::Recorded::Expired {
+                    st.recorded = Some((sample.epoch, sample.time_ms));
+                }
                 st.pending = None;
                 if let Some(since) = st.behind_since_ms.take() {
                     tracing::info!(

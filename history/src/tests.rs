@@ -978,4 +978,13 @@ fn a_recorder_packs_the_minutes_older_than_its_lag_once_a_minute_and_not_while_b
         ..Default::default()
     };
     assert_eq!(export(r.history(), &q).unwrap(), bill);
+    // A commit stamped inside a packed minute (a clock set back) is not recorded, nor
+    // reported as recorded, nor left behind.
+    let recorded = r.status().recorded_epoch;
+    assert!(r.record_at(100_000, 50_000, counters(400)));
+    let s = r.status();
+    assert_eq!(
+        (s.recorded_epoch, s.behind, s.pending_epoch),
+        (recorded, false, None)
+    );
 }
