@@ -565,10 +565,9 @@ fn a_replica_whose_history_cannot_write_keeps_committing_says_so_and_catches_up_
         Some(recorded),
         "{st}"
     );
-    assert_eq!(
-        common::protection::status(&psock)["protection"]["state"],
-        "protected"
-    );
+    common::protection::wait_protection(&psock, "protection while behind", |p| {
+        p["state"] == "protected"
+    });
     let scraped = scrape(port);
     assert_eq!(scraped["ftvm_history_behind{vm=\"acct\"}"], 1.0);
     let failures = scraped["ftvm_history_write_failures_total{vm=\"acct\"}"];

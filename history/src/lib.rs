@@ -464,7 +464,18 @@ impl History {
         // is written into it.
         let mut quiet = db_options(false);
         quiet.set_db_log_dir("/dev/null");
-        let checked = DB::open_for_read_only(&quiet, dir, false);
+        // A store being written (a replica's) may delete a compacted file between the
+        // manifest naming it and this open: that is not damage, so look again, a few times.
+        let mut checked = DB::open_for_read_only(&quiet, dir, false);
+        for _ in 0..3 {
+            match &checked {
+                Err(e) if e.to_string().contains("No such file") => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    checked = DB::open_for_read_only(&quiet, dir, false);
+                }
+                _ => break,
+            }
+        }
         let db = if read_only || checked.is_err() {
             checked
         } else {

@@ -988,3 +988,33 @@ fn a_recorder_packs_the_minutes_older_than_its_lag_once_a_minute_and_not_while_b
         (recorded, false, None)
     );
 }
+
+#[test]
+fn an_export_while_the_store_is_written_packed_and_compacted_never_reports_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = History::create(dir.path(), Options::default()).unwrap();
+    h.record(&sample("vm1", 0, 0, 0, 0)).unwrap();
+    let path = dir.path().to_owned();
+    let writer = std::thread::spawn(move || -> Result<()> {
+        for t in 1..6_000u64 {
+            h.record(&sample("vm1", t * 1000, t, t * 7, t * 512))?;
+            if t % 300 == 0 {
+                h.pack((t - 120) * 1000)?;
+                h.compact()?;
+            }
+        }
+        Ok(())
+    });
+    let mut exports = 0;
+    while !writer.is_finished() {
+        let r = History::open_read_only(&path);
+        let u = r.and_then(|r| export(&r, &Query::default()));
+        let u = u.unwrap_or_else(|e| panic!("export {exports} while writing: {e}"));
+        assert_eq!(u[0].billed, u[0].end_counters);
+        exports += 1;
+    }
+    writer.join().unwrap().unwrap();
+    assert!(exports > 0);
+    let u = export(&History::open_read_only(&path).unwrap(), &Query::default()).unwrap();
+    assert_eq!(u[0].end_epoch, 5_999);
+}
