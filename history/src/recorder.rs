@@ -40,6 +40,8 @@ pub struct Recorder {
     history: History,
     vm: String,
     state: Mutex<State>,
+    /// A copy of where it stands, for readers that must not wait for a slow write.
+    published: Mutex<RecorderStatus>,
 }
 
 #[derive(Default)]
@@ -97,6 +99,7 @@ impl Recorder {
             history,
             vm: vm.to_owned(),
             state: Mutex::new(State::default()),
+            published: Mutex::default(),
         })
     }
 
@@ -130,7 +133,9 @@ impl Recorder {
             epoch,
             counters,
         });
-        self.write_pending(&mut st)
+        let done = self.write_pending(&mut st);
+        self.publish(&st);
+        done
     }
 
     /// Writes the commit kept back, if any. True when nothing is left behind.
@@ -139,7 +144,9 @@ impl Recorder {
         if st.pending.is_none() {
             return true;
         }
-        self.write_pending(&mut st)
+        let done = self.write_pending(&mut st);
+        self.publish(&st);
+        done
     }
 
     fn write_pending(&self, st: &mut State) -> bool {
@@ -184,10 +191,16 @@ impl Recorder {
         }
     }
 
-    /// Where it stands.
+    /// Where it stands (as of its last write: this never waits for one in progress).
     pub fn status(&self) -> RecorderStatus {
-        let st = self.lock();
-        RecorderStatus {
+        self.published
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn publish(&self, st: &State) {
+        let now = RecorderStatus {
             behind: st.behind_since_ms.is_some(),
             behind_since_ms: st.behind_since_ms,
             failures: st.failures,
@@ -195,7 +208,8 @@ impl Recorder {
             recorded_ms: st.recorded.map(|r| r.1),
             pending_epoch: st.pending.as_ref().map(|s| s.epoch),
             last_error: st.last_error.clone(),
-        }
+        };
+        *self.published.lock().unwrap_or_else(|p| p.into_inner()) = now;
     }
 
     /// [`Recorder::status`] as a JSON object (the `history` object of a replica's status):
@@ -221,7 +235,12 @@ impl Recorder {
     /// minute (the samples are recorded, only not packed yet).
     pub fn tick(&self, now_ms: u64) {
         let mut st = self.lock();
-        if st.pending.is_some() && !self.write_pending(&mut st) {
+        self.pack_if_due(&mut st, now_ms);
+        self.publish(&st);
+    }
+
+    fn pack_if_due(&self, st: &mut State, now_ms: u64) {
+        if st.pending.is_some() && !self.write_pending(st) {
             return;
         }
         if st
