@@ -194,6 +194,14 @@ fn measure(dir: &std::path::Path, days: u64, label: &str) -> Duration {
         assert!(h.raw_scan("vm-0001").unwrap() > 0);
         raw.push(a.elapsed());
     }
+    let a = Instant::now();
+    let ranges = h.vms().unwrap();
+    let ls = a.elapsed();
+    assert_eq!(ranges[0].samples, days * DAY);
+    println!(
+        "`accounting ls` of {days} VM-days ({label}): {:.3} s",
+        ls.as_secs_f64()
+    );
     let (em, ep) = stats(exp);
     let (rm, rp) = stats(raw);
     println!(

@@ -888,25 +888,24 @@ impl History {
     pub fn vms(&self) -> Result<Vec<VmRange>> {
         let mut out = Vec::new();
         for vm in self.vm_ids()? {
-            let mut first: Option<Stored> = None;
-            let mut last: Option<Stored> = None;
+            // (time, epoch) of the first point and of the last, without naming counters.
+            let mut first: Option<(u64, u64)> = None;
+            let mut last: Option<(u64, u64)> = None;
             let mut samples = 0;
-            self.scan(&vm, 0, None, |s| {
+            self.scan_ids(&vm, 0, None, |_, points, _, _| {
                 samples += 1;
-                if first.is_none() {
-                    first = Some(s.clone());
-                }
-                last = Some(s.clone());
+                let (a, z) = (&points[0], &points[points.len() - 1]);
+                first.get_or_insert((a.time_ms, a.epoch));
+                last = Some((z.time_ms, z.epoch));
                 Ok(())
             })?;
             if let (Some(first), Some(last)) = (first, last) {
-                let first_point = first.peaks.first().unwrap_or(&first.last);
                 out.push(VmRange {
                     samples,
-                    first_ms: first_point.time_ms,
-                    last_ms: last.last.time_ms,
-                    first_epoch: first_point.epoch,
-                    last_epoch: last.last.epoch,
+                    first_ms: first.0,
+                    last_ms: last.0,
+                    first_epoch: first.1,
+                    last_epoch: last.1,
                     pruned_before_ms: self.pruned_before(&vm)?,
                     vm,
                 });
