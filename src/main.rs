@@ -489,6 +489,9 @@ fn replica(args: ReplicaArgs) -> anyhow::Result<ExitCode> {
         .history
         .as_ref()
         .map(|dir| {
+            // A name the history refuses is refused before the history is made.
+            history::check_vm_id(&args.metrics.vm_name)
+                .context("Invalid --vm-name for --history")?;
             history::History::create(dir, history::Options::default())
                 .with_context(|| format!("Cannot open the history {}", dir.display()))
         })

@@ -674,7 +674,8 @@ fn a_replica_whose_history_cannot_write_keeps_committing_says_so_and_catches_up_
 }
 
 #[test]
-fn a_replica_s_metrics_on_a_port_in_use_is_one_error_line_and_no_history_is_made() {
+fn a_replica_s_metrics_on_a_port_in_use_or_a_bad_vm_name_is_one_error_line_and_no_history_is_made()
+{
     let dir = tempfile::tempdir().unwrap();
     let (pc, rc) = (dir.path().join("p"), dir.path().join("r"));
     let pfp = cert(&pc);
@@ -708,5 +709,31 @@ fn a_replica_s_metrics_on_a_port_in_use_is_one_error_line_and_no_history_is_made
         "{err}"
     );
     assert!(out.stdout.is_empty());
+    assert!(!hist.exists(), "the history was made");
+
+    // A --vm-name the history cannot take: one line, nothing made.
+    let out = common::ftvm(
+        &[
+            "replica",
+            "--listen",
+            "127.0.0.1:0",
+            "--cert",
+            &s(&rc),
+            "--peer",
+            &pfp,
+            "--history",
+            &s(&hist),
+            "--vm-name",
+            "my vm",
+        ],
+        LIMIT,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("ftvm: error: Invalid --vm-name for --history: VM id \"my vm\" has ' '"),
+        "{err}"
+    );
     assert!(!hist.exists(), "the history was made");
 }
