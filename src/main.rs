@@ -178,8 +178,9 @@ struct ReplicaArgs {
     /// Record each committed epoch's counters in this accounting history (created if
     /// missing; see `ftvm accounting`; it keeps the last epoch of each second), under
     /// --vm-name. A
-    /// history that cannot be written (full or read-only disk) does not stop the replica: the
-    /// failure is logged once and counted, and recording goes on when it can.
+    /// history that cannot be written (full or read-only disk) does not stop the replica: it is
+    /// *behind* (the status's `history` object, `ftvm_history_behind` on --metrics, one log
+    /// line), failures are counted, and the latest commit is written once it can be.
     #[arg(long, value_name = "DIR")]
     history: Option<PathBuf>,
     /// `--metrics`: the committed counters and the replica's health (the guest's live
@@ -376,9 +377,11 @@ fn parse_all<T: std::str::FromStr<Err = String>>(values: &[String]) -> anyhow::R
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut protect = args.protect.config()?;
     if let (Some(dir), Some(p)) = (&args.history, &mut protect) {
+        // A name the history refuses is refused before the history is made.
+        history::check_vm_id(&args.metrics.vm_name).context("Invalid --vm-name for --history")?;
         let h = history::History::create(dir, history::Options::default())
             .with_context(|| format!("Cannot open the history {}", dir.display()))?;
-        let recorder = HistoryRecorder::new(h, &args.metrics.vm_name);
+        let recorder = HistoryRecorder::new(h, &args.metrics.vm_name)?;
         p.on_commit = Some(Arc::new(move |c: &vmm::state::CountersState, epoch| {
             recorder.record(c, epoch)
         }));
@@ -505,11 +508,19 @@ fn replica(args: ReplicaArgs) -> anyhow::Result<ExitCode> {
         .history
         .as_ref()
         .map(|dir| {
+            // A name the history refuses is refused before the history is made.
+            history::check_vm_id(&args.metrics.vm_name)
+                .context("Invalid --vm-name for --history")?;
             history::History::create(dir, history::Options::default())
                 .with_context(|| format!("Cannot open the history {}", dir.display()))
         })
         .transpose()?
-        .map(|h| HistoryRecorder::new(h, &args.metrics.vm_name));
+        .map(|h| HistoryRecorder::new(h, &args.metrics.vm_name))
+        .transpose()?;
+    let history_status = recorder.as_ref().map(HistoryRecorder::status_source);
+    if let (Some(exporter), Some(r)) = (&metrics, &recorder) {
+        exporter.publish(r.metrics_source(committed_metrics.source()));
+    }
     // A machine built ahead of a takeover on each new committed image (--failover only).
     let standby = args
         .failover
@@ -546,6 +557,7 @@ fn replica(args: ReplicaArgs) -> anyhow::Result<ExitCode> {
             failover_timeout: args
                 .failover
                 .then(|| std::time::Duration::from_millis(args.failover_timeout)),
+            history_status: history_status.clone(),
         };
         if args.failover && args.fence.is_none() && !warned {
             tracing::warn!(
@@ -610,25 +622,36 @@ fn replica(args: ReplicaArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Records committed counters in the accounting history (about 10 µs a commit; the store
-/// keeps the last epoch of each second); a failed write is logged once and counted, and the
-/// next commit writes again.
+/// keeps the last epoch of each second): the adapter from the VMM's counters to
+/// [`history::Recorder`], which keeps the VM running when the history cannot be written (full
+/// or read-only disk), says so (status, metrics, one log line when it falls behind and one
+/// when it catches up) and writes the latest commit at the next commit or within a second.
 struct HistoryRecorder {
-    history: history::History,
-    vm: String,
-    failures: std::sync::atomic::AtomicU64,
+    recorder: Arc<history::Recorder>,
+    _timer: history::Timer,
 }
 
 impl HistoryRecorder {
-    fn new(history: history::History, vm: &str) -> Self {
-        Self {
-            history,
-            vm: vm.to_string(),
-            failures: std::sync::atomic::AtomicU64::new(0),
-        }
+    /// How often a recorder that is behind tries again when no commit comes (and, once a
+    /// minute, packs the history).
+    const TICK: std::time::Duration = std::time::Duration::from_secs(1);
+
+    fn new(history: history::History, vm: &str) -> anyhow::Result<Self> {
+        let recorder = Arc::new(
+            history::Recorder::new(history, vm)
+                .with_context(|| format!("Cannot record the history of VM '{vm}'"))?,
+        );
+        let timer = recorder
+            .tick_every(Self::TICK)
+            .context("Cannot start the history thread")?;
+        Ok(Self {
+            recorder,
+            _timer: timer,
+        })
     }
 
     fn record(&self, counters: &vmm::state::CountersState, epoch: u64) {
-        let s = primary::control::counters_sample(&self.vm, counters);
+        let s = primary::control::counters_sample(self.recorder.vm(), counters);
         let mut map = std::collections::BTreeMap::new();
         for (i, v) in s.vcpus.iter().enumerate() {
             map.insert(history::names::vcpu_run_ns(i), v.run_ns);
@@ -654,25 +677,32 @@ impl HistoryRecorder {
                 map.insert(history::names::net_bytes(&n.iface, dir), bytes);
             }
         }
-        let sample = history::Sample {
-            vm: self.vm.clone(),
-            time_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
-            epoch,
-            counters: map,
-        };
-        if let Err(e) = self.history.record(&sample)
-            && self
-                .failures
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                == 0
-        {
-            tracing::warn!(
-                "the accounting history is behind (later failures are only counted): {}",
-                vmm::event::error_chain(&e)
-            );
-        }
+        // A failure is the recorder's to report: the VM goes on.
+        self.recorder.record(epoch, map);
+    }
+
+    /// The `history` object of the replica's status.
+    fn status_source(&self) -> checkpoint::api::StatusSource {
+        let r = self.recorder.clone();
+        Arc::new(move || r.status_json())
+    }
+
+    /// `inner`'s metrics followed by the recorder's (`ftvm_history_behind`, ...).
+    fn metrics_source(&self, inner: metrics::Source) -> metrics::Source {
+        let r = self.recorder.clone();
+        Arc::new(move || {
+            let s = r.status();
+            let mut text = inner();
+            text.push_str(&metrics::model::render_history(
+                &metrics::model::HistorySample {
+                    vm: r.vm().to_string(),
+                    behind: s.behind,
+                    write_failures: s.failures,
+                    recorded_epoch: s.recorded_epoch,
+                },
+            ));
+            text
+        })
     }
 }
 

@@ -233,6 +233,7 @@ fn a_bad_counter_list_is_refused_before_the_guest_prints() {
     let n = good.counters.vcpus[1].len();
     let cases = [
         // One short is the layout before the CPU-time counter (format 2.0), still accepted.
+        // Two short is refused.
         write("short.snap", &|s| {
             s.counters.vcpus[1].pop();
             s.counters.vcpus[1].pop();

@@ -40,10 +40,12 @@ use crate::files::{self, FileError, NewFile};
 pub const MAGIC: [u8; 8] = *b"FTVMSNAP";
 /// Format major version: files of another major version are refused. 2: the device state
 /// carries each virtio device's identity (capacity, MAC) and the block counters gained
-/// `host_errors`; the header checks itself.
-pub const FORMAT_MAJOR: u16 = 2;
+/// `host_errors`; the header checks itself. 3: a network card's state carries the guest's TCP
+/// connections (for the probes a takeover sends).
+pub const FORMAT_MAJOR: u16 = 3;
 /// Format minor version (compatible additions within a major version). 1: each vCPU's saved
-/// counters end with its thread's CPU nanoseconds (2.0 files load with that count from 0).
+/// counters end with its thread's CPU nanoseconds (files without it load with that count
+/// from 0).
 pub const FORMAT_MINOR: u16 = 1;
 /// Header flag: memory is raw and page-aligned (mappable), not compressed.
 pub const FLAG_RAW_MEMORY: u32 = 1;

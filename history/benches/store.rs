@@ -2,7 +2,9 @@
 //! file, measured in the same run), size per VM-day at 1 s, and the export time for a
 //! VM-month of synthetic samples (against a raw scan of the same keys, same run).
 //!
-//! `cargo bench -p history --bench store` (`FTVM_BENCH_DAYS=N` for a shorter "month").
+//! `cargo bench -p history --bench store` (`FTVM_BENCH_DAYS=N` for a shorter "month";
+//! `FTVM_BENCH_STORE=DIR` keeps the packed month in DIR, and a later run with the same DIR
+//! only measures its export, e.g. under a profiler).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -67,6 +69,11 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(30);
     let tmp = tempfile::tempdir().unwrap();
+    let kept = std::env::var_os("FTVM_BENCH_STORE").map(std::path::PathBuf::from);
+    if let Some(dir) = kept.as_ref().filter(|d| d.join(history::MARKER).exists()) {
+        export_only(dir, days);
+        return;
+    }
 
     // 1. Write cost per sample: RocksDB record vs appending the same bytes to a file.
     let h = History::create(tmp.path().join("write"), Options::default()).unwrap();
@@ -96,8 +103,36 @@ fn main() {
     );
     drop(h);
 
+    // 1b. Write cost per VM-second as a replica records: every commit, one each 25 ms (the
+    // default epoch), 40 into each 1 s step (the step keeps the last).
+    let h = History::create(tmp.path().join("commits"), Options::default()).unwrap();
+    let (mut per_commit, mut per_second) = (Vec::new(), Vec::new());
+    for sec in 0..500u64 {
+        let a = Instant::now();
+        for c in 0..40u64 {
+            let mut s = sample(sec * 40 + c);
+            s.time_ms = 1_700_000_000_000 + sec * 1000 + c * 25;
+            let b = Instant::now();
+            h.record(&s).unwrap();
+            per_commit.push(b.elapsed());
+        }
+        per_second.push(a.elapsed());
+    }
+    let (cm, cp) = stats(per_commit);
+    let (vm, vp) = stats(per_second);
+    println!(
+        "write per VM-second at 40 commits/s (500 s): median {:.0} us p99 {:.0} us ({:.3} % / {:.3} % of a core); per commit median {:.1} us p99 {:.1} us",
+        vm.as_secs_f64() * 1e6,
+        vp.as_secs_f64() * 1e6,
+        vm.as_secs_f64() * 100.0,
+        vp.as_secs_f64() * 100.0,
+        cm.as_secs_f64() * 1e6,
+        cp.as_secs_f64() * 1e6
+    );
+    drop(h);
+
     // 2. Size of one VM-day at 1 s, and 3. export time for `days` days.
-    let dir = tmp.path().join("month");
+    let dir = kept.unwrap_or_else(|| tmp.path().join("month"));
     let h = History::create(&dir, Options::default()).unwrap();
     let a = Instant::now();
     for t in 0..days * DAY {
@@ -120,32 +155,9 @@ fn main() {
         dir_size(&dir) as f64 / (1 << 20) as f64
     );
     drop(h);
-    let measure = |label: &str| {
-        let h = History::open_read_only(&dir).unwrap();
-        let (mut exp, mut raw) = (Vec::new(), Vec::new());
-        for _ in 0..5 {
-            let a = Instant::now();
-            let u = export::export(&h, &export::Query::default()).unwrap();
-            exp.push(a.elapsed());
-            assert_eq!(u[0].samples, days * DAY);
-            assert_eq!(u[0].billed, u[0].end_counters);
-            let a = Instant::now();
-            assert!(h.raw_scan("vm-0001").unwrap() > 0);
-            raw.push(a.elapsed());
-        }
-        let (em, ep) = stats(exp);
-        let (rm, rp) = stats(raw);
-        println!(
-            "export of {days} VM-days, {label}: median {:.3} s max-of-5 {:.3} s; raw scan of the same keys median {:.3} s; ratio median {:.2}x (max {:.2}x)",
-            em.as_secs_f64(),
-            ep.as_secs_f64(),
-            rm.as_secs_f64(),
-            em.as_secs_f64() / rm.as_secs_f64(),
-            ep.as_secs_f64() / rp.as_secs_f64()
-        );
-        em
-    };
+    let measure = |label: &str| measure(&dir, days, label);
     let unpacked = measure("1 s entries");
+
     let h = History::open(&dir).unwrap();
     let a = Instant::now();
     let n = h.pack(u64::MAX).unwrap();
@@ -161,4 +173,49 @@ fn main() {
         "export packed / export unpacked (medians, same run): {:.2}x",
         packed.as_secs_f64() / unpacked.as_secs_f64()
     );
+}
+
+/// The export of `days` VM-days from `dir` against a raw scan of its keys,
+/// `FTVM_BENCH_RUNS` times each (default 5); returns the export's median.
+fn measure(dir: &std::path::Path, days: u64, label: &str) -> Duration {
+    let runs: usize = std::env::var("FTVM_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let h = History::open_read_only(dir).unwrap();
+    let (mut exp, mut raw) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let a = Instant::now();
+        let u = export::export(&h, &export::Query::default()).unwrap();
+        exp.push(a.elapsed());
+        assert_eq!(u[0].samples, days * DAY);
+        assert_eq!(u[0].billed, u[0].end_counters);
+        let a = Instant::now();
+        assert!(h.raw_scan("vm-0001").unwrap() > 0);
+        raw.push(a.elapsed());
+    }
+    let a = Instant::now();
+    let ranges = h.vms().unwrap();
+    let ls = a.elapsed();
+    assert_eq!(ranges[0].samples, days * DAY);
+    println!(
+        "`accounting ls` of {days} VM-days ({label}): {:.3} s",
+        ls.as_secs_f64()
+    );
+    let (em, ep) = stats(exp);
+    let (rm, rp) = stats(raw);
+    println!(
+        "export of {days} VM-days, {label}: median {:.3} s p99 {:.3} s ({runs} runs); raw scan of the same keys median {:.3} s; ratio median {:.2}x (p99 {:.2}x)",
+        em.as_secs_f64(),
+        ep.as_secs_f64(),
+        rm.as_secs_f64(),
+        em.as_secs_f64() / rm.as_secs_f64(),
+        ep.as_secs_f64() / rp.as_secs_f64()
+    );
+    em
+}
+
+/// Only the export of a month kept by an earlier run.
+fn export_only(dir: &std::path::Path, days: u64) {
+    measure(dir, days, "packed minutes (kept store)");
 }

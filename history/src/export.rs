@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+use crate::codec::IdPoint;
 use crate::{History, HistoryError, Point, Result, names};
 
 /// What to export.
@@ -199,16 +200,23 @@ pub fn usage(history: &History, vm: &str, from: u64, to: Option<u64>) -> Result<
         samples: 0,
         repeats: 0,
         rollbacks: Vec::new(),
+        delta: IdPoint::default(),
+        delta_live: false,
     };
-    history.scan_views(vm, from, to, |_, points| {
+    history.scan_ids(vm, from, to, |_, points, delta, names| {
         walk.samples += 1;
+        if delta {
+            return walk.step_delta(&points[0]);
+        }
+        walk.settle();
         for p in points {
-            if !walk.step_fast(p)? {
-                walk.step(&p.to_point())?;
+            if !walk.step_fast(p, names)? {
+                walk.step(&p.to_point(names))?;
             }
         }
         Ok(())
     })?;
+    walk.settle();
     let Walk {
         base,
         prev,
@@ -256,39 +264,93 @@ struct Walk<'a> {
     samples: u64,
     repeats: u64,
     rollbacks: Vec<Rollback>,
+    /// The last point of a run of deltas, newer than `prev` while `delta_live`: copied here
+    /// (a few words) rather than into `prev`'s map at each step.
+    delta: IdPoint,
+    delta_live: bool,
 }
 
 impl Walk<'_> {
     /// The usual step: a later epoch with the same counters as the point before, checked and
     /// taken without allocating. False when the general [`Walk::step`] must do it.
-    fn step_fast(&mut self, p: &crate::PointView<'_>) -> Result<bool> {
+    fn step_fast(&mut self, p: &IdPoint, names: &[String]) -> Result<bool> {
         let Some(prev) = &mut self.prev else {
             return Ok(false);
         };
         if p.epoch <= prev.epoch
-            || prev.counters.len() != p.counters.len()
+            || prev.counters.len() != p.ids.len()
             || !prev
                 .counters
                 .keys()
-                .zip(&p.counters)
-                .all(|(a, (b, _))| a == b)
+                .zip(&p.ids)
+                .all(|(a, id)| *a == names[*id as usize])
         {
             return Ok(false);
         }
         if prev
             .counters
             .values()
-            .zip(&p.counters)
-            .any(|(was, (_, now))| now < was)
+            .zip(&p.values)
+            .any(|(was, now)| now < was)
         {
             return Ok(false); // the general step names the counter in its error
         }
-        for (was, (_, now)) in prev.counters.values_mut().zip(&p.counters) {
+        for (was, now) in prev.counters.values_mut().zip(&p.values) {
             *was = *now;
         }
         prev.epoch = p.epoch;
         prev.time_ms = p.time_ms;
         Ok(true)
+    }
+
+    /// A step stored as a delta of the point before, which this walk took last: the same
+    /// counters, none lower, at an epoch no lower (see `codec`). Only the epoch is left to
+    /// check.
+    fn step_delta(&mut self, p: &IdPoint) -> Result<()> {
+        let vm = self.vm;
+        let (epoch, same) = if self.delta_live {
+            (self.delta.epoch, self.delta.values == p.values)
+        } else {
+            let prev = self
+                .prev
+                .as_ref()
+                .filter(|prev| prev.counters.len() == p.values.len())
+                .ok_or_else(|| {
+                    HistoryError::Invalid(format!(
+                        "vm {vm}: a stored delta at epoch {} does not follow its point",
+                        p.epoch
+                    ))
+                })?;
+            (prev.epoch, prev.counters.values().eq(p.values.iter()))
+        };
+        if p.epoch == epoch {
+            if !same {
+                return Err(HistoryError::Invalid(format!(
+                    "vm {vm}: epoch {} appears twice with different counters",
+                    p.epoch
+                )));
+            }
+            self.repeats += 1;
+        }
+        self.delta.time_ms = p.time_ms;
+        self.delta.epoch = p.epoch;
+        self.delta.values.clear();
+        self.delta.values.extend_from_slice(&p.values);
+        self.delta_live = true;
+        Ok(())
+    }
+
+    /// Brings `prev` up to the last delta taken.
+    fn settle(&mut self) {
+        if !std::mem::take(&mut self.delta_live) {
+            return;
+        }
+        let prev = self.prev.as_mut().expect("a delta follows a point");
+        for (was, now) in prev.counters.values_mut().zip(&self.delta.values) {
+            *was = *now;
+        }
+        prev.epoch = self.delta.epoch;
+        prev.time_ms = self.delta.time_ms;
     }
 
     fn step(&mut self, p: &Point) -> Result<()> {

@@ -20,8 +20,12 @@
 //! A store that cannot write (full or read-only disk) returns an error from
 //! [`History::record`]; the caller keeps its VM running and retries later.
 
+mod codec;
 pub mod export;
 pub mod names;
+pub mod recorder;
+
+pub use recorder::{Recorder, RecorderStatus, Timer};
 
 use std::collections::BTreeMap;
 use std::collections::HashMap;
@@ -47,6 +51,8 @@ const PRUNED_TAG: u8 = b'P';
 const NAME_TAG: u8 = b'N';
 const PACKED_TAG: u8 = b'K';
 const PACK_VERSION: u8 = 3;
+/// Packed minutes of deltas (see `codec`), what [`History::pack`] writes.
+const PACK_DELTA_VERSION: u8 = 4;
 /// [`History::pack`] puts the steps of each closed minute into one entry.
 pub const PACK_MS: u64 = 60_000;
 const VALUE_VERSION: u8 = 2;
@@ -196,7 +202,7 @@ pub struct History {
     dir: PathBuf,
     resolution_ms: u64,
     sync: bool,
-    min_free_bytes: u64,
+    min_free_bytes: std::sync::atomic::AtomicU64,
     /// Counter names by id: values hold ids, so that a sample is small and fast to scan.
     names: RwLock<Names>,
     /// Serialises read-modify-write of a step.
@@ -215,12 +221,23 @@ fn name_key(id: u32) -> [u8; 5] {
     [NAME_TAG, b[0], b[1], b[2], b[3]]
 }
 
+/// A RocksDB error: damaged files found while reading (a bad block checksum, a torn table)
+/// make [`HistoryError::Corrupted`].
+fn db_error(dir: &Path, what: String, e: rocksdb::Error) -> HistoryError {
+    let text = e.to_string();
+    if text.contains("Corruption") {
+        HistoryError::Corrupted(dir.to_owned(), text)
+    } else {
+        HistoryError::Db(what, e)
+    }
+}
+
 fn load_names(db: &DB, dir: &Path) -> Result<Names> {
     let bad = |why: String| HistoryError::Corrupted(dir.to_owned(), why);
     let mut names = Names::default();
     for item in db.iterator(IteratorMode::From(&[NAME_TAG], Direction::Forward)) {
         let (k, v) =
-            item.map_err(|e| HistoryError::Db(format!("cannot read {}", dir.display()), e))?;
+            item.map_err(|e| db_error(dir, format!("cannot read {}", dir.display()), e))?;
         if k.first() != Some(&NAME_TAG) {
             break;
         }
@@ -352,6 +369,10 @@ fn db_options(create: bool) -> rocksdb::Options {
     table.set_block_size(64 << 10);
     o.set_block_based_table_factory(&table);
     o.set_keep_log_file_num(2);
+    // A damaged write-ahead log is an error, not samples silently dropped from where the
+    // damage starts (RocksDB's default, point-in-time recovery); a record torn by a crash at
+    // the log's very end is still tolerated.
+    o.set_wal_recovery_mode(rocksdb::DBRecoveryMode::TolerateCorruptedTailRecords);
     // Small memtables: a flush needs little room, well within `Options::min_free_bytes`.
     o.set_write_buffer_size(8 << 20);
     o
@@ -410,7 +431,7 @@ impl History {
             dir: dir.to_owned(),
             resolution_ms: options.resolution_ms,
             sync: options.sync,
-            min_free_bytes: options.min_free_bytes,
+            min_free_bytes: options.min_free_bytes.into(),
             names: RwLock::new(Names::default()),
             write: Mutex::new(()),
         })
@@ -443,7 +464,18 @@ impl History {
         // is written into it.
         let mut quiet = db_options(false);
         quiet.set_db_log_dir("/dev/null");
-        let checked = DB::open_for_read_only(&quiet, dir, false);
+        // A store being written (a replica's) may delete a compacted file between the
+        // manifest naming it and this open: that is not damage, so look again, a few times.
+        let mut checked = DB::open_for_read_only(&quiet, dir, false);
+        for _ in 0..3 {
+            match &checked {
+                Err(e) if e.to_string().contains("No such file") => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    checked = DB::open_for_read_only(&quiet, dir, false);
+                }
+                _ => break,
+            }
+        }
         let db = if read_only || checked.is_err() {
             checked
         } else {
@@ -465,15 +497,16 @@ impl History {
             dir: dir.to_owned(),
             resolution_ms,
             sync: options.sync,
-            min_free_bytes: options.min_free_bytes,
+            min_free_bytes: options.min_free_bytes.into(),
             names: RwLock::new(names),
             write: Mutex::new(()),
         })
     }
 
     /// Sets the free-space reserve (see [`Options::min_free_bytes`]).
-    pub fn set_min_free_bytes(&mut self, bytes: u64) {
-        self.min_free_bytes = bytes;
+    pub fn set_min_free_bytes(&self, bytes: u64) {
+        self.min_free_bytes
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Fails with [`HistoryError::Full`] when the store's file system has less free space
@@ -500,11 +533,14 @@ impl History {
             ));
         }
         let free = st.f_bavail.saturating_mul(st.f_frsize);
-        if free < self.min_free_bytes {
+        let min = self
+            .min_free_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if free < min {
             return Err(HistoryError::Full {
                 dir: self.dir.display().to_string(),
                 free,
-                min: self.min_free_bytes,
+                min,
             });
         }
         Ok(())
@@ -554,7 +590,7 @@ impl History {
 
     fn db_err(&self, what: &str) -> impl FnOnce(rocksdb::Error) -> HistoryError + '_ {
         let what = format!("{}: {what}", self.dir.display());
-        move |e| HistoryError::Db(what, e)
+        move |e| db_error(&self.dir, what, e)
     }
 
     /// Records a committed sample. Idempotent: the same (vm, epoch) again changes nothing.
@@ -670,15 +706,21 @@ impl History {
     }
 
     /// Packs, for every VM, the steps of each minute before `before_ms` (rounded down to a
-    /// minute) into one entry, so that an export reads 60 times fewer entries; samples for
-    /// those minutes that arrive later are not recorded ([`Recorded::Expired`]). Returns how
-    /// many steps were packed.
+    /// minute) into one entry of deltas (see `codec`), so that an export reads 60 times fewer
+    /// entries and a fraction of the bytes; samples for those minutes that arrive later are
+    /// not recorded ([`Recorded::Expired`]). It starts at each VM's packing cut, so calling
+    /// it often costs only the minutes since the last call. Returns how many steps were
+    /// packed.
     pub fn pack(&self, before_ms: u64) -> Result<u64> {
         let before_ms = before_ms - before_ms % PACK_MS;
         let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let mut packed = 0;
         for vm in self.vm_ids()? {
-            let from = sample_key(&vm, 0);
+            let cut = self.packed_before(&vm)?.unwrap_or(0);
+            if cut >= before_ms {
+                continue;
+            }
+            let from = sample_key(&vm, cut);
             let to = sample_key(&vm, before_ms);
             let prefix = &from[..from.len() - 8];
             let mut batch = WriteBatch::default();
@@ -690,23 +732,30 @@ impl History {
                         group.clear();
                         return Ok(0);
                     }
-                    let mut value = vec![PACK_VERSION];
+                    let names = self
+                        .names
+                        .read()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .by_id
+                        .len();
+                    let bad = |why| HistoryError::Corrupted(self.dir.clone(), why);
                     let mut steps = Vec::new();
                     for (k, v) in group.iter() {
                         let step = u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8"));
-                        steps.extend(
-                            entry_steps(step, v)
-                                .map_err(|why| HistoryError::Corrupted(self.dir.clone(), why))?,
-                        );
+                        let mut entry = codec::Steps::new(step, v).map_err(bad)?;
+                        let mut points = Vec::new();
+                        while let Some((step, _)) = entry
+                            .next(names, &mut points, &mut Vec::new())
+                            .map_err(bad)?
+                        {
+                            steps.push((step, points.clone()));
+                        }
                         batch.delete(k);
                     }
-                    put_varint(&mut value, steps.len() as u64);
-                    for (step, bytes) in &steps {
-                        put_varint(&mut value, step - minute);
-                        put_varint(&mut value, bytes.len() as u64);
-                        value.extend_from_slice(bytes);
-                    }
-                    batch.put(sample_key(&vm, minute), value);
+                    batch.put(
+                        sample_key(&vm, minute),
+                        codec::encode_minute(minute, &steps),
+                    );
                     let n = steps.len() as u64;
                     group.clear();
                     Ok(n)
@@ -732,8 +781,10 @@ impl History {
             if let Some(prev) = minute {
                 packed += flush(&mut group, prev, &mut batch)?;
             }
-            let cut = self.packed_before(&vm)?.unwrap_or(0).max(before_ms);
-            batch.put([&[PACKED_TAG], vm.as_bytes()].concat(), cut.to_be_bytes());
+            batch.put(
+                [&[PACKED_TAG], vm.as_bytes()].concat(),
+                before_ms.to_be_bytes(),
+            );
             self.check_space()?;
             let mut wo = WriteOptions::default();
             wo.set_sync(self.sync);
@@ -837,25 +888,24 @@ impl History {
     pub fn vms(&self) -> Result<Vec<VmRange>> {
         let mut out = Vec::new();
         for vm in self.vm_ids()? {
-            let mut first: Option<Stored> = None;
-            let mut last: Option<Stored> = None;
+            // (time, epoch) of the first point and of the last, without naming counters.
+            let mut first: Option<(u64, u64)> = None;
+            let mut last: Option<(u64, u64)> = None;
             let mut samples = 0;
-            self.scan(&vm, 0, None, |s| {
+            self.scan_ids(&vm, 0, None, |_, points, _, _| {
                 samples += 1;
-                if first.is_none() {
-                    first = Some(s.clone());
-                }
-                last = Some(s.clone());
+                let (a, z) = (&points[0], &points[points.len() - 1]);
+                first.get_or_insert((a.time_ms, a.epoch));
+                last = Some((z.time_ms, z.epoch));
                 Ok(())
             })?;
             if let (Some(first), Some(last)) = (first, last) {
-                let first_point = first.peaks.first().unwrap_or(&first.last);
                 out.push(VmRange {
                     samples,
-                    first_ms: first_point.time_ms,
-                    last_ms: last.last.time_ms,
-                    first_epoch: first_point.epoch,
-                    last_epoch: last.last.epoch,
+                    first_ms: first.0,
+                    last_ms: last.0,
+                    first_epoch: first.1,
+                    last_epoch: last.1,
                     pruned_before_ms: self.pruned_before(&vm)?,
                     vm,
                 });
@@ -914,6 +964,24 @@ impl History {
         to_ms: Option<u64>,
         mut f: impl FnMut(u64, &[PointView<'_>]) -> Result<()>,
     ) -> Result<()> {
+        self.scan_ids(vm, from_ms, to_ms, |step, points, _, names| {
+            let views: Vec<PointView<'_>> =
+                points.iter().map(|p| p.view(names, Vec::new())).collect();
+            f(step, &views)
+        })
+    }
+
+    /// The steps of `vm` whose last point's time is in `[from_ms, to_ms)`, decoded in place:
+    /// `f` gets each step's start, its points, whether it is a delta of the step it got before
+    /// (one point with the same counters as that step's last, none lower: see `codec`), and
+    /// the counter names by id.
+    pub(crate) fn scan_ids(
+        &self,
+        vm: &str,
+        from_ms: u64,
+        to_ms: Option<u64>,
+        mut f: impl FnMut(u64, &[codec::IdPoint], bool, &[String]) -> Result<()>,
+    ) -> Result<()> {
         check_vm_id(vm)?;
         let to_ms = to_ms.map_or(u128::MAX, u128::from);
         // From the minute's start: `from` may lie inside a packed minute.
@@ -924,9 +992,13 @@ impl History {
         ro.fill_cache(false);
         ro.set_readahead_size(2 << 20);
         let names = self.names.read().unwrap_or_else(|p| p.into_inner());
+        let names = names.by_id.as_slice();
+        let bad = |why| HistoryError::Corrupted(self.dir.clone(), why);
         // Reused from step to step: no allocation per step once warm.
-        let mut points: Vec<PointView<'_>> = Vec::new();
-        let mut spare: Vec<Vec<(&str, u64)>> = Vec::new();
+        let mut points: Vec<codec::IdPoint> = Vec::new();
+        let mut spare: Vec<codec::IdPoint> = Vec::new();
+        // Whether `f` got the step before (a delta of one it did not get is not one to it).
+        let mut gave_last = false;
         let mut it = self.db.raw_iterator_opt(ro);
         it.seek(&start);
         while it.valid() {
@@ -940,25 +1012,23 @@ impl History {
             if u128::from(step) >= to_ms {
                 break;
             }
-            let steps = entry_steps(step, v)
-                .map_err(|why| HistoryError::Corrupted(self.dir.clone(), why))?;
-            for (step, bytes) in steps {
+            let mut steps = codec::Steps::new(step, v).map_err(bad)?;
+            while let Some((step, delta)) = steps
+                .next(names.len(), &mut points, &mut spare)
+                .map_err(bad)?
+            {
                 if u128::from(step) >= to_ms {
                     break;
                 }
-                spare.extend(points.drain(..).map(|p| {
-                    let mut c = p.counters;
-                    c.clear();
-                    c
-                }));
-                decode_views(bytes, &names.by_id, &mut points, &mut spare)
-                    .map_err(|why| HistoryError::Corrupted(self.dir.clone(), why))?;
                 let last = points.last().expect("a step has a last point");
                 if last.time_ms >= from_ms {
                     if u128::from(last.time_ms) >= to_ms {
                         return Ok(());
                     }
-                    f(step, &points)?;
+                    f(step, &points, delta && gave_last, names)?;
+                    gave_last = true;
+                } else {
+                    gave_last = false;
                 }
             }
             it.next();
@@ -969,15 +1039,20 @@ impl History {
     fn decode(&self, bytes: &[u8], step_ms: u64) -> Result<Stored> {
         let names = self.names.read().unwrap_or_else(|p| p.into_inner());
         let mut points = Vec::with_capacity(1);
-        decode_views(bytes, &names.by_id, &mut points, &mut Vec::new())
+        codec::decode_step(bytes, names.by_id.len(), &mut points, &mut Vec::new())
             .map_err(|why| HistoryError::Corrupted(self.dir.clone(), why))?;
-        let mut points: Vec<Point> = points.iter().map(PointView::to_point).collect();
+        Ok(Self::stored(step_ms, &points, &names.by_id))
+    }
+
+    /// A step's points as a [`Stored`].
+    fn stored(step_ms: u64, points: &[codec::IdPoint], names: &[String]) -> Stored {
+        let mut points: Vec<Point> = points.iter().map(|p| p.to_point(names)).collect();
         let last = points.pop().expect("a step has a last point");
-        Ok(Stored {
+        Stored {
             step_ms,
             peaks: points,
             last,
-        })
+        }
     }
 
     /// The last stored step of `vm` whose last point is before `before_ms`.
@@ -994,13 +1069,21 @@ impl History {
                 break;
             }
             let step = u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8 bytes"));
-            let steps = entry_steps(step, &v)
-                .map_err(|why| HistoryError::Corrupted(self.dir.clone(), why))?;
-            for (step, bytes) in steps.into_iter().rev() {
-                let s = self.decode(bytes, step)?;
-                if s.last.time_ms < before_ms {
-                    return Ok(Some(s));
+            let names = self.names.read().unwrap_or_else(|p| p.into_inner());
+            let bad = |why| HistoryError::Corrupted(self.dir.clone(), why);
+            let mut steps = codec::Steps::new(step, &v).map_err(bad)?;
+            let (mut points, mut spare) = (Vec::new(), Vec::new());
+            let mut found = None;
+            while let Some((step, _)) = steps
+                .next(names.by_id.len(), &mut points, &mut spare)
+                .map_err(bad)?
+            {
+                if points.last().expect("a step has a point").time_ms < before_ms {
+                    found = Some(Self::stored(step, &points, &names.by_id));
                 }
+            }
+            if found.is_some() {
+                return Ok(found);
             }
         }
         Ok(None)
@@ -1034,38 +1117,6 @@ fn pruned_key(vm: &str) -> Vec<u8> {
 
 /// A stored key and value.
 type Entry = (Box<[u8]>, Box<[u8]>);
-
-/// The steps of one stored entry: itself, or the steps a packed minute holds.
-fn entry_steps(key_step: u64, bytes: &[u8]) -> std::result::Result<Vec<(u64, &[u8])>, String> {
-    if bytes.first() != Some(&PACK_VERSION) {
-        return Ok(vec![(key_step, bytes)]);
-    }
-    let mut r = Reader(&bytes[1..]);
-    let n = r.varint()?;
-    if n == 0 || n > PACK_MS {
-        return Err(format!("a packed minute of {n} steps"));
-    }
-    let mut out = Vec::with_capacity(n as usize);
-    let mut last = None;
-    for _ in 0..n {
-        let offset = r.varint()?;
-        let step = key_step
-            .checked_add(offset)
-            .filter(|s| offset < PACK_MS && last.is_none_or(|l| *s > l))
-            .ok_or("a packed minute with steps out of order")?;
-        let len = usize::try_from(r.varint()?).map_err(|_| "a step too long")?;
-        let body = r.take(len)?;
-        if body.first() != Some(&VALUE_VERSION) {
-            return Err("a packed minute holding something other than steps".into());
-        }
-        out.push((step, body));
-        last = Some(step);
-    }
-    if !r.0.is_empty() {
-        return Err("trailing bytes after a packed minute".into());
-    }
-    Ok(out)
-}
 
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
@@ -1102,20 +1153,32 @@ impl<'a> Reader<'a> {
         self.0 = b;
         Ok(a)
     }
+    #[inline]
     fn varint(&mut self) -> std::result::Result<u64, String> {
+        // Most stored numbers (ids, deltas) fit in one byte.
+        match self.0.split_first() {
+            Some((&b, rest)) if b < 0x80 => {
+                self.0 = rest;
+                Ok(u64::from(b))
+            }
+            _ => self.long_varint(),
+        }
+    }
+
+    fn long_varint(&mut self) -> std::result::Result<u64, String> {
         let mut v = 0u64;
-        for shift in (0..70).step_by(7) {
-            let b = *self.0.first().ok_or("a truncated sample")?;
-            self.0 = &self.0[1..];
-            if shift == 63 && b > 1 {
+        for (i, &b) in self.0.iter().take(10).enumerate() {
+            if i == 9 && b > 1 {
                 return Err("a number too large".into());
             }
-            v |= u64::from(b & 0x7f) << shift;
+            v |= u64::from(b & 0x7f) << (7 * i);
             if b & 0x80 == 0 {
+                self.0 = &self.0[i + 1..];
                 return Ok(v);
             }
         }
-        Err("a number too long".into())
+        // Ten bytes always end above (a value, or one too large): fewer did not end.
+        Err("a truncated sample".into())
     }
 }
 
@@ -1143,46 +1206,6 @@ impl PointView<'_> {
                 .collect(),
         }
     }
-}
-
-fn decode_views<'a>(
-    bytes: &[u8],
-    names: &'a [String],
-    out: &mut Vec<PointView<'a>>,
-    spare: &mut Vec<Vec<(&'a str, u64)>>,
-) -> std::result::Result<(), String> {
-    let mut r = Reader(bytes);
-    let head = r.take(2)?;
-    if head[0] != VALUE_VERSION {
-        return Err(format!("a sample of format {}", head[0]));
-    }
-    for _ in 0..=head[1] {
-        let time_ms = r.varint()?;
-        let epoch = r.varint()?;
-        let n = r.varint()?;
-        if n > MAX_COUNTERS as u64 {
-            return Err(format!("a sample with {n} counters"));
-        }
-        let mut counters = spare.pop().unwrap_or_default();
-        counters.reserve(n as usize);
-        for _ in 0..n {
-            let id = r.varint()?;
-            let name = usize::try_from(id)
-                .ok()
-                .and_then(|i| names.get(i))
-                .ok_or_else(|| format!("an unknown counter name id {id}"))?;
-            counters.push((name.as_str(), r.varint()?));
-        }
-        out.push(PointView {
-            time_ms,
-            epoch,
-            counters,
-        });
-    }
-    if !r.0.is_empty() {
-        return Err("trailing bytes after a sample".into());
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::*;
+use crate::codec::encode_step;
 use crate::export::{Query, Start, export};
 
 fn sample(vm: &str, time_ms: u64, epoch: u64, cpu: u64, bytes: u64) -> Sample {
@@ -698,4 +699,322 @@ fn packed_minutes_read_and_bill_exactly_like_the_steps_they_hold() {
             "{bad:?}"
         );
     }
+}
+
+fn counters(k: u64) -> BTreeMap<String, u64> {
+    sample("vm1", 0, 0, k * 1_000_000_007, k * 4096).counters
+}
+
+#[test]
+fn a_recorder_that_cannot_write_is_behind_keeps_the_latest_commit_and_catches_up_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Recorder::new(
+        History::create(dir.path(), Options::default()).unwrap(),
+        "vm1",
+    )
+    .unwrap();
+    assert!(r.record_at(1_000, 1, counters(1)));
+    let s = r.status();
+    assert!(!s.behind);
+    assert_eq!(
+        (s.recorded_epoch, s.recorded_ms, s.failures),
+        (Some(1), Some(1_000), 0)
+    );
+    // The store refuses to write (as on a full disk): the VM's commits go on.
+    r.history().set_min_free_bytes(u64::MAX);
+    assert!(!r.record_at(2_000, 2, counters(2)));
+    assert!(!r.record_at(3_000, 3, counters(3)));
+    assert!(!r.retry());
+    let s = r.status();
+    assert!(s.behind && s.behind_since_ms.is_some(), "{s:?}");
+    assert_eq!(
+        (s.failures, s.recorded_epoch, s.pending_epoch),
+        (3, Some(1), Some(3))
+    );
+    assert!(
+        s.last_error.as_deref().unwrap().contains("not written"),
+        "{s:?}"
+    );
+    let j = r.status_json();
+    assert_eq!(
+        (j["behind"].as_bool(), j["write_failures"].as_u64()),
+        (Some(true), Some(3))
+    );
+    assert_eq!(r.history().range("vm1", 0, u64::MAX).unwrap().len(), 1);
+    // Room again: the latest commit is written, the totals catch up exactly.
+    r.history().set_min_free_bytes(0);
+    assert!(r.retry());
+    let s = r.status();
+    assert!(!s.behind && s.behind_since_ms.is_none(), "{s:?}");
+    assert_eq!(
+        (s.failures, s.recorded_epoch, s.pending_epoch),
+        (3, Some(3), None)
+    );
+    assert!(r.retry(), "nothing left to write");
+    let steps: Vec<u64> = r
+        .history()
+        .range("vm1", 0, u64::MAX)
+        .unwrap()
+        .iter()
+        .map(|s| s.last.epoch)
+        .collect();
+    assert_eq!(
+        steps,
+        [1, 3],
+        "the commit in between is superseded, not written"
+    );
+    let u = export(r.history(), &Query::default()).unwrap();
+    assert_eq!(u[0].end_epoch, 3);
+    assert_eq!(u[0].billed, counters(3));
+    // A commit after catching up is written at once.
+    assert!(r.record_at(4_000, 4, counters(4)));
+    assert_eq!(r.status().failures, 3);
+}
+
+#[test]
+fn a_recorder_catches_up_from_its_timer_when_commits_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = std::sync::Arc::new(
+        Recorder::new(
+            History::create(dir.path(), Options::default()).unwrap(),
+            "vm1",
+        )
+        .unwrap(),
+    );
+    let timer = r.tick_every(std::time::Duration::from_millis(10)).unwrap();
+    r.history().set_min_free_bytes(u64::MAX);
+    assert!(!r.record_at(1_000, 7, counters(7)));
+    // The timer retries while the store is still full: more failures, still behind.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while r.status().failures < 3 {
+        assert!(std::time::Instant::now() < deadline, "no retries");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(r.status().behind);
+    // No further commit: the timer writes the one kept back once there is room.
+    r.history().set_min_free_bytes(0);
+    while r.status().behind {
+        assert!(std::time::Instant::now() < deadline, "never caught up");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(r.status().recorded_epoch, Some(7));
+    timer.stop().unwrap();
+    let u = export(r.history(), &Query::default()).unwrap();
+    assert_eq!(u[0].billed, counters(7));
+}
+
+#[test]
+fn a_recorder_on_a_read_only_store_reports_why_and_never_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    History::create(dir.path(), Options::default())
+        .unwrap()
+        .record(&sample("vm1", 1_000, 1, 1, 1))
+        .unwrap();
+    let r = Recorder::new(History::open_read_only(dir.path()).unwrap(), "vm1").unwrap();
+    for e in 2..5 {
+        assert!(!r.record_at(e * 1_000, e, counters(e)));
+    }
+    let s = r.status();
+    assert!(s.behind);
+    assert_eq!(
+        (s.failures, s.recorded_epoch, s.pending_epoch),
+        (3, None, Some(4))
+    );
+    assert!(s.last_error.unwrap().contains("cannot write"));
+    // Bad VM ids are refused up front.
+    let h = History::open_read_only(dir.path()).unwrap();
+    let e = Recorder::new(h, "a/b").unwrap_err();
+    assert!(e.to_string().contains("VM id"), "{e}");
+}
+
+#[test]
+fn delta_packed_minutes_bill_like_their_steps_and_format_3_packs_still_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = History::create(dir.path(), Options::default()).unwrap();
+    for t in 0..120u64 {
+        let mut s = sample("vm1", t * 1000 + 3, t * 40, t * 999, t * 4096);
+        match t {
+            // The same epoch again a step later (a repeat, counted once).
+            10 => s = sample("vm1", t * 1000 + 3, 9 * 40, 9 * 999, 9 * 4096),
+            // A counter appears.
+            20.. => {
+                s.counters.insert(names::net_bytes("eth0", "rx"), t * 60);
+            }
+            _ => {}
+        }
+        // A rollback from one step to the next: lower epoch and counters.
+        if t == 30 {
+            s.epoch = 28 * 40;
+            s.counters.insert(names::vcpu_run_ns(0), 28 * 999);
+            s.counters
+                .insert(names::block_bytes("vda", "write"), 28 * 4096);
+            s.counters.insert(names::net_bytes("eth0", "rx"), 28 * 60);
+        }
+        h.record(&s).unwrap();
+    }
+    // Epoch 400's counters differ in two steps: an error before packing and after.
+    h.record(&sample("vm-bad", 1_000, 400, 5, 5)).unwrap();
+    h.record(&sample("vm-bad", 2_000, 400, 6, 5)).unwrap();
+    let queries = [(0, None), (10_500, Some(70_000)), (29_000, Some(31_000))];
+    let billed = |h: &History| -> Vec<_> {
+        queries
+            .iter()
+            .map(|(f, t)| {
+                let q = Query {
+                    vm: Some("vm1".into()),
+                    from_ms: Some(*f),
+                    to_ms: *t,
+                };
+                export(h, &q).unwrap()
+            })
+            .collect()
+    };
+    let bad = Query {
+        vm: Some("vm-bad".into()),
+        ..Default::default()
+    };
+    let was = billed(&h);
+    assert_eq!(was[0][0].repeats, 1);
+    assert_eq!(was[0][0].rollbacks.len(), 1);
+    let e = export(&h, &bad).unwrap_err().to_string();
+    assert!(e.contains("appears twice with different counters"), "{e}");
+    let all = h.range("vm1", 0, u64::MAX).unwrap();
+    // The single-step values, to pack by hand in format 3 below.
+    let raw: Vec<(u64, Vec<u8>)> = (0..60u64)
+        .map(|t| {
+            let v = h.db.get(sample_key("vm1", t * 1000)).unwrap().unwrap();
+            (t * 1000, v)
+        })
+        .collect();
+    assert_eq!(h.pack(120_000).unwrap(), 122);
+    let packed = h.db.get(sample_key("vm1", 0)).unwrap().unwrap();
+    assert_eq!(packed[0], PACK_DELTA_VERSION);
+    let v2_bytes: usize = raw.iter().map(|(_, v)| v.len()).sum();
+    assert!(packed.len() < v2_bytes, "{} vs {v2_bytes}", packed.len());
+    assert_eq!(h.range("vm1", 0, u64::MAX).unwrap(), all);
+    assert_eq!(billed(&h), was);
+    let e = export(&h, &bad).unwrap_err().to_string();
+    assert!(e.contains("appears twice with different counters"), "{e}");
+
+    // Minute 0 in format 3 (as an older ftvm packed it): the same steps, the same bills.
+    let mut v3 = vec![PACK_VERSION];
+    put_varint(&mut v3, raw.len() as u64);
+    for (step, v) in &raw {
+        put_varint(&mut v3, *step);
+        put_varint(&mut v3, v.len() as u64);
+        v3.extend_from_slice(v);
+    }
+    h.db.put(sample_key("vm1", 0), &v3).unwrap();
+    assert_eq!(h.range("vm1", 0, u64::MAX).unwrap(), all);
+    assert_eq!(billed(&h), was);
+    assert_eq!(
+        h.pack(120_000).unwrap(),
+        0,
+        "packed minutes are not packed again"
+    );
+
+    // Damaged delta packs are errors: a delta first, an unknown kind, a delta past 2^64.
+    h.db.put(sample_key("vm1", 0), &packed).unwrap();
+    let full = encode_step(&[codec_point(5, 1, &[(0, 7)])]);
+    let mut first_delta = vec![PACK_DELTA_VERSION, 1, 0, 1, 0, 0, 0];
+    first_delta.truncate(7);
+    let mut unknown_kind = vec![PACK_DELTA_VERSION, 1, 0, 7];
+    unknown_kind.extend_from_slice(&full);
+    let mut overflow = vec![PACK_DELTA_VERSION, 2, 0, 0, full.len() as u8];
+    overflow.extend_from_slice(&full);
+    overflow.extend_from_slice(&[1, 1, 0, 0]);
+    overflow.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01]);
+    for damaged in [first_delta, unknown_kind, overflow] {
+        h.db.put(sample_key("vm1", 0), &damaged).unwrap();
+        let e = h.range("vm1", 0, u64::MAX).unwrap_err();
+        assert!(matches!(e, HistoryError::Corrupted(..)), "{damaged:?}: {e}");
+        assert!(export(&h, &Query::default()).is_err());
+    }
+}
+
+fn codec_point(time_ms: u64, epoch: u64, counters: &[(u32, u64)]) -> codec::IdPoint {
+    codec::IdPoint {
+        time_ms,
+        epoch,
+        ids: counters.iter().map(|c| c.0).collect(),
+        values: counters.iter().map(|c| c.1).collect(),
+    }
+}
+
+#[test]
+fn a_recorder_packs_the_minutes_older_than_its_lag_once_a_minute_and_not_while_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Recorder::new(
+        History::create(dir.path(), Options::default()).unwrap(),
+        "vm1",
+    )
+    .unwrap();
+    for t in 0..300u64 {
+        assert!(r.record_at(t * 1000 + 5, t * 40, counters(t)));
+    }
+    let all = r.history().range("vm1", 0, u64::MAX).unwrap();
+    let bill = export(r.history(), &Query::default()).unwrap();
+    // Behind: no packing.
+    r.history().set_min_free_bytes(u64::MAX);
+    assert!(!r.record_at(300_005, 300 * 40, counters(300)));
+    r.tick(400_000);
+    assert_eq!(r.history().packed_before("vm1").unwrap(), None);
+    // Caught up by the tick itself, which then packs the minutes older than 2 minutes
+    // (before 280 s, in whole minutes).
+    r.history().set_min_free_bytes(0);
+    r.tick(400_000);
+    assert!(!r.status().behind);
+    assert_eq!(r.history().packed_before("vm1").unwrap(), Some(240_000));
+    // Not again within the minute; again after it.
+    r.tick(459_999);
+    assert_eq!(r.history().packed_before("vm1").unwrap(), Some(240_000));
+    r.tick(460_000);
+    assert_eq!(r.history().packed_before("vm1").unwrap(), Some(300_000));
+    let mut now_all = all.clone();
+    now_all.push(r.history().range("vm1", 300_000, u64::MAX).unwrap()[0].clone());
+    assert_eq!(r.history().range("vm1", 0, u64::MAX).unwrap(), now_all);
+    let q = Query {
+        to_ms: Some(300_000),
+        ..Default::default()
+    };
+    assert_eq!(export(r.history(), &q).unwrap(), bill);
+    // A commit stamped inside a packed minute (a clock set back) is not recorded, nor
+    // reported as recorded, nor left behind.
+    let recorded = r.status().recorded_epoch;
+    assert!(r.record_at(100_000, 50_000, counters(400)));
+    let s = r.status();
+    assert_eq!(
+        (s.recorded_epoch, s.behind, s.pending_epoch),
+        (recorded, false, None)
+    );
+}
+
+#[test]
+fn an_export_while_the_store_is_written_packed_and_compacted_never_reports_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = History::create(dir.path(), Options::default()).unwrap();
+    h.record(&sample("vm1", 0, 0, 0, 0)).unwrap();
+    let path = dir.path().to_owned();
+    let writer = std::thread::spawn(move || -> Result<()> {
+        for t in 1..6_000u64 {
+            h.record(&sample("vm1", t * 1000, t, t * 7, t * 512))?;
+            if t % 300 == 0 {
+                h.pack((t - 120) * 1000)?;
+                h.compact()?;
+            }
+        }
+        Ok(())
+    });
+    let mut exports = 0;
+    while !writer.is_finished() {
+        let r = History::open_read_only(&path);
+        let u = r.and_then(|r| export(&r, &Query::default()));
+        let u = u.unwrap_or_else(|e| panic!("export {exports} while writing: {e}"));
+        assert_eq!(u[0].billed, u[0].end_counters);
+        exports += 1;
+    }
+    writer.join().unwrap().unwrap();
+    assert!(exports > 0);
+    let u = export(&History::open_read_only(&path).unwrap(), &Query::default()).unwrap();
+    assert_eq!(u[0].end_epoch, 5_999);
 }

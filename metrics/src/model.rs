@@ -470,6 +470,89 @@ pub fn render(vms: &[VmSample]) -> String {
 /// The content type of [`render`]'s output.
 pub const CONTENT_TYPE: &str = prometheus::TEXT_FORMAT;
 
+/// The accounting history's recorder of a VM (a replica's `--history`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HistorySample {
+    /// The `vm` label.
+    pub vm: String,
+    /// A commit is not recorded yet: the history cannot be written.
+    pub behind: bool,
+    /// Writes to the history that failed.
+    pub write_failures: u64,
+    /// The last epoch recorded, if any.
+    pub recorded_epoch: Option<u64>,
+}
+
+/// The metric families of a history recorder (`ftvm_history_behind`,
+/// `ftvm_history_write_failures_total`, `ftvm_history_recorded_epoch`).
+pub fn history_families(h: &HistorySample) -> Vec<MetricFamily> {
+    let mut f = Families(Vec::new());
+    let l = [("vm", h.vm.as_str())];
+    f.gauge(
+        "ftvm_history_behind",
+        "1 while the accounting history is behind the committed counters (its last write \
+         failed: full or read-only disk; the VM runs on and the latest commit is retried), \
+         else 0.",
+        &l,
+        if h.behind { 1.0 } else { 0.0 },
+    );
+    f.counter(
+        "ftvm_history_write_failures_total",
+        "Writes to the accounting history that failed.",
+        &l,
+        h.write_failures,
+    );
+    if let Some(e) = h.recorded_epoch {
+        f.gauge(
+            "ftvm_history_recorded_epoch",
+            "The last committed epoch recorded in the accounting history.",
+            &l,
+            e as f64,
+        );
+    }
+    f.0
+}
+
+/// The text exposition of [`history_families`], to append to [`render`]'s.
+pub fn render_history(h: &HistorySample) -> String {
+    let mut out = Vec::new();
+    if let Err(e) = TextEncoder::new().encode(&history_families(h), &mut out) {
+        tracing::error!("cannot encode metrics: {e}");
+    }
+    String::from_utf8(out).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod history_tests {
+    use super::*;
+
+    #[test]
+    fn a_history_behind_reads_1_with_its_failures_and_0_once_caught_up() {
+        let mut h = HistorySample {
+            vm: "v".into(),
+            behind: true,
+            write_failures: 7,
+            recorded_epoch: None,
+        };
+        let text = render_history(&h);
+        assert!(text.contains("ftvm_history_behind{vm=\"v\"} 1\n"), "{text}");
+        assert!(
+            text.contains("ftvm_history_write_failures_total{vm=\"v\"} 7\n"),
+            "{text}"
+        );
+        assert!(!text.contains("ftvm_history_recorded_epoch"), "{text}");
+        assert!(text.contains("# TYPE ftvm_history_behind gauge"), "{text}");
+        h.behind = false;
+        h.recorded_epoch = Some(42);
+        let text = render_history(&h);
+        assert!(text.contains("ftvm_history_behind{vm=\"v\"} 0\n"), "{text}");
+        assert!(
+            text.contains("ftvm_history_recorded_epoch{vm=\"v\"} 42\n"),
+            "{text}"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -55,6 +55,8 @@ pub struct ReplicaConfig {
     /// Take over when a primary whose checkpoint is committed sends nothing for this long
     /// (None: never; the replica only keeps the image).
     pub failover_timeout: Option<Duration>,
+    /// The `history` object of `GET /status` (the accounting history's recorder), if any.
+    pub history_status: Option<StatusSource>,
 }
 
 /// How [`supervise`] ended.
@@ -156,6 +158,8 @@ struct Progress {
     /// A refusal was logged as a warning during the current session (the rest go to debug:
     /// a refused primary calls again every half second).
     refusal_logged: bool,
+    /// The `history` object of the status.
+    history: Option<StatusSource>,
 }
 
 /// What the replica is doing and holds, for `GET /status`: cheap to read (it never waits for
@@ -175,8 +179,9 @@ impl Monitor {
     /// progress: `precopy_frames`, `precopy_pages`, `precopy_bytes`, `elapsed_ms`; or null),
     /// `last_sync` (the same figures for the last sync that ended in a commit, and its `ms` from
     /// the greeting to that commit; or null), `sessions` (primaries served) and
-    /// `primaries_refused`.
+    /// `primaries_refused`; `history` (the accounting history's recorder, or null).
     pub fn json(&self) -> Value {
+        let history = self.lock().history.clone().map(|f| f());
         let p = self.lock();
         let state = match (p.primary, p.synced) {
             (None, _) => "waiting",
@@ -208,6 +213,7 @@ impl Monitor {
             })),
             "sessions": p.sessions,
             "primaries_refused": p.refused,
+            "history": history,
         })
     }
 
@@ -324,6 +330,7 @@ impl Replica {
         reporter: &Reporter,
     ) -> Result<Self, ReplicaError> {
         let monitor = Monitor::default();
+        monitor.lock().history = config.history_status.clone();
         let (ready_tx, ready) = std::sync::mpsc::channel();
         let (stop_tx, stop) = tokio::sync::oneshot::channel();
         let context = Context {

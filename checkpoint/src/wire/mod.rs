@@ -62,7 +62,8 @@ pub use shape::{DeviceKind, Hello, MachineShape, check_hello, decode_hello, enco
 use crate::codec::CodecError;
 
 /// Version of the checkpoint protocol (hello and frames); peers of another version are refused.
-pub const PROTOCOL: u32 = 1;
+/// 2: the machine state carries each vCPU's CPU time and each card's TCP connections.
+pub const PROTOCOL: u32 = 2;
 /// Size of a guest page as the wire counts them.
 pub const PAGE_SIZE: usize = 4096;
 
