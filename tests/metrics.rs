@@ -876,8 +876,10 @@ fn counters_never_go_below_what_a_scraper_saw_across_a_failover() {
     std::fs::write(&img, vec![0u8; 16 << 20]).unwrap();
     let (rport, pport) = (free_port(), free_port());
     let (raddr, paddr) = (format!("127.0.0.1:{rport}"), format!("127.0.0.1:{pport}"));
+    // Each host's /metrics is on its own loopback: the test scrapes from inside its namespace.
+    lan.enter("R");
     let replica = Replica::start_with(
-        "127.0.0.1:0",
+        &common::lan::Lan::rep_addr("R"),
         &rc,
         &pfp,
         &[
@@ -898,6 +900,7 @@ fn counters_never_go_below_what_a_scraper_saw_across_a_failover() {
     let sock = dir.path().join("api.sock");
     let guest_ip = format!("{}.2", common::lan::SUBNET);
     let cmdline = format!("ip={guest_ip}/24 tcp-echo @1:disk-write=16,5 @1:chunk-kib=1");
+    lan.enter("P");
     let (mut primary, log, protected, console) = spawn_logged(
         &[
             "run",
@@ -934,6 +937,7 @@ fn counters_never_go_below_what_a_scraper_saw_across_a_failover() {
     common::ftvm_ok(&["resume", "--api", sock.to_str().unwrap()]);
     console.wait_for("workload disk-write", LIMIT);
     // Pings all along, answered by whichever host runs the guest.
+    lan.enter_lan();
     let _ping = Guarded(Some(
         Command::new("ping")
             .args(["-i", "0.02", "-W", "1", &guest_ip])
@@ -953,10 +957,12 @@ fn counters_never_go_below_what_a_scraper_saw_across_a_failover() {
     let deadline = Instant::now() + LIMIT;
     let mut scrapes = 0;
     loop {
+        lan.enter("P");
         let p = samples(&http_get(pport, "/metrics").expect("the primary serves").1);
         assert_eq!(count(&p, r#"ftvm_replication_protected{vm="t6"}"#), 1);
         assert_at_most(&seen, &guest_counters(&p), "the primary again");
         raise(&mut seen, &p);
+        lan.enter("R");
         let r = samples(&http_get(rport, "/metrics").expect("the replica serves").1);
         assert_at_most(&guest_counters(&p), &r, "the replica after the primary");
         raise(&mut committed, &r);
