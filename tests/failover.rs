@@ -697,7 +697,14 @@ fn the_hot_standby_follows_each_new_primary_s_image() {
         "127.0.0.1:0",
         &rc,
         &pfp,
-        &["--failover", "--failover-timeout", "200"],
+        &[
+            "--failover",
+            "--failover-timeout",
+            "200",
+            // A fence that succeeds (it is given the lost primary and the epoch).
+            "--fence",
+            "test -n \"$FTVM_PRIMARY\" && test -n \"$FTVM_EPOCH\"",
+        ],
         &[],
     );
     let (mut first, _log, _console) = protected_primary(&[
@@ -823,4 +830,167 @@ fn the_guest_s_clock_moves_on_across_a_takeover() {
          {k1} (the first after the takeover); it should cover the 300 ms silence at least\n{}",
         replica.log()
     );
+}
+
+/// A TCP segment seen on the LAN: (source port, destination port, sequence, acknowledgement,
+/// flags, payload bytes).
+fn tcp_segment(f: &common::capture::Frame) -> Option<(u16, u16, u32, u32, u8, usize)> {
+    let h = &f.head;
+    if h[12..14] != [0x08, 0x00] || h[23] != 6 {
+        return None;
+    }
+    let ihl = usize::from(h[14] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([h[16], h[17]]));
+    let t = &h[14 + ihl..];
+    let doff = usize::from(t[12] >> 4) * 4;
+    let be32 = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    Some((
+        u16::from_be_bytes([t[0], t[1]]),
+        u16::from_be_bytes([t[2], t[3]]),
+        be32(&t[4..8]),
+        be32(&t[8..12]),
+        t[13],
+        total.checked_sub(ihl + doff)?,
+    ))
+}
+
+/// After a takeover the new primary sends the guest's TCP peer (the client) four one-byte
+/// probes one byte below its last acknowledgement; the client answers them with
+/// acknowledgements of what it has, and the stream goes on exactly.
+#[test]
+fn a_takeover_probes_the_guest_s_tcp_peers_and_they_answer() {
+    require_kvm();
+    let lan = Lan::create();
+    let dir = tempfile::tempdir().unwrap();
+    let (pc, rc, pfp, rfp) = certs(dir.path());
+    lan.enter("R");
+    let replica = Replica::start_with(
+        &Lan::rep_addr("R"),
+        &rc,
+        &pfp,
+        &[
+            "--failover",
+            "--failover-timeout",
+            "300",
+            "--net",
+            "tap=tapR",
+        ],
+        &[],
+    );
+    lan.enter("P");
+    let cmdline = format!("ip={SUBNET}.2/24 tcp-stream");
+    let (mut primary, _log, _console) = protected_primary(&[
+        "run",
+        "--mem",
+        "64M",
+        "--net",
+        "tap=tapP",
+        "--replica",
+        &replica.addr,
+        "--cert",
+        &s(&pc),
+        "--peer",
+        &rfp,
+        "--cmdline",
+        &cmdline,
+    ]);
+    lan.enter_lan();
+    let client = Client::connect();
+    client.wait_more(1 << 20, "the stream before the kill");
+    // The replica's port of the LAN: frames from its host, and the LAN's frames to it.
+    let capture = common::capture::Capture::start_both("toR");
+    let child = primary.0.as_mut().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let line = took_over_line(&replica);
+    assert_eq!(
+        common::protection::field(&line, "tcp_probes"),
+        Some("4"),
+        "{line}"
+    );
+    client.wait_more(1 << 20, "the stream after the takeover");
+    client.check();
+    let frames = capture.stop();
+    let probes: Vec<_> = frames
+        .iter()
+        .filter(|f| !f.outgoing)
+        .filter_map(|f| Some((f.at_ns, tcp_segment(f)?)))
+        .filter(|(_, (sport, _, _, _, flags, payload))| {
+            *sport == 19 && *flags == 0x10 && *payload == 1
+        })
+        .collect();
+    assert_eq!(
+        probes.len(),
+        4,
+        "four probes from the guest's port: {probes:?}"
+    );
+    let (first_at, (_, client_port, seq, _, _, _)) = probes[0];
+    assert!(probes.iter().all(|(_, p)| p.2 == seq), "{probes:?}");
+    // The client's acknowledgements of them, before the guest sent data again: to the guest's
+    // port, no data, acknowledging at least the probed byte.
+    let resumed_at = frames
+        .iter()
+        .filter(|f| !f.outgoing && f.at_ns >= first_at)
+        .find(|f| tcp_segment(f).is_some_and(|t| t.0 == 19 && t.5 > 1))
+        .map_or(u64::MAX, |f| f.at_ns);
+    let answers = frames
+        .iter()
+        .filter(|f| f.outgoing && (first_at..resumed_at).contains(&f.at_ns))
+        .filter_map(tcp_segment)
+        .filter(|&(sport, dport, _, ack, flags, payload)| {
+            sport == client_port
+                && dport == 19
+                && flags & 0x10 != 0
+                && payload == 0
+                && ack.wrapping_sub(seq.wrapping_add(1)) < 1 << 30
+        })
+        .count();
+    assert!(answers >= 1, "the client answered none of the probes");
+}
+
+/// A fence command that hangs is killed at --fence-timeout: no takeover, the replica says why
+/// and waits for a primary again.
+#[test]
+fn a_hanging_fence_is_killed_and_stops_the_takeover() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let (pc, rc, pfp, rfp) = certs(dir.path());
+    let replica = Replica::start_with(
+        "127.0.0.1:0",
+        &rc,
+        &pfp,
+        &[
+            "--failover",
+            "--failover-timeout",
+            "200",
+            "--fence",
+            "sleep 600",
+            "--fence-timeout",
+            "1",
+        ],
+        &[],
+    );
+    let (mut primary, _log, _console) = protected_primary(&[
+        "run",
+        "--mem",
+        "32M",
+        "--replica",
+        &replica.addr,
+        "--cert",
+        &s(&pc),
+        "--peer",
+        &rfp,
+        "--cmdline",
+        "count=0 interval-ms=20",
+    ]);
+    let child = primary.0.as_mut().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    replica.wait_log("not taking over: the fence command did not finish within 1 s (killed)");
+    let deadline = Instant::now() + LIMIT;
+    while replica.log().matches("replica listening").count() < 2 {
+        assert!(Instant::now() < deadline, "{}", replica.log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!replica.log().contains("took over"), "{}", replica.log());
 }

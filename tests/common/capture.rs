@@ -14,6 +14,10 @@ pub struct Frame {
     pub at_ns: u64,
     /// Bytes.
     pub len: usize,
+    /// Its first bytes (zero beyond `len`).
+    pub head: [u8; 64],
+    /// The host sent it on the interface (only with [`Capture::start_both`]).
+    pub outgoing: bool,
 }
 
 /// A capture running on its own thread until [`Capture::stop`].
@@ -30,6 +34,15 @@ fn check(r: libc::c_int, what: &str) {
 impl Capture {
     /// Starts capturing frames arriving on `iface` (not those the host sends on it).
     pub fn start(iface: &str) -> Self {
+        Self::start_with(iface, false)
+    }
+
+    /// Starts capturing frames arriving on `iface` and those the host sends on it.
+    pub fn start_both(iface: &str) -> Self {
+        Self::start_with(iface, true)
+    }
+
+    fn start_with(iface: &str, both: bool) -> Self {
         let name = std::ffi::CString::new(iface).unwrap();
         // SAFETY: plain system calls on a socket this function owns; every struct passed is
         // initialised and of the size given.
@@ -105,7 +118,8 @@ impl Capture {
                     if n < 0 {
                         continue; // the timeout: look at the stop flag
                     }
-                    if from.sll_pkttype == libc::PACKET_OUTGOING {
+                    let outgoing = from.sll_pkttype == libc::PACKET_OUTGOING;
+                    if outgoing && !both {
                         continue;
                     }
                     let mut at_ns = None;
@@ -120,9 +134,14 @@ impl Capture {
                         c = libc::CMSG_NXTHDR(&msg, c);
                     }
                     let at_ns = at_ns.expect("the kernel timestamps every frame");
+                    let mut head = [0u8; 64];
+                    let kept = (n as usize).min(64);
+                    head[..kept].copy_from_slice(&buf[..kept]);
                     f.lock().unwrap().push(Frame {
                         at_ns,
                         len: n as usize,
+                        head,
+                        outgoing,
                     });
                 }
             }
