@@ -274,6 +274,7 @@ impl ProtectArgs {
                 PolicyArg::Early => primary::protect::Policy::Early,
             },
             on_commit: None,
+            first_epoch: 0,
         }))
     }
 }
@@ -516,8 +517,9 @@ fn replica(args: ReplicaArgs) -> anyhow::Result<ExitCode> {
         })
         .transpose()?
         .map(|h| HistoryRecorder::new(h, &args.metrics.vm_name))
-        .transpose()?;
-    let history_status = recorder.as_ref().map(HistoryRecorder::status_source);
+        .transpose()?
+        .map(Arc::new);
+    let history_status = recorder.as_deref().map(HistoryRecorder::status_source);
     if let (Some(exporter), Some(r)) = (&metrics, &recorder) {
         exporter.publish(r.metrics_source(committed_metrics.source()));
     }
@@ -533,9 +535,12 @@ fn replica(args: ReplicaArgs) -> anyhow::Result<ExitCode> {
         })
         .transpose()?
         .map(Arc::new);
-    let observer = standby.clone();
+    let local = Local {
+        standby: standby.clone(),
+        recorder: recorder.clone(),
+    };
     let on_commit: replica::OnCommit = Arc::new(move |c: &replica::Committed| {
-        if let Some(s) = &observer {
+        if let Some(s) = &standby {
             s.observe(c);
         }
         committed_metrics.committed(&c.state.counters, c.epoch);
@@ -587,7 +592,7 @@ fn replica(args: ReplicaArgs) -> anyhow::Result<ExitCode> {
                     // The primary asked: it has paused its guest and ends.
                     return take_over(
                         &args,
-                        standby.as_deref(),
+                        &local,
                         &committed,
                         epoch,
                         silent,
@@ -611,7 +616,7 @@ fn replica(args: ReplicaArgs) -> anyhow::Result<ExitCode> {
         }
         return take_over(
             &args,
-            standby.as_deref(),
+            &local,
             &committed,
             epoch,
             silent,
@@ -709,9 +714,18 @@ impl HistoryRecorder {
 /// Runs the committed image here — its state loaded into the hot standby built on it, or a
 /// machine built cold on the replica's memory (no copy) — with this host's cards and the disk
 /// copies, announced on the network, then supervised like `ftvm run`.
+/// What a replica keeps for a takeover.
+struct Local {
+    /// The machine built ahead (--failover).
+    standby: Option<Arc<replica::standby::HotStandby>>,
+    /// The accounting history (--history): the new primary records its acknowledged
+    /// checkpoints there once protected again.
+    recorder: Option<Arc<HistoryRecorder>>,
+}
+
 fn take_over(
     args: &ReplicaArgs,
-    standby: Option<&replica::standby::HotStandby>,
+    local: &Local,
     committed: &replica::Shared,
     epoch: u64,
     silent: std::time::Duration,
@@ -723,7 +737,10 @@ fn take_over(
         .unwrap_or_else(|p| p.into_inner())
         .take()
         .context("Nothing committed to take over")?;
-    let standby = standby.context("A takeover without --failover")?;
+    let standby = local
+        .standby
+        .as_deref()
+        .context("A takeover without --failover")?;
     let (vm, how, activation) = standby
         .activate(c)
         .map_err(|e| anyhow::anyhow!(e))
@@ -743,7 +760,7 @@ fn take_over(
         "took over: the guest runs here from the committed epoch"
     );
     // Protected again by the next replica, if one was named.
-    let protect = ProtectArgs {
+    let mut protect = ProtectArgs {
         replica: args.then_replica.clone(),
         cert: Some(args.cert.clone()),
         peer: args.then_peer.clone(),
@@ -752,6 +769,16 @@ fn take_over(
         checkpoint_policy: PolicyArg::Early,
     }
     .config()?;
+    if let Some(p) = &mut protect {
+        // The guest's epochs go on from the committed one, and so does its history.
+        p.first_epoch = epoch + 1;
+        if let Some(r) = &local.recorder {
+            let r = r.clone();
+            p.on_commit = Some(Arc::new(move |c: &vmm::state::CountersState, e| {
+                r.record(c, e)
+            }));
+        }
+    }
     let metrics = metrics.map(|e| (args.metrics.vm_name.as_str(), e));
     supervise(vm, args.api.clone(), protect, false, metrics, 1)
 }

@@ -994,3 +994,97 @@ fn a_hanging_fence_is_killed_and_stops_the_takeover() {
     }
     assert!(!replica.log().contains("took over"), "{}", replica.log());
 }
+
+/// The replica's history goes on across its takeover: the guest, protected again by the next
+/// replica, numbers its epochs on from the committed one, and the new primary records its
+/// acknowledged checkpoints in the same history — rising epochs, no rollback, no repeat.
+#[test]
+fn the_history_goes_on_with_rising_epochs_across_a_takeover() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let (pc, r1c, r2c) = (
+        dir.path().join("p"),
+        dir.path().join("r1"),
+        dir.path().join("r2"),
+    );
+    let (pfp, r1fp, r2fp) = (cert(&pc), cert(&r1c), cert(&r2c));
+    let hist = dir.path().join("history");
+    let second = Replica::start("127.0.0.1:0", &r2c, &r1fp);
+    let first = Replica::start_with(
+        "127.0.0.1:0",
+        &r1c,
+        &pfp,
+        &[
+            "--failover",
+            "--failover-timeout",
+            "200",
+            "--history",
+            &s(&hist),
+            "--vm-name",
+            "goes-on",
+            "--then-replica",
+            &second.addr,
+            "--then-peer",
+            &r2fp,
+        ],
+        &[],
+    );
+    let (mut primary, _log, console) = protected_primary(&[
+        "run",
+        "--mem",
+        "32M",
+        "--replica",
+        &first.addr,
+        "--cert",
+        &s(&pc),
+        "--peer",
+        &r1fp,
+        "--cmdline",
+        "count=0 interval-ms=20",
+    ]);
+    console.wait_until("counting", LIMIT, |t| counts(t, 0).len() >= 20);
+    let child = primary.0.as_mut().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let line = took_over_line(&first);
+    let took: u64 = common::protection::field(&line, "epoch")
+        .and_then(|e| e.parse().ok())
+        .expect("the takeover's epoch");
+    first.wait_log("protected replica=");
+    // Recorded at 1 s steps: let the new primary's commits reach the next steps.
+    std::thread::sleep(Duration::from_millis(2500));
+    let pid = first.child.0.as_ref().unwrap().id() as i32;
+    // SAFETY: kill(2) of our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + LIMIT;
+    while !first.log().contains("stopped in order") {
+        assert!(Instant::now() < deadline, "{}", first.log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = common::ftvm(
+        &[
+            "accounting",
+            "export",
+            "--history",
+            &s(&hist),
+            "--format",
+            "json",
+        ],
+        LIMIT,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let vm = &doc["vms"][0];
+    assert_eq!(vm["vm"], "goes-on", "{doc}");
+    assert_eq!(vm["epochs"]["rollbacks"], 0, "{doc}");
+    assert_eq!(vm["epochs"]["repeats"], 0, "{doc}");
+    let end = vm["end"]["epoch"].as_u64().expect("an end epoch");
+    assert!(
+        end > took + 10,
+        "the history ends at epoch {end}, taken over at {took}: {doc}"
+    );
+}

@@ -64,6 +64,9 @@ pub struct ProtectConfig {
     /// Told the counters and epoch of each checkpoint the replica acknowledged (on the
     /// replication thread, in epoch order; keep it short).
     pub on_commit: Option<OnCommit>,
+    /// The first checkpoint's epoch: 0 for a new guest; a guest taken over from epoch N goes
+    /// on from N + 1, so that the epochs of its history keep rising.
+    pub first_epoch: u64,
 }
 
 /// See [`ProtectConfig::on_commit`].
@@ -292,7 +295,7 @@ impl Protector {
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let (give_back, spare) = std::sync::mpsc::channel();
         let (ask, harvests) = std::sync::mpsc::channel();
-        let (epoch, policy) = (config.epoch, config.policy);
+        let (epoch, policy, first_epoch) = (config.epoch, config.policy, config.first_epoch);
         if policy == Policy::Early {
             let r = reporter.clone();
             shared
@@ -317,7 +320,7 @@ impl Protector {
             thread: Some(thread),
             epoch,
             next_due: Instant::now() + epoch,
-            next_epoch: 0,
+            next_epoch: first_epoch,
             digests: wire::digests_enabled(),
             policy,
             waiting: false,
