@@ -149,10 +149,11 @@ struct ReplicaArgs {
     /// replica only keeps the image.
     #[arg(long)]
     failover: bool,
-    /// Milliseconds without a checkpoint from a protected primary before it is taken for lost
-    /// (1 to 60000). Shorter means less downtime but a slow primary or link may be taken for
-    /// dead: keep it several epochs long.
-    #[arg(long, value_name = "MS", default_value = "250")]
+    /// Milliseconds of silence (no checkpoint data at all) from a protected primary before it
+    /// is taken for lost (1 to 60000; the default is six 25 ms epochs). Shorter means less
+    /// downtime but a stalled primary or link may be taken for dead: keep it several epochs
+    /// long.
+    #[arg(long, value_name = "MS", default_value = "150")]
     failover_timeout: u64,
     /// Command (run with `sh -c`, the lost primary's address in FTVM_PRIMARY) that makes sure
     /// the old primary is dead before the takeover; the takeover happens only if it exits 0,

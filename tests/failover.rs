@@ -824,6 +824,7 @@ fn the_guest_s_clock_moves_on_across_a_takeover() {
     // Only a lower bound: under PVM a fresh VM's guest sometimes reads a TSC based at 0 and
     // the restored one the host's, a jump of hours forward (see the README, "Failover").
     let gap = ms1.saturating_sub(ms0);
+    eprintln!("the guest's clock: {ms0} ms (reading {k0}) -> {ms1} ms (reading {k1})");
     assert!(
         gap >= 300,
         "the guest's clock moved {gap} ms ({ms0} -> {ms1}) between reading {k0} (released by the primary) and \
