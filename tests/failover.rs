@@ -133,24 +133,19 @@ fn a_tcp_stream_survives_sigkill_of_the_primary() {
     }
 }
 
-#[test]
-fn a_failing_fence_stops_the_takeover() {
+/// A replica with `--fence` and the arguments in `fence`, whose primary is killed: the fence stops
+/// the takeover with `why` in the log, and the replica waits for a primary again, running
+/// nothing.
+fn fence_stops_the_takeover(fence: &[&str], why: &str) {
     require_kvm();
     let dir = tempfile::tempdir().unwrap();
     let (pc, rc, pfp, rfp) = certs(dir.path());
-    let replica = Replica::start_with(
-        "127.0.0.1:0",
-        &rc,
-        &pfp,
-        &[
-            "--failover",
-            "--failover-timeout",
-            "200",
-            "--fence",
-            "exit 7",
-        ],
-        &[],
-    );
+    let args = [
+        &["--failover", "--failover-timeout", "200", "--fence"][..],
+        fence,
+    ]
+    .concat();
+    let replica = Replica::start_with("127.0.0.1:0", &rc, &pfp, &args, &[]);
     let (mut primary, _log, _console) = protected_primary(&[
         "run",
         "--mem",
@@ -167,7 +162,7 @@ fn a_failing_fence_stops_the_takeover() {
     let child = primary.0.as_mut().unwrap();
     child.kill().unwrap();
     child.wait().unwrap();
-    replica.wait_log("not taking over: the fence command failed");
+    replica.wait_log(why);
     // It keeps waiting: listening again, with nothing run.
     let deadline = Instant::now() + LIMIT;
     while replica.log().matches("replica listening").count() < 2 {
@@ -175,6 +170,21 @@ fn a_failing_fence_stops_the_takeover() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(!replica.log().contains("took over"), "{}", replica.log());
+}
+
+#[test]
+fn a_failing_fence_stops_the_takeover() {
+    fence_stops_the_takeover(&["exit 7"], "not taking over: the fence command failed");
+}
+
+/// A fence command that hangs is killed at --fence-timeout: no takeover, the replica says why
+/// and waits for a primary again.
+#[test]
+fn a_hanging_fence_is_killed_and_stops_the_takeover() {
+    fence_stops_the_takeover(
+        &["sleep 600", "--fence-timeout", "1"],
+        "not taking over: the fence command did not finish within 1 s (killed)",
+    );
 }
 
 /// The replica that took over protects the guest with the next replica it was given, and that
@@ -511,27 +521,8 @@ fn the_replica_s_history_bills_exactly_the_guest_s_disk_writes() {
         std::thread::sleep(Duration::from_millis(10));
     }
     // An orderly stop of the replica, then the export.
-    let pid = replica.child.0.as_ref().unwrap().id() as i32;
-    // SAFETY: kill(2) of our own child.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    replica.wait_log("replica stopped in order");
-    let out = common::ftvm(
-        &[
-            "accounting",
-            "export",
-            "--history",
-            &s(&hist),
-            "--format",
-            "json",
-        ],
-        LIMIT,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    stop_in_order(&replica);
+    let doc = export(&hist);
     let vm = &doc["vms"][0];
     assert_eq!(vm["vm"], "billed", "{doc}");
     assert_eq!(vm["billed"]["block_write_requests"], 1024, "{doc}");
@@ -949,53 +940,6 @@ fn a_takeover_probes_the_guest_s_tcp_peers_and_they_answer() {
     assert!(answers >= 1, "the client answered none of the probes");
 }
 
-/// A fence command that hangs is killed at --fence-timeout: no takeover, the replica says why
-/// and waits for a primary again.
-#[test]
-fn a_hanging_fence_is_killed_and_stops_the_takeover() {
-    require_kvm();
-    let dir = tempfile::tempdir().unwrap();
-    let (pc, rc, pfp, rfp) = certs(dir.path());
-    let replica = Replica::start_with(
-        "127.0.0.1:0",
-        &rc,
-        &pfp,
-        &[
-            "--failover",
-            "--failover-timeout",
-            "200",
-            "--fence",
-            "sleep 600",
-            "--fence-timeout",
-            "1",
-        ],
-        &[],
-    );
-    let (mut primary, _log, _console) = protected_primary(&[
-        "run",
-        "--mem",
-        "32M",
-        "--replica",
-        &replica.addr,
-        "--cert",
-        &s(&pc),
-        "--peer",
-        &rfp,
-        "--cmdline",
-        "count=0 interval-ms=20",
-    ]);
-    let child = primary.0.as_mut().unwrap();
-    child.kill().unwrap();
-    child.wait().unwrap();
-    replica.wait_log("not taking over: the fence command did not finish within 1 s (killed)");
-    let deadline = Instant::now() + LIMIT;
-    while replica.log().matches("replica listening").count() < 2 {
-        assert!(Instant::now() < deadline, "{}", replica.log());
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert!(!replica.log().contains("took over"), "{}", replica.log());
-}
-
 /// The replica's history goes on across its takeover and bills exactly what the guest did: a
 /// guest writing its disk is killed mid-write; the replica takes over, protected again by the
 /// next replica, numbers its epochs on from the committed one and records its acknowledged
@@ -1087,34 +1031,10 @@ fn the_history_bills_exactly_across_a_takeover_with_rising_epochs() {
         counts.contains("writes=4096"),
         "the guest's own count: {counts}"
     );
-    // The count line is held until committed; a few more commits, then an orderly stop.
-    first.wait_log("protected replica=");
-    std::thread::sleep(Duration::from_millis(1500));
-    let pid = first.child.0.as_ref().unwrap().id() as i32;
-    // SAFETY: kill(2) of our own child.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let deadline = Instant::now() + LIMIT;
-    while !first.log().contains("stopped in order") {
-        assert!(Instant::now() < deadline, "{}", first.log());
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let out = common::ftvm(
-        &[
-            "accounting",
-            "export",
-            "--history",
-            &s(&hist),
-            "--format",
-            "json",
-        ],
-        LIMIT,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // The count line was held until its checkpoint was acknowledged, and acknowledged
+    // checkpoints are recorded before their output goes: the history has every write.
+    stop_in_order(&first);
+    let doc = export(&hist);
     let vm = &doc["vms"][0];
     assert_eq!(vm["vm"], "goes-on", "{doc}");
     assert_eq!(vm["epochs"]["rollbacks"], 0, "{doc}");
@@ -1127,4 +1047,33 @@ fn the_history_bills_exactly_across_a_takeover_with_rising_epochs() {
     assert_eq!(vm["billed"]["block_write_requests"], 4096, "{doc}");
     assert_eq!(vm["billed"]["block_write_bytes"], 16 << 20, "{doc}");
     assert_eq!(vm["billed_counters"], vm["end_counters"], "{doc}");
+}
+
+/// Stops `r` with SIGTERM and waits until it says it stopped in order.
+fn stop_in_order(r: &Replica) {
+    let pid = r.child.0.as_ref().unwrap().id() as i32;
+    // SAFETY: kill(2) of our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    r.wait_log("stopped in order");
+}
+
+/// `ftvm accounting export --format json` of the history `hist`.
+fn export(hist: &std::path::Path) -> serde_json::Value {
+    let out = common::ftvm(
+        &[
+            "accounting",
+            "export",
+            "--history",
+            &s(hist),
+            "--format",
+            "json",
+        ],
+        LIMIT,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }
