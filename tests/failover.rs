@@ -146,19 +146,8 @@ fn fence_stops_the_takeover(fence: &[&str], why: &str) {
     ]
     .concat();
     let replica = Replica::start_with("127.0.0.1:0", &rc, &pfp, &args, &[]);
-    let (mut primary, _log, _console) = protected_primary(&[
-        "run",
-        "--mem",
-        "32M",
-        "--replica",
-        &replica.addr,
-        "--cert",
-        &s(&pc),
-        "--peer",
-        &rfp,
-        "--cmdline",
-        "count=0 interval-ms=20",
-    ]);
+    let (mut primary, _log, _console) =
+        small_primary(&replica.addr, &s(&pc), &rfp, "count=0 interval-ms=20");
     let child = primary.0.as_mut().unwrap();
     child.kill().unwrap();
     child.wait().unwrap();
@@ -544,19 +533,8 @@ fn a_guest_that_powers_off_is_not_taken_over() {
         &["--failover", "--failover-timeout", "200"],
         &[],
     );
-    let (mut primary, _log, _console) = protected_primary(&[
-        "run",
-        "--mem",
-        "32M",
-        "--replica",
-        &replica.addr,
-        "--cert",
-        &s(&pc),
-        "--peer",
-        &rfp,
-        "--cmdline",
-        "count=30 interval-ms=20",
-    ]);
+    let (mut primary, _log, _console) =
+        small_primary(&replica.addr, &s(&pc), &rfp, "count=30 interval-ms=20");
     let status = primary.0.as_mut().unwrap().wait().unwrap();
     assert!(status.success(), "the guest powered off: {status}");
     // The replica sees the close on its next read ("on purpose") or while it sends an
@@ -617,19 +595,8 @@ fn count_until_killed(
     replica: &Replica,
     standbys: usize,
 ) -> String {
-    let (mut primary, _log, console) = protected_primary(&[
-        "run",
-        "--mem",
-        "32M",
-        "--replica",
-        &replica.addr,
-        "--cert",
-        &s(pc),
-        "--peer",
-        rfp,
-        "--cmdline",
-        "count=0 interval-ms=20",
-    ]);
+    let (mut primary, _log, console) =
+        small_primary(&replica.addr, &s(pc), rfp, "count=0 interval-ms=20");
     console.wait_until("ten counts", LIMIT, |t| counts(t, 0).len() >= 10);
     let deadline = Instant::now() + LIMIT;
     while replica.log().matches("hot standby ready").count() < standbys
@@ -698,19 +665,8 @@ fn the_hot_standby_follows_each_new_primary_s_image() {
         ],
         &[],
     );
-    let (mut first, _log, _console) = protected_primary(&[
-        "run",
-        "--mem",
-        "32M",
-        "--replica",
-        &replica.addr,
-        "--cert",
-        &s(&pc),
-        "--peer",
-        &rfp,
-        "--cmdline",
-        "count=30 interval-ms=20",
-    ]);
+    let (mut first, _log, _console) =
+        small_primary(&replica.addr, &s(&pc), &rfp, "count=30 interval-ms=20");
     assert!(first.0.as_mut().unwrap().wait().unwrap().success());
     replica.wait_log("hot standby ready");
     let released = count_until_killed((&pc, &rfp), &replica, 2);
@@ -776,19 +732,12 @@ fn the_guest_s_clock_moves_on_across_a_takeover() {
         &["--failover", "--failover-timeout", "300"],
         &[],
     );
-    let (mut primary, _log, console) = protected_primary(&[
-        "run",
-        "--mem",
-        "32M",
-        "--replica",
+    let (mut primary, _log, console) = small_primary(
         &replica.addr,
-        "--cert",
         &s(&pc),
-        "--peer",
         &rfp,
-        "--cmdline",
         "@0:clock=0 @0:interval-ms=10 @1:count=0 @1:interval-ms=1000",
-    ]);
+    );
     let readings = |t: &str| -> Vec<(u64, u64)> {
         t.lines()
             .filter_map(|l| {
@@ -1076,4 +1025,31 @@ fn export(hist: &std::path::Path) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A protected 32 MiB primary running `cmdline`, protected by the replica at `addr` (certificate
+/// `cert`, the replica's fingerprint `peer`).
+fn small_primary(
+    addr: &str,
+    cert: &str,
+    peer: &str,
+    cmdline: &str,
+) -> (
+    common::Guarded,
+    std::sync::Arc<std::sync::Mutex<String>>,
+    common::Console,
+) {
+    protected_primary(&[
+        "run",
+        "--mem",
+        "32M",
+        "--replica",
+        addr,
+        "--cert",
+        cert,
+        "--peer",
+        peer,
+        "--cmdline",
+        cmdline,
+    ])
 }
