@@ -85,6 +85,12 @@ pub enum Kind {
     DiskWrite { mib: u64, seed: u64 },
     /// Read `mib` MiB from sector 0 and check it is pattern `seed` (vCPU 0 only).
     DiskVerify { mib: u64, seed: u64 },
+    /// Append `n` numbered, checksummed 4 KiB records from block 0, each written and flushed
+    /// before the guest says so on the console (vCPU 0 only).
+    DiskLog(u64),
+    /// Check the records `disk-log` wrote: the length of the clean prefix, and any valid record
+    /// after it (a gap) or a damaged one inside the first `mib` MiB (vCPU 0 only).
+    DiskLogVerify(u64),
     /// `count` reads of one chunk each at pseudo-random chunk-aligned offsets in the first
     /// `mib` MiB (vCPU 0 only).
     DiskRandRead { mib: u64, count: u64 },
@@ -185,6 +191,8 @@ pub fn parse(cmdline: &str, vcpu: u64) -> Result<Work, &'static str> {
                 let (mib, seed) = mib_seed(value)?;
                 Kind::DiskVerify { mib, seed }
             }
+            "disk-log" => Kind::DiskLog(number(value)?),
+            "disk-log-verify" => Kind::DiskLogVerify(number(value)?),
             "net" => Kind::Net,
             "tcp-echo" => {
                 work.services.echo = Some(port(value, 7)?);

@@ -57,7 +57,11 @@ pub fn run(work: &Work, boot: &BootInfo, vcpu: u64, clock: Clock) -> Result<(), 
             disk(work, boot, clock, vcpu, false, *mib, *seed)?
         }
         Kind::Net if single => crate::netsvc::run(boot, clock, &work.services)?,
+        Kind::DiskLog(n) if single => disk_log(work, boot, clock, vcpu, *n)?,
+        Kind::DiskLogVerify(mib) if single => disk_log_verify(work, boot, vcpu, *mib)?,
         Kind::DiskWrite { .. }
+        | Kind::DiskLog(_)
+        | Kind::DiskLogVerify(_)
         | Kind::DiskVerify { .. }
         | Kind::DiskRandRead { .. }
         | Kind::Net => {}
@@ -384,5 +388,92 @@ fn disk(
         clock.now_ns() - start
     );
     print_counts(work, &blk);
+    Ok(())
+}
+
+/// First bytes of a `disk-log` record.
+const LOG_MAGIC: [u8; 8] = *b"FTVMLOG1";
+const LOG_BLOCK: usize = 4096;
+
+/// FNV-1a, 64 bits: the record's checksum.
+fn fnv64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Fills `rec` as record `seq`: magic, number, pattern, checksum of the rest in the last 8.
+fn log_record(seq: u64, rec: &mut [u8]) {
+    rec[..8].copy_from_slice(&LOG_MAGIC);
+    rec[8..16].copy_from_slice(&seq.to_le_bytes());
+    fill_pattern(seq, 0, &mut rec[16..LOG_BLOCK - 8]);
+    let sum = fnv64(&rec[..LOG_BLOCK - 8]);
+    rec[LOG_BLOCK - 8..].copy_from_slice(&sum.to_le_bytes());
+}
+
+/// Record `seq` if `rec` is a whole, clean one.
+fn log_check(rec: &[u8]) -> Option<u64> {
+    if rec[..8] != LOG_MAGIC {
+        return None;
+    }
+    let sum = u64::from_le_bytes(rec[LOG_BLOCK - 8..].try_into().ok()?);
+    (fnv64(&rec[..LOG_BLOCK - 8]) == sum).then(|| u64::from_le_bytes(rec[8..16].try_into().unwrap_or_default()))
+}
+
+fn disk_log(work: &Work, boot: &BootInfo, clock: Clock, vcpu: u64, n: u64) -> Result<(), u32> {
+    let name = "disk-log";
+    let mib = (n * LOG_BLOCK as u64).div_ceil(1 << 20).max(1);
+    let mut blk = open_disk(work, boot, name, mib)?;
+    let Some(buf) = heap::alloc(LOG_BLOCK as u64, 4096) else {
+        return fail(name, "out of memory");
+    };
+    // SAFETY: buf is a heap allocation of LOG_BLOCK bytes owned by this workload.
+    let rec = unsafe { core::slice::from_raw_parts_mut(buf as *mut u8, LOG_BLOCK) };
+    println!("vcpu{} workload disk-log records={}", vcpu, n);
+    for seq in 1..=n {
+        log_record(seq, rec);
+        let sector = (seq - 1) * (LOG_BLOCK as u64 / 512);
+        if blk.write(sector, buf, LOG_BLOCK as u32) != BLK_S_OK || blk.flush() != BLK_S_OK {
+            return fail(name, "a record was refused");
+        }
+        // Told only once written and flushed.
+        println!("vcpu{} disk-log record {}", vcpu, seq);
+        clock.sleep_ms(work.interval_ms);
+    }
+    println!("vcpu{} disk-log done records={}", vcpu, n);
+    Ok(())
+}
+
+fn disk_log_verify(work: &Work, boot: &BootInfo, vcpu: u64, mib: u64) -> Result<(), u32> {
+    let name = "disk-log-verify";
+    let mut blk = open_disk(work, boot, name, mib)?;
+    let Some(buf) = heap::alloc(LOG_BLOCK as u64, 4096) else {
+        return fail(name, "out of memory");
+    };
+    // SAFETY: buf is a heap allocation of LOG_BLOCK bytes owned by this workload.
+    let rec = unsafe { core::slice::from_raw_parts_mut(buf as *mut u8, LOG_BLOCK) };
+    let (mut prefix, mut ended, mut gaps, mut damaged) = (0u64, false, 0u64, 0u64);
+    for block in 0..(mib << 20) / LOG_BLOCK as u64 {
+        if blk.read(block * (LOG_BLOCK as u64 / 512), buf, LOG_BLOCK as u32) != BLK_S_OK {
+            return fail(name, "a read was refused");
+        }
+        match log_check(rec) {
+            Some(seq) if !ended && seq == block + 1 => prefix += 1,
+            Some(_) => gaps += 1,
+            None => {
+                ended = true;
+                // Anything but never-written zeros is a damaged record.
+                if rec.iter().any(|&b| b != 0) {
+                    damaged += 1;
+                }
+            }
+        }
+    }
+    println!(
+        "vcpu{} disk-log-verify records={} gaps={} damaged={}",
+        vcpu, prefix, gaps, damaged
+    );
     Ok(())
 }
