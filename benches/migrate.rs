@@ -349,9 +349,15 @@ fn ftvm_once(dir: &Path, guest: Guest) -> Res<FtvmRun> {
     let before = unix_ns();
     let out = common::ftvm(&["migrate", "--api", &s(&sock)], LIMIT);
     if !out.status.success() {
+        let tail = |log: &str| {
+            let lines: Vec<&str> = log.lines().collect();
+            lines[lines.len().saturating_sub(12)..].join("\n")
+        };
         return Err(format!(
-            "ftvm migrate failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+            "ftvm migrate failed: {}the primary's log ends:\n{}\nthe replica's log ends:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            tail(&log.lock().unwrap()),
+            tail(&replica.log())
         ));
     }
     let answer: Value = serde_json::from_slice(&out.stdout)
@@ -898,10 +904,8 @@ fn main() {
     // Results by ftvm guest (idle, busy, stream, busy + stream) and QEMU guest (idle, busy).
     let mut ftvm: [Vec<FtvmRun>; 4] = Default::default();
     let mut qemu: [Vec<QemuRun>; 2] = Default::default();
-    let fail = |what: &str, e: String| -> ! {
-        eprintln!("{what}: {e}");
-        std::process::exit(1);
-    };
+    // Failed runs are reported at the end (and make the bench fail), not dropped.
+    let mut failures = vec![];
     let guests = [
         ("idle", Guest::Idle),
         ("busy", Guest::Busy(pages_per_s)),
@@ -911,36 +915,80 @@ fn main() {
     for i in 0..runs {
         for (k, (kind, guest)) in guests.iter().enumerate() {
             let dir = tempfile::tempdir().unwrap();
-            let f = ftvm_once(dir.path(), *guest)
-                .unwrap_or_else(|e| fail(&format!("ftvm, {kind}, run {i}"), e));
-            let client = f.client.map_or(String::new(), |(gap, usual)| {
-                format!(", client gap {gap:.1} ms (usual {usual:.1})")
+            // The shared test helpers fail by panicking: a failed run, not the end of all.
+            let once = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                ftvm_once(dir.path(), *guest)
+            }))
+            .unwrap_or_else(|p| {
+                let msg = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
+                Err(format!("panicked: {}", msg.unwrap_or_default()))
             });
-            eprintln!(
-                "run {i} {kind} ftvm: stop→resume {:.2} ms (pause→handed over {:.2}, \
-                 handed over→took over {:.2}, activation {:.2}){client}, {:.0} pages/s",
-                f.stop_resume_ms, f.handed_ms, f.handed_to_took_ms, f.activation_ms, f.pages_per_s
-            );
-            ftvm[k].push(f);
+            match once {
+                Ok(f) => {
+                    report_ftvm(i, kind, &f);
+                    ftvm[k].push(f);
+                }
+                Err(e) => {
+                    eprintln!("run {i} {kind} ftvm FAILED: {e}");
+                    failures.push(format!("ftvm, {kind}, run {i}: {e}"));
+                }
+            }
             if k >= 2 {
                 continue;
             }
             let busy = k == 1;
             let dir = tempfile::tempdir().unwrap();
-            let r = qemu_once(dir.path(), &firmware, busy.then_some(cycles))
-                .unwrap_or_else(|e| fail(&format!("QEMU, {kind}, run {i}"), e));
-            eprintln!(
-                "run {i} {kind} QEMU: stop→resume {:.2} ms, downtime {} ms, total {} ms, \
-                 guest {:.0} pages/s, dirty-pages-rate {:.0}",
-                r.stop_resume_ms,
-                r.downtime_ms,
-                r.total_ms,
-                r.guest_pages_per_s,
-                r.dirty_pages_rate
-            );
-            qemu[k].push(r);
+            match qemu_once(dir.path(), &firmware, busy.then_some(cycles)) {
+                Ok(r) => {
+                    eprintln!(
+                        "run {i} {kind} QEMU: stop→resume {:.2} ms, downtime {} ms, total {} ms, \
+                         guest {:.0} pages/s, dirty-pages-rate {:.0}",
+                        r.stop_resume_ms,
+                        r.downtime_ms,
+                        r.total_ms,
+                        r.guest_pages_per_s,
+                        r.dirty_pages_rate
+                    );
+                    qemu[k].push(r);
+                }
+                Err(e) => {
+                    eprintln!("run {i} {kind} QEMU FAILED: {e}");
+                    failures.push(format!("QEMU, {kind}, run {i}: {e}"));
+                }
+            }
         }
     }
+    print_table(runs, pages_per_s, &guests, &ftvm, &qemu);
+    if !failures.is_empty() {
+        println!("{} switch-over(s) failed:", failures.len());
+        for f in &failures {
+            println!("- {}", f.lines().next().unwrap_or_default());
+        }
+        std::process::exit(1);
+    }
+}
+
+fn report_ftvm(i: usize, kind: &str, f: &FtvmRun) {
+    let client = f.client.map_or(String::new(), |(gap, usual)| {
+        format!(", client gap {gap:.1} ms (usual {usual:.1})")
+    });
+    eprintln!(
+        "run {i} {kind} ftvm: stop→resume {:.2} ms (pause→handed over {:.2}, \
+         handed over→took over {:.2}, activation {:.2}){client}, {:.0} pages/s",
+        f.stop_resume_ms, f.handed_ms, f.handed_to_took_ms, f.activation_ms, f.pages_per_s
+    );
+}
+
+fn print_table(
+    runs: usize,
+    pages_per_s: u64,
+    guests: &[(&str, Guest); 4],
+    ftvm: &[Vec<FtvmRun>; 4],
+    qemu: &[Vec<QemuRun>; 2],
+) {
     println!(
         "planned switch-over of a 1 GiB guest, {runs} runs, busy = {pages_per_s} pages/s \
          asked (ms unless said; with few runs, p99 is the worst):"
