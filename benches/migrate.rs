@@ -991,7 +991,7 @@ fn print_table(
 ) {
     println!(
         "planned switch-over of a 1 GiB guest, {runs} runs, busy = {pages_per_s} pages/s \
-         asked (ms unless said; with few runs, p99 is the worst):"
+         asked (ms unless said; p99 of fewer than 100 runs is the worst or next to it):"
     );
     println!(
         "| guest | measure | ftvm p50 | ftvm p99 | QEMU p50 | QEMU p99 | ftvm/QEMU p50 | ftvm/QEMU p99 |"
@@ -1006,6 +1006,9 @@ fn print_table(
     };
     // `ratio`: whether ftvm/QEMU means something for this row (times, not rates).
     let row = |g: &str, m: &str, f: &[f64], r: &[f64], ratio: bool| {
+        if f.is_empty() && r.is_empty() {
+            return;
+        }
         let rat = |p: f64| {
             if ratio && !f.is_empty() && !r.is_empty() {
                 format!("{:.2}", q(f, p) / q(r, p))

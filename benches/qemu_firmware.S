@@ -2,8 +2,11 @@
  * maps at the top of 4 GiB (reset vector at offset 0xFFF0) and again at 0xF0000.
  *
  * Why not a Linux guest or a protected-mode loop: /dev/kvm here is PVM, which runs guest
- * ring-0 code in KVM's instruction emulator and hangs on the first instruction after CR0.PE is
- * set from real mode (SeaBIOS, and any 16→32-bit switch, stays there for good). So:
+ * ring-0 and real-mode code in KVM's instruction emulator (~1 MIPS), and once CR0.PE has been
+ * set from real mode the vCPU executes no further instruction (measured: RIP stays on the
+ * instruction after `mov %eax, %cr0`, be it a far jump or a segment load, and a host core
+ * spins). SeaBIOS never gets to protected mode either: 10 s after start it sits halted in
+ * 16-bit code (f000:b7b9, CR0.PE clear). So:
  *
  * - idle (`cycles` = 0): halts in real mode forever; the vCPU sleeps.
  * - busy: in real mode, writes page tables (identity map of the first GiB in 2 MiB user
