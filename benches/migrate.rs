@@ -780,7 +780,18 @@ fn qemu_once(dir: &Path, firmware: &[u8], cycles: Option<u64>) -> Res<QemuRun> {
         std::thread::sleep(Duration::from_secs(1));
         guest_pages_per_s(&mut src, Duration::from_secs(1))?
     } else {
-        std::thread::sleep(Duration::from_millis(500));
+        wait(
+            "the idle guest's halt",
+            LIMIT,
+            Duration::from_millis(5),
+            || {
+                Ok(src
+                    .qmp
+                    .hmp("info registers")?
+                    .contains("HLT=1")
+                    .then_some(()))
+            },
+        )?;
         0.0
     };
     src.qmp.cmd(
