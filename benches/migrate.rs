@@ -914,7 +914,7 @@ fn main() {
     let hz = tsc_hz();
     let cycles = (hz / pages_per_s as f64).round() as u64;
     eprintln!("{version}; TSC {:.0} MHz: {cycles} cycles a page", hz / 1e6);
-    let _lan = Lan::create();
+    let lan = Lan::create();
     // Results by ftvm guest (idle, busy, stream, busy + stream) and QEMU guest (idle, busy).
     let mut ftvm: [Vec<FtvmRun>; 4] = Default::default();
     let mut qemu: [Vec<QemuRun>; 2] = Default::default();
@@ -976,6 +976,8 @@ fn main() {
         }
     }
     print_table(runs, pages_per_s, &guests, &ftvm, &qemu);
+    // Its namespace goes now: `exit` below would skip the drop.
+    drop(lan);
     if !failures.is_empty() {
         println!("{} switch-over(s) failed:", failures.len());
         for f in &failures {
