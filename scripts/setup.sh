@@ -7,8 +7,11 @@ cd "$(dirname "$0")/.."
 # Debian packages the build and the tests use (gcc links the binaries and the test guest;
 # prometheus brings promtool and the server the metrics test scrapes ftvm with;
 # librocksdb-dev is the RocksDB the `history` crate links, found through ROCKSDB_LIB_DIR in
-# .cargo/config.toml, and libclang-dev is what bindgen needs to read its C header).
-packages=(gcc libc6-dev acpica-tools iproute2 iputils-ping prometheus librocksdb-dev libclang-dev)
+# .cargo/config.toml, and libclang-dev is what bindgen needs to read its C header;
+# qemu-system-x86 is the QEMU that `cargo bench --bench migrate` compares the planned
+# switch-over with).
+packages=(gcc libc6-dev acpica-tools iproute2 iputils-ping prometheus librocksdb-dev libclang-dev
+  qemu-system-x86)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
