@@ -107,6 +107,10 @@ struct Stream {
 
 impl Stream {
     fn connect() -> Res<Self> {
+        // A new guest: the client asks for its MAC afresh.
+        let _ = std::process::Command::new("ip")
+            .args(["neigh", "flush", "dev", "br0"])
+            .output();
         let addr: std::net::SocketAddr = format!("{SUBNET}.2:19").parse().unwrap();
         let mut tcp = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))
             .map_err(|e| format!("cannot connect to the guest's stream: {e}"))?;
@@ -295,11 +299,13 @@ fn checkpointed_pages_per_s(sock: &Path, over: Duration) -> Res<f64> {
     Ok(pages.iter().sum::<f64>() / pages.len().max(1) as f64 * epochs_per_s)
 }
 
-fn ftvm_once(dir: &Path, guest: Guest) -> Res<FtvmRun> {
+fn ftvm_once(lan: &Lan, dir: &Path, guest: Guest) -> Res<FtvmRun> {
     let (pc, rc) = (dir.join("p"), dir.join("r"));
     let (pfp, rfp) = (cert(&pc), cert(&rc));
+    // Hosts are namespaces (see tests/common/lan.rs); replication on its own veth.
+    lan.enter("R");
     let replica = Replica::start_with(
-        "127.0.0.1:0",
+        &Lan::rep_addr("R"),
         &rc,
         &pfp,
         &["--failover", "--net", "tap=tapR"],
@@ -321,6 +327,7 @@ fn ftvm_once(dir: &Path, guest: Guest) -> Res<FtvmRun> {
             (stream_cmdline + &dirty, "2")
         }
     };
+    lan.enter("P");
     let (mut primary, log, _console) = protected_primary(&[
         "run",
         "--mem",
@@ -340,6 +347,7 @@ fn ftvm_once(dir: &Path, guest: Guest) -> Res<FtvmRun> {
         "--cmdline",
         &cmdline,
     ]);
+    lan.enter_lan();
     let stream = match guest {
         Guest::Idle | Guest::Busy(_) => None,
         _ => {
@@ -931,7 +939,7 @@ fn main() {
             let dir = tempfile::tempdir().unwrap();
             // The shared test helpers fail by panicking: a failed run, not the end of all.
             let once = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                ftvm_once(dir.path(), *guest)
+                ftvm_once(&lan, dir.path(), *guest)
             }))
             .unwrap_or_else(|p| {
                 let msg = p
