@@ -415,9 +415,11 @@ fn serve_all(
     rt.block_on(async move {
         let listener = tokio::net::UnixListener::from_std(listener)
             .map_err(|e| format!("cannot serve the API socket: {e}"))?;
+        let mut connections = tokio::task::JoinSet::new();
         loop {
+            while connections.try_join_next().is_some() {}
             let stream = tokio::select! {
-                _ = &mut stop => return Ok(()),
+                _ = &mut stop => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => stream,
                     // Out of descriptors and the like: this client is lost, the next may not be.
@@ -429,7 +431,7 @@ fn serve_all(
                 },
             };
             let handler = handler.clone();
-            tokio::spawn(async move {
+            connections.spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
                     let handler = handler.clone();
                     async move { Ok::<_, std::convert::Infallible>(handler.answer(req).await) }
@@ -445,8 +447,21 @@ fn serve_all(
                 }
             });
         }
+        // Answers under way still go out (a migrate's: its VM ends right after answering),
+        // within a bound: a client that never sends its request is not waited for.
+        let drained = tokio::time::timeout(DRAIN, async {
+            while connections.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::debug!("API stopped with connections still open");
+        }
+        Ok(())
     })
 }
+
+/// How long a stopping API server lets the answers under way finish.
+const DRAIN: Duration = Duration::from_secs(1);
 
 fn json_response(code: u16, body: &Value) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
@@ -659,6 +674,33 @@ mod tests {
             let e = parse_command("PUT", "/snapshot", bad).unwrap_err();
             assert_eq!(e.status(), 400, "{bad:?}");
         }
+    }
+
+    /// An answer the VM's thread gave just before the server stops (as a migrate's is) still
+    /// reaches the client.
+    #[test]
+    fn an_answer_under_way_goes_out_when_the_server_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("api.sock");
+        let (tx, events) = channel();
+        let reporter = Reporter::new(tx);
+        for _ in 0..20 {
+            let (server, requests) = bind(&sock)
+                .unwrap()
+                .serve(Arc::new(vmm::vm::RunState::new(1)), None, &reporter)
+                .unwrap();
+            let path = sock.clone();
+            let client = std::thread::spawn(move || call(&path, "PUT", "/migrate", None));
+            let (command, reply) = requests.recv().unwrap();
+            assert_eq!(command, Command::Migrate);
+            reply.send(Ok(json!({ "handed_over": true }))).unwrap();
+            server.stop().unwrap();
+            assert_eq!(
+                client.join().unwrap().unwrap(),
+                json!({ "handed_over": true })
+            );
+        }
+        assert!(events.try_recv().is_err(), "no thread failed");
     }
 
     #[test]

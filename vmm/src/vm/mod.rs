@@ -189,6 +189,14 @@ pub struct RunState {
 }
 
 impl RunState {
+    /// A running VM's state with `vcpus` vCPUs (what a VM starts with; for tests of its users).
+    pub fn new(vcpus: usize) -> Self {
+        Self {
+            paused: AtomicBool::new(false),
+            vcpus,
+        }
+    }
+
     /// Whether the VM was last asked to pause (and the pause completed).
     pub fn is_paused(&self) -> bool {
         self.paused.load(Ordering::SeqCst)
