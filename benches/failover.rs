@@ -5,7 +5,7 @@
 //! first byte (starting the VM's threads, the RARP and TCP probes, the client's answer, the
 //! guest's resent data).
 //!
-//! `cargo bench --bench failover [-- RUNS [TIMEOUT_MS]]` (defaults 20 runs, 150 ms, the
+//! `cargo bench --bench failover [-- RUNS [TIMEOUT_MS]]` (defaults 20 runs, 250 ms, the
 //! default `--failover-timeout`): prints median and p99 of each part.
 
 #[path = "../tests/common/mod.rs"]
@@ -107,7 +107,7 @@ fn main() {
         .skip(1)
         .filter_map(|a| a.parse::<u64>().ok());
     let runs = args.next().unwrap_or(20) as usize;
-    let timeout = args.next().unwrap_or(150);
+    let timeout = args.next().unwrap_or(250);
     let lan = Lan::create();
     let (mut total, mut detect, mut activate, mut after) = (vec![], vec![], vec![], vec![]);
     for i in 0..runs {

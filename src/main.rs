@@ -150,10 +150,10 @@ struct ReplicaArgs {
     #[arg(long)]
     failover: bool,
     /// Milliseconds of silence (no checkpoint data at all) from a protected primary before it
-    /// is taken for lost (1 to 60000; the default is six 25 ms epochs). Shorter means less
-    /// downtime but a stalled primary or link may be taken for dead: keep it several epochs
-    /// long.
-    #[arg(long, value_name = "MS", default_value = "150")]
+    /// is taken for lost (1 to 60000; the default is ten 25 ms epochs). Shorter means less
+    /// downtime but a primary stalled by its host may be taken for dead (then, without
+    /// --fence, two guests run): 100-150 suits hosts whose VMM threads are not starved.
+    #[arg(long, value_name = "MS", default_value = "250")]
     failover_timeout: u64,
     /// Command (run with `sh -c`, the lost primary's address in FTVM_PRIMARY) that makes sure
     /// the old primary is dead before the takeover; the takeover happens only if it exits 0,
