@@ -122,7 +122,7 @@ fn scraped_counters_equal_the_guests_and_the_taps_and_prometheus_agrees() {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let cmdline = format!(
-        "ip={}/24 tcp-echo @1:disk-write=4,77 @1:chunk-kib=64",
+        "ip={}/24 tcp-echo http-file=1,5 @1:disk-write=4,77 @1:chunk-kib=64",
         ns.guest_ip()
     );
     let net = format!("tap={}", ns.tap);
@@ -155,6 +155,20 @@ fn scraped_counters_equal_the_guests_and_the_taps_and_prometheus_agrees() {
         .expect("ping runs");
     let out = String::from_utf8_lossy(&ping.stdout);
     assert!(out.contains("20 received, 0% packet loss"), "{out}");
+    // A file of known size over TCP: 1 MiB of pattern 5 from the guest's HTTP service.
+    let mut http = std::net::TcpStream::connect((ns.guest_ip().as_str(), 80)).unwrap();
+    http.set_read_timeout(Some(LIMIT)).unwrap();
+    std::io::Write::write_all(&mut http, b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut answer = Vec::new();
+    std::io::Read::read_to_end(&mut http, &mut answer).unwrap();
+    let body_at = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("an HTTP header")
+        + 4;
+    let mut want = vec![0u8; 1 << 20];
+    ftvm_guest_abi::fill_pattern(5, 0, &mut want);
+    assert!(answer[body_at..] == want[..], "the file, exactly");
 
     // Traffic has stopped: the scrape settles on the TAP's figures (ARP replies may still be
     // on their way for a moment).
@@ -177,6 +191,7 @@ fn scraped_counters_equal_the_guests_and_the_taps_and_prometheus_agrees() {
         "ftvm vs TAP [rx pkts, rx bytes, tx pkts, tx bytes]"
     );
     assert!(net[0] >= 20 && net[2] >= 20, "at least the pings: {net:?}");
+    assert!(net[3] > 1 << 20, "at least the file: {net:?}");
     assert_eq!(
         BLOCK.map(|series| count(&scraped, series)),
         guest_block,

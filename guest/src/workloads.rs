@@ -419,7 +419,8 @@ fn log_check(rec: &[u8]) -> Option<u64> {
         return None;
     }
     let sum = u64::from_le_bytes(rec[LOG_BLOCK - 8..].try_into().ok()?);
-    (fnv64(&rec[..LOG_BLOCK - 8]) == sum).then(|| u64::from_le_bytes(rec[8..16].try_into().unwrap_or_default()))
+    (fnv64(&rec[..LOG_BLOCK - 8]) == sum)
+        .then(|| u64::from_le_bytes(rec[8..16].try_into().unwrap_or_default()))
 }
 
 fn disk_log(work: &Work, boot: &BootInfo, clock: Clock, vcpu: u64, n: u64) -> Result<(), u32> {
