@@ -169,6 +169,26 @@ fn scraped_counters_equal_the_guests_and_the_taps_and_prometheus_agrees() {
     let mut want = vec![0u8; 1 << 20];
     ftvm_guest_abi::fill_pattern(5, 0, &mut want);
     assert!(answer[body_at..] == want[..], "the file, exactly");
+    // The guest closed first; our close ends the connection once the guest acknowledges it:
+    // wait until the kernel has forgotten it, so that no packet of it is still to come.
+    let local = format!(":{:04X}", http.local_addr().unwrap().port());
+    drop(http);
+    let deadline = Instant::now() + LIMIT;
+    while std::fs::read_to_string("/proc/thread-self/net/tcp")
+        .unwrap()
+        .lines()
+        .any(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .is_some_and(|a| a.ends_with(&local))
+        })
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the HTTP connection never closed"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 
     // Traffic has stopped: the scrape settles on the TAP's figures (ARP replies may still be
     // on their way for a moment).
