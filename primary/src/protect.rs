@@ -482,6 +482,9 @@ impl Protector {
         {
             return Err("the VM is not protected: there is no replica to hand it over to".into());
         }
+        // The checkpoint in flight is acknowledged while the guest still runs (only this thread
+        // starts checkpoints, so none starts meanwhile): the pause lasts only for the last one.
+        self.wait_in_flight()?;
         let started = Instant::now();
         let was_paused = vm.is_paused();
         vm.pause().map_err(|e| event::error_chain(&e))?;
@@ -492,13 +495,22 @@ impl Protector {
         outcome
     }
 
-    fn hand_over_paused(&mut self, vm: &RunningVm, started: Instant) -> Result<Value, String> {
+    /// Waits until no checkpoint is in flight (acknowledged, or the link lost).
+    fn wait_in_flight(&self) -> Result<(), String> {
         let deadline = Instant::now() + HANDOVER_LIMIT;
         while self.shared.in_flight.load(Ordering::SeqCst) {
             if Instant::now() > deadline {
                 return Err("the checkpoint in flight was not acknowledged in time".into());
             }
             std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
+    fn hand_over_paused(&mut self, vm: &RunningVm, started: Instant) -> Result<Value, String> {
+        self.wait_in_flight()?;
+        if self.shared.status().state != "protected" {
+            return Err("the replica was lost during the handover".into());
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
         let stats = self
