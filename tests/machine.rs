@@ -8,7 +8,6 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use common::{last_count, test_vm};
-use vm_memory::{Bytes, GuestAddress};
 use vmm::VmEvent;
 use vmm::vcpu::VcpuRunState as VcpuState;
 
@@ -63,18 +62,6 @@ fn the_guest_computes_at_native_speed() {
     );
 }
 
-/// Pages a test can name besides the ones the guest was told to write: its stack and the
-/// console lock (the one static the guest writes when it prints).
-fn named_pages(vm: &vmm::vm::Machine, console_text: &str) -> BTreeSet<u64> {
-    let info = vm.boot_info().expect("a test guest");
-    let (lo, hi) = info.stack(0);
-    let lock = console_text
-        .split_whitespace()
-        .find_map(|w| u64::from_str_radix(w.strip_prefix("console-lock=0x")?, 16).ok())
-        .expect("boot line names the console lock");
-    (lo..hi).step_by(4096).chain([lock & !0xfff]).collect()
-}
-
 #[test]
 fn dirty_pages_are_exactly_the_pages_written() {
     // 12 pages spread over 64..100 MiB, not adjacent, one of them in the last page of a 2 MiB
@@ -105,28 +92,10 @@ fn dirty_pages_are_exactly_the_pages_written() {
 
     let dirty: BTreeSet<u64> = dirty.addresses().collect();
     let chosen: BTreeSet<u64> = pages.iter().copied().collect();
-    let named = named_pages(&vm, &text);
-    let missing: Vec<_> = chosen.difference(&dirty).collect();
-    assert!(missing.is_empty(), "written pages not dirty: {missing:x?}");
-    let unexplained: Vec<_> = dirty
-        .iter()
-        .filter(|p| !chosen.contains(p) && !named.contains(p))
-        .collect();
-    assert!(
-        unexplained.is_empty(),
-        "dirty pages nobody wrote: {unexplained:x?}"
-    );
+    common::assert_dirty_exactly(&dirty, &chosen, &common::named_pages(&vm, &text));
 
     // While paused the guest writes nothing; a write by the VMM itself is tracked too.
-    assert_eq!(vm.take_dirty_pages().unwrap().count(), 0);
-    vm.memory()
-        .write_obj(0xfeed_u64, GuestAddress(0x300_0000 + 8))
-        .unwrap();
-    vm.memory()
-        .write_slice(&[1; 2], GuestAddress(0x400_0fff))
-        .unwrap();
-    let dirty: Vec<u64> = vm.take_dirty_pages().unwrap().addresses().collect();
-    assert_eq!(dirty, vec![0x300_0000, 0x400_0000, 0x400_1000]);
+    common::assert_vmm_writes_tracked(&vm, 0x300_0000);
     vm.resume();
     vm.stop().unwrap();
 }

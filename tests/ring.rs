@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::{Console, TEST_GUEST, last_count, require_kvm};
 use primary::capture::{CaptureError, CaptureStats, Capturer, Mode, Scope, Staging};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm::devices::virtio::block::BlockConfig;
 use vmm::dirty_ring::DirtyLog;
 use vmm::event::error_chain;
@@ -359,38 +359,11 @@ fn the_ring_reports_exactly_the_pages_written() {
     let dirty: BTreeSet<u64> = vm.take_dirty_pages().unwrap().addresses().collect();
 
     let chosen: BTreeSet<u64> = pages.iter().copied().collect();
-    let missing: Vec<_> = chosen.difference(&dirty).collect();
-    assert!(
-        missing.is_empty(),
-        "written pages not reported: {missing:x?}"
-    );
     // Besides them the guest writes only its stack and the console lock when it prints.
-    let info = vm.boot_info().expect("a test guest");
-    let (lo, hi) = info.stack(0);
-    let lock = text
-        .split_whitespace()
-        .find_map(|w| u64::from_str_radix(w.strip_prefix("console-lock=0x")?, 16).ok())
-        .expect("boot line names the console lock");
-    let named: BTreeSet<u64> = (lo..hi).step_by(4096).chain([lock & !0xfff]).collect();
-    let unexplained: Vec<_> = dirty
-        .iter()
-        .filter(|p| !chosen.contains(p) && !named.contains(p))
-        .collect();
-    assert!(
-        unexplained.is_empty(),
-        "pages reported that nobody wrote: {unexplained:x?}"
-    );
+    common::assert_dirty_exactly(&dirty, &chosen, &common::named_pages(&vm, &text));
 
     // Paused, the ring logs nothing; what the VMM writes is reported, and only that.
-    assert_eq!(vm.take_dirty_pages().unwrap().count(), 0);
-    vm.memory()
-        .write_obj(0xfeed_u64, GuestAddress(0x200_0000 + 8))
-        .unwrap();
-    vm.memory()
-        .write_slice(&[1; 2], GuestAddress(0x300_0fff))
-        .unwrap();
-    let dirty: Vec<u64> = vm.take_dirty_pages().unwrap().addresses().collect();
-    assert_eq!(dirty, vec![0x200_0000, 0x300_0000, 0x300_1000]);
+    common::assert_vmm_writes_tracked(&vm, 0x200_0000);
     vm.resume();
     vm.stop().unwrap();
 }

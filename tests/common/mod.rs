@@ -234,3 +234,49 @@ pub fn ftvm_ok(args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
+
+/// Pages the test guest writes besides its workload's: vCPU 0's stack and the page of the
+/// console lock (named on its boot line in `console_text`).
+pub fn named_pages(vm: &vmm::vm::Machine, console_text: &str) -> std::collections::BTreeSet<u64> {
+    let info = vm.boot_info().expect("a test guest");
+    let (lo, hi) = info.stack(0);
+    let lock = console_text
+        .split_whitespace()
+        .find_map(|w| u64::from_str_radix(w.strip_prefix("console-lock=0x")?, 16).ok())
+        .expect("boot line names the console lock");
+    (lo..hi).step_by(4096).chain([lock & !0xfff]).collect()
+}
+
+/// Asserts that the dirty pages `dirty` are every page of `written`, and besides them only
+/// pages of `named`.
+pub fn assert_dirty_exactly(
+    dirty: &std::collections::BTreeSet<u64>,
+    written: &std::collections::BTreeSet<u64>,
+    named: &std::collections::BTreeSet<u64>,
+) {
+    let missing: Vec<_> = written.difference(dirty).collect();
+    assert!(missing.is_empty(), "written pages not dirty: {missing:x?}");
+    let unexplained: Vec<_> = dirty
+        .iter()
+        .filter(|p| !written.contains(p) && !named.contains(p))
+        .collect();
+    assert!(
+        unexplained.is_empty(),
+        "dirty pages nobody wrote: {unexplained:x?}"
+    );
+}
+
+/// On a paused `vm`: the guest logs nothing, and the VMM's own writes — a word at `at` and
+/// two bytes across the page boundary 16 MiB further — are reported, exactly those pages.
+pub fn assert_vmm_writes_tracked(vm: &vmm::RunningVm, at: u64) {
+    use vm_memory::{Bytes, GuestAddress};
+    assert_eq!(vm.take_dirty_pages().unwrap().count(), 0);
+    vm.memory()
+        .write_obj(0xfeed_u64, GuestAddress(at + 8))
+        .unwrap();
+    vm.memory()
+        .write_slice(&[1; 2], GuestAddress(at + 0x100_0fff))
+        .unwrap();
+    let dirty: Vec<u64> = vm.take_dirty_pages().unwrap().addresses().collect();
+    assert_eq!(dirty, vec![at, at + 0x100_0000, at + 0x100_1000]);
+}
