@@ -369,6 +369,8 @@ impl Block {
         for b in &req.data {
             let mut buf = vec![0u8; b.len as usize];
             if self.mem.read_slice(&mut buf, b.addr).is_err() {
+                // The buffers before this one are in the image already.
+                mark(offset);
                 return Outcome::Refused(RequestError::Memory);
             }
             if let Err(source) = self.file.write_all_at(&buf, offset) {
@@ -437,5 +439,50 @@ impl VirtioDevice for Block {
                 "a disk was given another device's state",
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod partial_write_tests {
+    use vm_memory::{GuestAddress, GuestMemoryBackend};
+    use vmm_sys_util::eventfd::EventFd;
+
+    use super::*;
+    use crate::devices::virtio::chain::Buffer;
+
+    /// A write whose second buffer lies outside guest memory is refused, but its first buffer
+    /// reached the image: those blocks are marked, so replication copies them.
+    #[test]
+    fn a_write_refused_halfway_marks_what_reached_the_image() {
+        let image = tempfile::NamedTempFile::new().unwrap();
+        image.as_file().set_len(1 << 20).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let irq = Arc::new(Interrupt::new(
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            Arc::new(|| {}),
+        ));
+        let config = BlockConfig {
+            path: image.path().to_path_buf(),
+            read_only: false,
+        };
+        let block = Block::new(config, mem, irq).unwrap();
+        let tracker = block.tracker();
+        tracker.start();
+        let buffer = |addr: u64| Buffer {
+            addr: GuestAddress(addr),
+            len: 4096,
+            writable: false,
+        };
+        let req = Request {
+            op: Op::Write,
+            sector: 16, // byte 8192: block 2
+            data: vec![buffer(0x1000), buffer(1 << 20)],
+            status: GuestAddress(0),
+        };
+        assert!(matches!(
+            block.write(&req),
+            Outcome::Refused(RequestError::Memory)
+        ));
+        assert_eq!(tracker.take(), vec![2]);
     }
 }
