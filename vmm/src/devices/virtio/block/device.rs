@@ -444,7 +444,7 @@ impl VirtioDevice for Block {
 
 #[cfg(test)]
 mod partial_write_tests {
-    use vm_memory::{GuestAddress, GuestMemoryBackend};
+    use vm_memory::GuestAddress;
     use vmm_sys_util::eventfd::EventFd;
 
     use super::*;
