@@ -108,6 +108,18 @@ impl DiskStore {
     /// one first makes each sync image the committed copy; then the epoch's staged writes go
     /// to the committed copies. Writes staged for another epoch are an error.
     pub fn commit(&mut self, epoch: u64, full: bool) -> Result<(), String> {
+        // Everything is checked before any file changes: a refused commit leaves every
+        // committed copy as it was, matching the committed memory.
+        for (n, slot) in self.slots.iter().enumerate() {
+            if let Some((other, _)) = slot.staged.iter().find(|(e, _)| *e != epoch) {
+                return Err(format!(
+                    "disk {n} writes of epoch {other} arrived with epoch {epoch}"
+                ));
+            }
+            if !slot.staged.is_empty() && slot.bytes.is_none() {
+                return Err(format!("disk {n}: no size"));
+            }
+        }
         for n in 0..self.slots.len() {
             let (path, sync_path) = (self.path(n), self.sync_path(n));
             let slot = &mut self.slots[n];
@@ -119,11 +131,6 @@ impl DiskStore {
                 File::open(&self.dir)
                     .and_then(|d| d.sync_all())
                     .map_err(io("flush", &self.dir))?;
-            }
-            if let Some((other, _)) = slot.staged.iter().find(|(e, _)| *e != epoch) {
-                return Err(format!(
-                    "disk {n} writes of epoch {other} arrived with epoch {epoch}"
-                ));
             }
             if slot.staged.is_empty() {
                 continue;
@@ -233,6 +240,31 @@ mod tests {
                 .is_err()
         );
         assert!(store.take(&frame(1, false, 9, bytes, &[(0, 1)])).is_err());
+    }
+
+    /// A commit refused for one disk (writes staged for another epoch) changes no disk: the
+    /// other disk's sync image is not renamed over its committed copy.
+    #[test]
+    fn a_refused_commit_changes_no_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = 2 * 4096;
+        let mut store = DiskStore::new(dir.path(), 2).unwrap();
+        store.take(&frame(0, true, 0, bytes, &[(0, 4)])).unwrap();
+        store.take(&frame(1, true, 0, bytes, &[(0, 4)])).unwrap();
+        store.commit(0, true).unwrap();
+        let before = std::fs::read(store.path(0)).unwrap();
+        // A new sync of disk 0, and disk 1 with writes of epoch 6 at epoch 5's full frame.
+        store
+            .take(&frame(0, true, 3, bytes, &[(0, 5), (1, 5)]))
+            .unwrap();
+        store.take(&frame(1, false, 6, bytes, &[(1, 6)])).unwrap();
+        assert!(store.commit(5, true).is_err());
+        assert_eq!(
+            std::fs::read(store.path(0)).unwrap(),
+            before,
+            "disk 0 unchanged"
+        );
+        assert!(store.sync_path(0).exists(), "its sync image not renamed");
     }
 
     #[test]
