@@ -378,3 +378,53 @@ fn a_bad_api_path_is_one_clear_line_and_exit_1() {
         "the live socket is left alone"
     );
 }
+
+/// A session with a primary that panics is reported with its cause, and the replica serves on.
+#[test]
+fn a_session_that_panics_is_reported_and_the_replica_serves_on() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let (pc, rc) = (dir.path().join("p"), dir.path().join("r"));
+    let (pfp, rfp) = (common::protection::cert(&pc), common::protection::cert(&rc));
+    let mut replica = common::protection::Replica::start_with(
+        "127.0.0.1:0",
+        &rc,
+        &pfp,
+        &[],
+        &[("FTVM_INJECT_FAULT", "session")],
+    );
+    let _primary = common::protection::spawn_logged(
+        &[
+            "run",
+            "--mem",
+            "32M",
+            "--replica",
+            &replica.addr,
+            "--cert",
+            pc.to_str().unwrap(),
+            "--peer",
+            &rfp,
+            "--cmdline",
+            "count=0 interval-ms=50",
+        ],
+        &[],
+        "guest started",
+    );
+    replica.wait_log("the session with a primary failed: task");
+    assert!(
+        replica.log().contains("fault injected at session"),
+        "{}",
+        replica.log()
+    );
+    assert!(
+        replica
+            .child
+            .0
+            .as_mut()
+            .unwrap()
+            .try_wait()
+            .unwrap()
+            .is_none(),
+        "the replica serves on"
+    );
+}

@@ -506,8 +506,14 @@ fn serve_all(
         }
         tokio::select! {
             _ = stop => {}
-            // An acceptor ends only when the endpoint is closed.
-            _ = acceptors.join_next() => {}
+            // An acceptor ends only when the endpoint is closed, or by a panic: the thread's
+            // failure then, reported with its cause.
+            ended = acceptors.join_next() => {
+                if let Some(Err(e)) = ended {
+                    server.close();
+                    return Err(format!("an acceptor failed: {e}"));
+                }
+            }
         }
         server.close();
         // The close is sent by quinn's driver task: give it a moment to go out, so that the
@@ -531,7 +537,13 @@ async fn accept(server: Arc<Server>, context: Arc<Context>) {
     loop {
         match server.accept().await {
             Ok(conn) => {
-                tokio::spawn(session(conn, context.clone()));
+                let session = tokio::spawn(session(conn, context.clone()));
+                // A session that panics is reported with its cause; the replica serves on.
+                tokio::spawn(async move {
+                    if let Err(e) = session.await {
+                        tracing::error!("the session with a primary failed: {e}");
+                    }
+                });
             }
             Err(transport::Error::EndpointClosed) => return,
             Err(e) => tracing::warn!("refused a connection: {}", chain(&e)),
@@ -541,6 +553,10 @@ async fn accept(server: Arc<Server>, context: Arc<Context>) {
 
 /// Serves `conn` if no other primary is being served; refuses it at once otherwise.
 async fn session(conn: transport::Connection, context: Arc<Context>) {
+    if let Err(cause) = event::check_fault("session") {
+        tracing::error!("the session with a primary failed: {cause}");
+        return;
+    }
     let addr = conn.remote_address();
     let _session = match context.monitor.claim(addr) {
         Ok(s) => s,

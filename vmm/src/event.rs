@@ -176,7 +176,8 @@ pub enum Fault {
 
 /// The environment variable that forces a VMM thread to fail, for tests of failure reporting:
 /// `FTVM_INJECT_FAULT=THREAD` makes that thread panic where it checks, `THREAD:error` makes it
-/// return an error. Threads: `vcpuN`, `devices`, `api`, `control`, `signals`.
+/// return an error. Threads: `vcpuN`, `devices`, `api`, `control`, `signals`; the replica's
+/// `session` task (one per primary) too.
 pub const FAULT_ENV: &str = "FTVM_INJECT_FAULT";
 
 /// The fault asked for `point`, if any (the variable is read once per process).
