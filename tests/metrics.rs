@@ -19,7 +19,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::netns::Netns;
-use common::protection::{Replica, cert, spawn_logged};
+use common::protection::{Replica, cert};
 use common::{Guarded, ftvm, require_kvm, spawn_ftvm};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -440,37 +440,30 @@ fn the_replica_serves_committed_counters_and_they_continue_exactly_after_a_failo
     );
 
     let sock = dir.path().join("api.sock");
-    let (mut primary, log, protected, console) = spawn_logged(
-        &[
-            "run",
-            "--vcpus",
-            "2",
-            "--mem",
-            "64M",
-            "--disk",
-            img.to_str().unwrap(),
-            "--api",
-            sock.to_str().unwrap(),
-            "--paused",
-            "--replica",
-            &replica.addr,
-            "--cert",
-            pc.to_str().unwrap(),
-            "--peer",
-            &rfp,
-            "--metrics",
-            &paddr,
-            "--vm-name",
-            "t3",
-            "--cmdline",
-            "@0:disk-write=16,5 @0:chunk-kib=1 @1:count=0 @1:interval-ms=20",
-        ],
-        &[],
-        "protected",
-    );
-    protected
-        .recv_timeout(LIMIT)
-        .unwrap_or_else(|_| panic!("never protected: {}", log.lock().unwrap()));
+    let (mut primary, _log, console) = common::protection::protected_primary(&[
+        "run",
+        "--vcpus",
+        "2",
+        "--mem",
+        "64M",
+        "--disk",
+        img.to_str().unwrap(),
+        "--api",
+        sock.to_str().unwrap(),
+        "--paused",
+        "--replica",
+        &replica.addr,
+        "--cert",
+        pc.to_str().unwrap(),
+        "--peer",
+        &rfp,
+        "--metrics",
+        &paddr,
+        "--vm-name",
+        "t3",
+        "--cmdline",
+        "@0:disk-write=16,5 @0:chunk-kib=1 @1:count=0 @1:interval-ms=20",
+    ]);
     common::ftvm_ok(&["resume", "--api", sock.to_str().unwrap()]);
     console.wait_for("workload disk-write", LIMIT);
 
@@ -861,11 +854,8 @@ fn a_protected_primary_exports_consistent_checkpoint_figures() {
         "{s:#?}"
     );
     assert!(held_sum > 0.0, "{s:#?}");
-    assert!(
-        log.lock().unwrap().contains("protected"),
-        "{}",
-        log.lock().unwrap()
-    );
+    let log = log.lock().unwrap();
+    assert!(!log.contains("runs unprotected"), "{log}");
 }
 
 /// The guest's accounting counters in a scrape (vCPU, block, net, console: the ones the
@@ -936,39 +926,32 @@ fn counters_never_go_below_what_a_scraper_saw_across_a_failover() {
     let guest_ip = format!("{}.2", common::lan::SUBNET);
     let cmdline = format!("ip={guest_ip}/24 tcp-echo @1:disk-write=16,5 @1:chunk-kib=1");
     lan.enter("P");
-    let (mut primary, log, protected, console) = spawn_logged(
-        &[
-            "run",
-            "--vcpus",
-            "2",
-            "--mem",
-            "64M",
-            "--disk",
-            img.to_str().unwrap(),
-            "--net",
-            "tap=tapP",
-            "--api",
-            sock.to_str().unwrap(),
-            "--paused",
-            "--replica",
-            &replica.addr,
-            "--cert",
-            pc.to_str().unwrap(),
-            "--peer",
-            &rfp,
-            "--metrics",
-            &paddr,
-            "--vm-name",
-            "t6",
-            "--cmdline",
-            &cmdline,
-        ],
-        &[],
-        common::protection::PROTECTED,
-    );
-    protected
-        .recv_timeout(LIMIT)
-        .unwrap_or_else(|_| panic!("never protected: {}", log.lock().unwrap()));
+    let (mut primary, _log, console) = common::protection::protected_primary(&[
+        "run",
+        "--vcpus",
+        "2",
+        "--mem",
+        "64M",
+        "--disk",
+        img.to_str().unwrap(),
+        "--net",
+        "tap=tapP",
+        "--api",
+        sock.to_str().unwrap(),
+        "--paused",
+        "--replica",
+        &replica.addr,
+        "--cert",
+        pc.to_str().unwrap(),
+        "--peer",
+        &rfp,
+        "--metrics",
+        &paddr,
+        "--vm-name",
+        "t6",
+        "--cmdline",
+        &cmdline,
+    ]);
     common::ftvm_ok(&["resume", "--api", sock.to_str().unwrap()]);
     console.wait_for("workload disk-write", LIMIT);
     // Pings all along, answered by whichever host runs the guest.
@@ -1058,39 +1041,32 @@ fn run_history_records_the_acknowledged_counters() {
     );
     let port = free_port();
     let sock = dir.path().join("api.sock");
-    let (primary, log, protected, console) = spawn_logged(
-        &[
-            "run",
-            "--vcpus",
-            "2",
-            "--mem",
-            "64M",
-            "--disk",
-            img.to_str().unwrap(),
-            "--api",
-            sock.to_str().unwrap(),
-            "--paused",
-            "--replica",
-            &replica.addr,
-            "--cert",
-            pc.to_str().unwrap(),
-            "--peer",
-            &rfp,
-            "--metrics",
-            &format!("127.0.0.1:{port}"),
-            "--vm-name",
-            "t8",
-            "--history",
-            history.to_str().unwrap(),
-            "--cmdline",
-            "@0:disk-write=4,9 @0:chunk-kib=64 @1:count=0 @1:interval-ms=20",
-        ],
-        &[],
-        common::protection::PROTECTED,
-    );
-    protected
-        .recv_timeout(LIMIT)
-        .unwrap_or_else(|_| panic!("never protected: {}", log.lock().unwrap()));
+    let (primary, log, console) = common::protection::protected_primary(&[
+        "run",
+        "--vcpus",
+        "2",
+        "--mem",
+        "64M",
+        "--disk",
+        img.to_str().unwrap(),
+        "--api",
+        sock.to_str().unwrap(),
+        "--paused",
+        "--replica",
+        &replica.addr,
+        "--cert",
+        pc.to_str().unwrap(),
+        "--peer",
+        &rfp,
+        "--metrics",
+        &format!("127.0.0.1:{port}"),
+        "--vm-name",
+        "t8",
+        "--history",
+        history.to_str().unwrap(),
+        "--cmdline",
+        "@0:disk-write=4,9 @0:chunk-kib=64 @1:count=0 @1:interval-ms=20",
+    ]);
     common::ftvm_ok(&["resume", "--api", sock.to_str().unwrap()]);
     console.wait_for_line("blk0 counts ", LIMIT);
     let bytes = r#"ftvm_block_bytes_total{vm="t8",drive="0",op="write"}"#;
