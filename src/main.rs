@@ -228,11 +228,11 @@ struct ProtectArgs {
     #[arg(long, value_name = "FINGERPRINT")]
     peer: Option<String>,
     /// Epoch length in milliseconds (1 to 10000).
-    #[arg(long, value_name = "MS", default_value = "25")]
+    #[arg(long, value_name = "MS", default_value_t = DEFAULT_EPOCH_MS)]
     epoch_ms: u64,
     /// Most pre-copy rounds of an initial sync (memory sent while the guest runs, before
     /// one short pause); 0 copies all of memory in one pause instead.
-    #[arg(long, value_name = "N", default_value = "5")]
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_PRECOPY_ROUNDS)]
     precopy_rounds: u32,
     /// When checkpoints are taken: `early` every epoch and also as soon as the guest's output
     /// waits and none is in flight (so a quiet guest's replies are not held for an epoch);
@@ -240,6 +240,11 @@ struct ProtectArgs {
     #[arg(long, value_name = "POLICY", value_enum, default_value_t = PolicyArg::Early)]
     checkpoint_policy: PolicyArg,
 }
+
+/// `--epoch-ms`'s default (also what a replica that took over protects with).
+const DEFAULT_EPOCH_MS: u64 = 25;
+/// `--precopy-rounds`'s default (likewise).
+const DEFAULT_PRECOPY_ROUNDS: u32 = 5;
 
 /// `--checkpoint-policy`.
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -712,9 +717,6 @@ impl HistoryRecorder {
     }
 }
 
-/// Runs the committed image here — its state loaded into the hot standby built on it, or a
-/// machine built cold on the replica's memory (no copy) — with this host's cards and the disk
-/// copies, announced on the network, then supervised like `ftvm run`.
 /// What a replica keeps for a takeover.
 struct Local {
     /// The machine built ahead (--failover).
@@ -724,6 +726,9 @@ struct Local {
     recorder: Option<Arc<HistoryRecorder>>,
 }
 
+/// Runs the committed image here — its state loaded into the hot standby built on it, or a
+/// machine built cold on the replica's memory (no copy) — with this host's cards and the disk
+/// copies, announced on the network, then supervised like `ftvm run`.
 fn take_over(
     args: &ReplicaArgs,
     local: &Local,
@@ -765,8 +770,8 @@ fn take_over(
         replica: args.then_replica.clone(),
         cert: Some(args.cert.clone()),
         peer: args.then_peer.clone(),
-        epoch_ms: 25,
-        precopy_rounds: 5,
+        epoch_ms: DEFAULT_EPOCH_MS,
+        precopy_rounds: DEFAULT_PRECOPY_ROUNDS,
         checkpoint_policy: PolicyArg::Early,
     }
     .config()?;
