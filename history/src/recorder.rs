@@ -234,27 +234,37 @@ impl Recorder {
     /// minutes before `now_ms - PACK_LAG_MS`. A failed pack is logged and left for the next
     /// minute (the samples are recorded, only not packed yet).
     pub fn tick(&self, now_ms: u64) {
-        let mut st = self.lock();
-        self.pack_if_due(&mut st, now_ms);
-        self.publish(&st);
+        let due = {
+            let mut st = self.lock();
+            let due = self.pack_due(&mut st, now_ms);
+            self.publish(&st);
+            due
+        };
+        // Packing takes a while: not under the state's lock, which each commit's record
+        // needs (the store orders a pack and a record itself).
+        if due && let Err(e) = self.history.pack(now_ms.saturating_sub(PACK_LAG_MS)) {
+            let why = chain(&e);
+            tracing::warn!(vm = %self.vm, "cannot pack the accounting history (tried again in a minute): {why}");
+            let mut st = self.lock();
+            st.last_error = Some(why);
+            self.publish(&st);
+        }
     }
 
-    fn pack_if_due(&self, st: &mut State, now_ms: u64) {
+    /// Retries a pending sample; then whether a pack is due (once a minute, unless behind),
+    /// counting it as done.
+    fn pack_due(&self, st: &mut State, now_ms: u64) -> bool {
         if st.pending.is_some() && !self.write_pending(st) {
-            return;
+            return false;
         }
         if st
             .packed_at_ms
             .is_some_and(|t| now_ms.saturating_sub(t) < PACK_MS)
         {
-            return;
+            return false;
         }
         st.packed_at_ms = Some(now_ms);
-        if let Err(e) = self.history.pack(now_ms.saturating_sub(PACK_LAG_MS)) {
-            let why = chain(&e);
-            tracing::warn!(vm = %self.vm, "cannot pack the accounting history (tried again in a minute): {why}");
-            st.last_error = Some(why);
-        }
+        true
     }
 
     /// Calls [`Recorder::tick`] every `period` on a thread of its own until the returned
