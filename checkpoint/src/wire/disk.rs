@@ -14,6 +14,7 @@
 //!  36   header_crc32 u32    CRC-32 of bytes 0..36
 //! ```
 
+use super::frame::{le_u32, le_u64};
 use super::{
     Decoder, Encoder, FrameKind, FrameStats, MachineShape, PAGE_SIZE, PROTOCOL, WireError,
 };
@@ -82,16 +83,6 @@ pub fn encode_disk_frame(
         wire_bytes: out.len() as u64,
         ..stats
     })
-}
-
-fn le_u32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn le_u64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
 }
 
 /// Checks and decodes a disk frame of a machine with `disks` disks: returns its header and
