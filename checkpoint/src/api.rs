@@ -416,8 +416,16 @@ fn serve_all(
         let listener = tokio::net::UnixListener::from_std(listener)
             .map_err(|e| format!("cannot serve the API socket: {e}"))?;
         let mut connections = tokio::task::JoinSet::new();
+        // A connection's task that panicked is a bug in answering: said with its cause.
+        let report = |done: Result<(), tokio::task::JoinError>| {
+            if let Err(e) = done {
+                tracing::error!("an API connection failed: {e}");
+            }
+        };
         loop {
-            while connections.try_join_next().is_some() {}
+            while let Some(done) = connections.try_join_next() {
+                report(done);
+            }
             let stream = tokio::select! {
                 _ = &mut stop => break,
                 accepted = listener.accept() => match accepted {
@@ -450,7 +458,9 @@ fn serve_all(
         // Answers under way still go out (a migrate's: its VM ends right after answering),
         // within a bound: a client that never sends its request is not waited for.
         let drained = tokio::time::timeout(DRAIN, async {
-            while connections.join_next().await.is_some() {}
+            while let Some(done) = connections.join_next().await {
+                report(done);
+            }
         })
         .await;
         if drained.is_err() {
