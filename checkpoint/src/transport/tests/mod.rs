@@ -468,23 +468,24 @@ fn silence_not_a_frame_s_length_ends_a_wait() {
             .await
             .unwrap();
         let addr = server.local_addr().unwrap();
-        let silence = Duration::from_millis(200);
+        let silence = Duration::from_millis(500);
         let serve = async {
             let conn = server.accept().await.unwrap();
             let (_send, mut recv) = conn.accept_stream().await.unwrap();
-            // Eight pieces 60 ms apart: 480 ms in all, never 200 ms of silence.
+            // Eight pieces 100 ms apart: 800 ms in all, never 500 ms of silence.
             let got = recv_frame_unless_silent(&mut recv, 1 << 20, silence)
                 .await
                 .unwrap();
             assert_eq!(got.as_deref(), Some(&[7u8; 8000][..]));
-            // Then 400 ms of nothing, inside the next frame's header.
+            // Then nothing (the client waits for this side's close), inside the next frame's
+            // header.
             let started = std::time::Instant::now();
             let got = recv_frame_unless_silent(&mut recv, 1 << 20, silence)
                 .await
                 .unwrap();
             assert_eq!(got, None);
             assert!(started.elapsed() >= silence);
-            conn.closed().await;
+            conn.close("done");
         };
         let client = async {
             let conn = connect(addr, &primary, replica.fingerprint())
@@ -495,11 +496,10 @@ fn silence_not_a_frame_s_length_ends_a_wait() {
             frame.extend_from_slice(&[7u8; 8000]);
             for piece in frame.chunks(frame.len().div_ceil(8)) {
                 send.write_all(piece).await.unwrap();
-                tokio::time::sleep(Duration::from_millis(60)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
             send.write_all(&[0, 0]).await.unwrap();
-            tokio::time::sleep(Duration::from_millis(400)).await;
-            conn.close("done");
+            conn.closed().await;
         };
         tokio::join!(serve, client);
     });
@@ -526,7 +526,7 @@ fn an_ended_stream_is_not_silence() {
                 matches!(got, Err(Error::Truncated { got: 2, want: 5 })),
                 "{got:?}"
             );
-            conn.closed().await;
+            conn.close("done");
         };
         let client = async {
             let conn = connect(addr, &primary, replica.fingerprint())
@@ -537,8 +537,7 @@ fn an_ended_stream_is_not_silence() {
             send.write_all(&5u32.to_be_bytes()).await.unwrap();
             send.write_all(b"tw").await.unwrap();
             send.finish().unwrap();
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            conn.close("done");
+            conn.closed().await;
         };
         tokio::join!(serve, client);
     });
