@@ -75,14 +75,11 @@ fn fail_over_once(lan: &Lan, dir: &std::path::Path, kill_after: Duration) -> Str
     child.kill().unwrap();
     child.wait().unwrap();
     let before = client.read();
-    replica.wait_log("took over");
+    let line = replica.wait_log("took over");
     client.wait_more(4 << 20, "the stream after the takeover");
     client.check();
-    let log = replica.log();
-    let took_over: u64 = log
-        .lines()
-        .find(|l| l.contains("took over"))
-        .and_then(|l| common::protection::field(l, "at_unix_ns")?.parse().ok())
+    let took_over: u64 = common::protection::field(&line, "at_unix_ns")
+        .and_then(|v| v.parse().ok())
         .expect("the takeover says when");
     // Pings lost are those sent during the outage (from about the kill: replies the primary
     // still held for their checkpoint die with it, until the new primary answers): 14-16 for
@@ -103,11 +100,6 @@ fn fail_over_once(lan: &Lan, dir: &std::path::Path, kill_after: Duration) -> Str
         lost.len()
     );
     let received = answered.len() as u64;
-    let line = log
-        .lines()
-        .find(|l| l.contains("took over"))
-        .unwrap()
-        .to_string();
     // The stream ran long enough for the hot standby to be built on the synced image.
     assert_eq!(
         common::protection::field(&line, "standby"),
@@ -322,11 +314,7 @@ fn a_guest_writing_its_disk_finishes_on_the_replica_with_a_complete_disk() {
         "the guest's own count: {counts}"
     );
     // The guest flushed and powered off: its disk, on the replica, is the whole pattern.
-    let deadline = Instant::now() + LIMIT;
-    while !replica.log().contains("guest powered off") {
-        assert!(Instant::now() < deadline, "{}", replica.log());
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    replica.wait_log("guest powered off");
     let disk = std::fs::read(copies.join("disk0.img")).unwrap();
     let mut want = vec![0u8; 16 << 20];
     ftvm_guest_abi::fill_pattern(5, 0, &mut want);
@@ -395,11 +383,9 @@ fn migrate_hands_the_guest_over_with_the_stream_running() {
         std::thread::sleep(Duration::from_millis(10));
     };
     assert!(status.success(), "the old primary exits 0: {status}");
-    replica.wait_log("took over");
+    let took = replica.wait_log("took over");
     client.wait_more(4 << 20, "the stream from the new primary");
     client.check();
-    let took = replica.log();
-    let took = took.lines().find(|l| l.contains("took over")).unwrap();
     eprintln!("migrate answered {}; the replica: {took}", answer.trim());
     // A second migrate finds no VM there any more: a clear error.
     let again = common::ftvm(&["migrate", "--api", &s(&sock)], LIMIT);
@@ -635,16 +621,6 @@ fn assert_continues(released: &str, replica: &Replica) {
     assert!(!text.contains("ftvm-guest: boot"), "{text}");
 }
 
-fn took_over_line(replica: &Replica) -> String {
-    replica.wait_log("took over");
-    replica
-        .log()
-        .lines()
-        .find(|l| l.contains("took over"))
-        .unwrap()
-        .to_string()
-}
-
 /// The standby is rebuilt on each image a sync commits: after one primary powered off and
 /// another synced, the takeover loads the second one's state into a standby built on its image.
 #[test]
@@ -671,7 +647,7 @@ fn the_hot_standby_follows_each_new_primary_s_image() {
     assert!(first.0.as_mut().unwrap().wait().unwrap().success());
     replica.wait_log("hot standby ready");
     let released = count_until_killed((&pc, &rfp), &replica, 2);
-    let line = took_over_line(&replica);
+    let line = replica.wait_log("took over");
     assert_eq!(
         common::protection::field(&line, "standby"),
         Some("\"hot\""),
@@ -706,7 +682,7 @@ fn a_failed_standby_is_reported_and_the_takeover_builds_cold() {
         "{}",
         replica.log()
     );
-    let line = took_over_line(&replica);
+    let line = replica.wait_log("took over");
     assert_eq!(
         common::protection::field(&line, "standby"),
         Some("\"cold\""),
@@ -844,7 +820,7 @@ fn a_takeover_probes_the_guest_s_tcp_peers_and_they_answer() {
     let child = primary.0.as_mut().unwrap();
     child.kill().unwrap();
     child.wait().unwrap();
-    let line = took_over_line(&replica);
+    let line = replica.wait_log("took over");
     assert_eq!(
         common::protection::field(&line, "tcp_probes"),
         Some("4"),
@@ -972,7 +948,7 @@ fn the_history_bills_exactly_across_a_takeover_with_rising_epochs() {
     let child = primary.0.as_mut().unwrap();
     child.kill().unwrap();
     child.wait().unwrap();
-    let line = took_over_line(&first);
+    let line = first.wait_log("took over");
     let took: u64 = common::protection::field(&line, "epoch")
         .and_then(|e| e.parse().ok())
         .expect("the takeover's epoch");
@@ -1159,10 +1135,6 @@ fn a_guest_appending_records_keeps_every_record_it_told_about() {
     replica
         .console
         .wait_for("vcpu0 disk-log done records=800", LIMIT);
-    let deadline = Instant::now() + LIMIT;
-    while !replica.log().contains("guest powered off") {
-        assert!(Instant::now() < deadline, "{}", replica.log());
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    replica.wait_log("guest powered off");
     assert_eq!(verify(&copies.join("disk0.img")), (800, 0, 0));
 }

@@ -118,10 +118,13 @@ impl Replica {
         self.log.lock().unwrap().clone()
     }
 
-    /// Waits until the replica's log mentions `needle`.
-    pub fn wait_log(&self, needle: &str) {
+    /// Waits until the replica's log mentions `needle`; returns the first line that does.
+    pub fn wait_log(&self, needle: &str) -> String {
         let deadline = Instant::now() + LIMIT;
-        while !self.log().contains(needle) {
+        loop {
+            if let Some(line) = self.log().lines().find(|l| l.contains(needle)) {
+                return line.to_string();
+            }
             assert!(
                 Instant::now() < deadline,
                 "no '{needle}' in the replica's log: {}",
