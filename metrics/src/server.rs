@@ -77,7 +77,7 @@ impl Bound {
             .map_err(MetricsError::Spawn)?;
         let (shutdown, stop) = tokio::sync::oneshot::channel();
         let listener = self.listener;
-        let failed: FailureSlot = Arc::new(Mutex::new(None));
+        let failed: FailureSlot = FailureSlot::default();
         let thread = spawn_reported(failed.clone(), move || serve_all(listener, source, stop))
             .map_err(MetricsError::Spawn)?;
         Ok(MetricsServer {
@@ -95,8 +95,31 @@ pub struct MetricsServer {
     failed: FailureSlot,
 }
 
-/// Who is told why the `metrics` thread failed (a panic or an error), once.
-type FailureSlot = Arc<Mutex<Option<Box<dyn FnOnce(String) + Send>>>>;
+/// Who is told why the `metrics` thread failed (a panic or an error), once; and the cause,
+/// kept for whoever asks after the failure.
+#[derive(Default)]
+struct Failure {
+    tell: Option<Box<dyn FnOnce(String) + Send>>,
+    cause: Option<String>,
+}
+
+type FailureSlot = Arc<Mutex<Failure>>;
+
+fn lock_failure(failed: &FailureSlot) -> std::sync::MutexGuard<'_, Failure> {
+    failed.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Has `tell` told why the thread failed: when it fails, or at once if it has already.
+fn register(failed: &FailureSlot, tell: Box<dyn FnOnce(String) + Send>) {
+    let mut f = lock_failure(failed);
+    match f.cause.clone() {
+        None => f.tell = Some(tell),
+        Some(cause) => {
+            drop(f);
+            tell(cause);
+        }
+    }
+}
 
 /// Runs `body` in a thread named `metrics`; its panic or error is its result, and is also
 /// handed to whoever `failed` holds by then.
@@ -109,11 +132,19 @@ fn spawn_reported(
         .spawn(move || {
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body))
                 .unwrap_or_else(|payload| Err(panic_text(payload.as_ref())));
-            // The owner hears of a failure while it runs, not only when it stops us.
-            if let Err(cause) = &outcome
-                && let Some(tell) = failed.lock().unwrap_or_else(|p| p.into_inner()).take()
-            {
-                tell(cause.clone());
+            // The owner hears of a failure while it runs, not only when it stops us; with no
+            // owner yet (a replica before a takeover), the log says it now and the owner
+            // hears it when it asks.
+            if let Err(cause) = &outcome {
+                let tell = {
+                    let mut f = lock_failure(&failed);
+                    f.cause = Some(cause.clone());
+                    f.tell.take()
+                };
+                match tell {
+                    Some(tell) => tell(cause.clone()),
+                    None => tracing::error!("VMM thread metrics failed: {cause}"),
+                }
             }
             outcome
         })
@@ -131,10 +162,9 @@ fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
 }
 
 impl MetricsServer {
-    /// Tells `tell` why the thread failed, if it fails while serving (a failure before this
-    /// call is reported by [`MetricsServer::stop`] as before).
+    /// Tells `tell` why the thread failed: when it fails, or at once if it already has.
     pub fn on_failure(&self, tell: Box<dyn FnOnce(String) + Send>) {
-        *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(tell);
+        register(&self.failed, tell);
     }
 
     /// Stops serving and waits for the thread; says why it had failed, if it had.
@@ -342,20 +372,27 @@ mod tests {
             ),
             (Box::new(|| panic!("boom {}", 7)), "panicked: boom 7"),
         ] {
-            let slot: FailureSlot = Arc::new(Mutex::new(None));
+            let slot: FailureSlot = FailureSlot::default();
             let (tx, rx) = std::sync::mpsc::channel();
-            *slot.lock().unwrap() = Some(Box::new(move |cause| tx.send(cause).unwrap()));
+            register(&slot, Box::new(move |cause| tx.send(cause).unwrap()));
             let t = spawn_reported(slot, body).unwrap();
             assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), want);
             assert_eq!(t.join().unwrap(), Err(want.to_string()));
         }
         // A thread that ends well tells nobody.
-        let slot: FailureSlot = Arc::new(Mutex::new(None));
+        let slot: FailureSlot = FailureSlot::default();
         let (tx, rx) = std::sync::mpsc::channel::<String>();
-        *slot.lock().unwrap() = Some(Box::new(move |cause| tx.send(cause).unwrap()));
+        register(&slot, Box::new(move |cause| tx.send(cause).unwrap()));
         let t = spawn_reported(slot.clone(), || Ok(())).unwrap();
         assert_eq!(t.join().unwrap(), Ok(()));
         assert!(rx.try_recv().is_err());
-        assert!(slot.lock().unwrap().is_some(), "not taken");
+        assert!(slot.lock().unwrap().tell.is_some(), "not taken");
+        // A failure before anyone asked is told to whoever asks later, at once.
+        let slot = FailureSlot::default();
+        let t = spawn_reported(slot.clone(), || Err("early".to_string())).unwrap();
+        assert_eq!(t.join().unwrap(), Err("early".to_string()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        register(&slot, Box::new(move |cause| tx.send(cause).unwrap()));
+        assert_eq!(rx.try_recv().unwrap(), "early");
     }
 }
