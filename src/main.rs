@@ -383,16 +383,6 @@ fn parse_all<T: std::str::FromStr<Err = String>>(values: &[String]) -> anyhow::R
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut protect = args.protect.config()?;
-    if let (Some(dir), Some(p)) = (&args.history, &mut protect) {
-        // A name the history refuses is refused before the history is made.
-        history::check_vm_id(&args.metrics.vm_name).context("Invalid --vm-name for --history")?;
-        let h = history::History::create(dir, history::Options::default())
-            .with_context(|| format!("Cannot open the history {}", dir.display()))?;
-        let recorder = HistoryRecorder::new(h, &args.metrics.vm_name)?;
-        p.on_commit = Some(Arc::new(move |c: &vmm::state::CountersState, epoch| {
-            recorder.record(c, epoch)
-        }));
-    }
     let mem_size = parse_size(&args.mem)?;
     let vcpus: u64 = args
         .vcpus
@@ -402,6 +392,16 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let nets = parse_all(&args.nets)?;
     // Before the guest exists: a port in use ends ftvm here.
     let metrics = args.metrics.serve(Arc::new(String::new))?;
+    // Once every argument is known good, so that a bad one leaves no history behind.
+    if let (Some(dir), Some(p)) = (&args.history, &mut protect) {
+        let recorder = HistoryRecorder::open(dir, &args.metrics.vm_name)?;
+        if let Some(e) = &metrics {
+            e.append(recorder.history_metrics());
+        }
+        p.on_commit = Some(Arc::new(move |c: &vmm::state::CountersState, epoch| {
+            recorder.record(c, epoch)
+        }));
+    }
     let kernel = match args.kernel {
         Some(path) => Kernel::File(path),
         None => Kernel::Bytes {
@@ -514,20 +514,13 @@ fn replica(args: ReplicaArgs) -> anyhow::Result<ExitCode> {
     let recorder = args
         .history
         .as_ref()
-        .map(|dir| {
-            // A name the history refuses is refused before the history is made.
-            history::check_vm_id(&args.metrics.vm_name)
-                .context("Invalid --vm-name for --history")?;
-            history::History::create(dir, history::Options::default())
-                .with_context(|| format!("Cannot open the history {}", dir.display()))
-        })
-        .transpose()?
-        .map(|h| HistoryRecorder::new(h, &args.metrics.vm_name))
+        .map(|dir| HistoryRecorder::open(dir, &args.metrics.vm_name))
         .transpose()?
         .map(Arc::new);
     let history_status = recorder.as_deref().map(HistoryRecorder::status_source);
+    // Served after the committed counters, and after the guest's own once it took over.
     if let (Some(exporter), Some(r)) = (&metrics, &recorder) {
-        exporter.publish(r.metrics_source(committed_metrics.source()));
+        exporter.append(r.history_metrics());
     }
     // A machine built ahead of a takeover on each new committed image (--failover only).
     let standby = args
@@ -647,6 +640,15 @@ impl HistoryRecorder {
     /// minute, packs the history).
     const TICK: std::time::Duration = std::time::Duration::from_secs(1);
 
+    /// Opens (or creates) the history in `dir` and records VM `vm` there; a name the history
+    /// refuses is refused before the directory is made.
+    fn open(dir: &std::path::Path, vm: &str) -> anyhow::Result<Self> {
+        history::check_vm_id(vm).context("Invalid --vm-name for --history")?;
+        let h = history::History::create(dir, history::Options::default())
+            .with_context(|| format!("Cannot open the history {}", dir.display()))?;
+        Self::new(h, vm)
+    }
+
     fn new(history: history::History, vm: &str) -> anyhow::Result<Self> {
         let recorder = Arc::new(
             history::Recorder::new(history, vm)
@@ -698,21 +700,17 @@ impl HistoryRecorder {
         Arc::new(move || r.status_json())
     }
 
-    /// `inner`'s metrics followed by the recorder's (`ftvm_history_behind`, ...).
-    fn metrics_source(&self, inner: metrics::Source) -> metrics::Source {
+    /// The recorder's metrics (`ftvm_history_behind`, ...).
+    fn history_metrics(&self) -> metrics::Source {
         let r = self.recorder.clone();
         Arc::new(move || {
             let s = r.status();
-            let mut text = inner();
-            text.push_str(&metrics::model::render_history(
-                &metrics::model::HistorySample {
-                    vm: r.vm().to_string(),
-                    behind: s.behind,
-                    write_failures: s.failures,
-                    recorded_epoch: s.recorded_epoch,
-                },
-            ));
-            text
+            metrics::model::render_history(&metrics::model::HistorySample {
+                vm: r.vm().to_string(),
+                behind: s.behind,
+                write_failures: s.failures,
+                recorded_epoch: s.recorded_epoch,
+            })
         })
     }
 }

@@ -1028,6 +1028,30 @@ fn run_history_records_the_acknowledged_counters() {
 
     let (pc, rc) = (dir.path().join("p"), dir.path().join("r"));
     let (pfp, rfp) = (cert(&pc), cert(&rc));
+    // A bad argument ends ftvm before the history is made.
+    let o = ftvm(
+        &[
+            "run",
+            "--replica",
+            "127.0.0.1:1",
+            "--cert",
+            pc.to_str().unwrap(),
+            "--peer",
+            &rfp,
+            "--history",
+            history.to_str().unwrap(),
+            "--mem",
+            "lots",
+        ],
+        LIMIT,
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!history.exists(), "nothing written");
     let copies = dir.path().join("copies");
     std::fs::create_dir(&copies).unwrap();
     let img = dir.path().join("disk.img");
@@ -1075,6 +1099,12 @@ fn run_history_records_the_acknowledged_counters() {
         s.get(bytes) == Some(&((4 << 20) as f64))
     });
     let epoch = count(&s, r#"ftvm_checkpoint_committed_epoch{vm="t8"}"#);
+    // The history's own figures are served beside the VM's.
+    assert_eq!(count(&s, r#"ftvm_history_behind{vm="t8"}"#), 0, "{s:#?}");
+    assert!(
+        s.contains_key(r#"ftvm_history_recorded_epoch{vm="t8"}"#),
+        "{s:#?}"
+    );
     // An orderly stop closes the history.
     let pid = primary.0.as_ref().unwrap().id() as i32;
     // SAFETY: kill(2) of our own child, not yet reaped (Guarded reaps it on drop).

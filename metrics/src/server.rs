@@ -198,6 +198,9 @@ impl Drop for MetricsServer {
 pub struct Exporter {
     _server: MetricsServer,
     slot: Arc<Mutex<Source>>,
+    /// Served after the source, whatever source is published (e.g. the history's figures,
+    /// which outlive a takeover).
+    extra: Arc<Mutex<Option<Source>>>,
     addr: Option<SocketAddr>,
 }
 
@@ -207,14 +210,21 @@ impl Exporter {
         let bound = bind(addr)?;
         let local = bound.local_addr().ok();
         let slot = Arc::new(Mutex::new(initial));
-        let current = slot.clone();
+        let extra: Arc<Mutex<Option<Source>>> = Arc::default();
+        let (current, appended) = (slot.clone(), extra.clone());
         let server = bound.serve(Arc::new(move || {
             let source = current.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            source()
+            let extra = appended.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let mut text = source();
+            if let Some(extra) = extra {
+                text.push_str(&extra());
+            }
+            text
         }))?;
         Ok(Self {
             _server: server,
             slot,
+            extra,
             addr: local,
         })
     }
@@ -227,6 +237,11 @@ impl Exporter {
     /// Serves `source` from the next scrape on.
     pub fn publish(&self, source: Source) {
         *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = source;
+    }
+
+    /// Serves `extra` after whatever source is published, from the next scrape on.
+    pub fn append(&self, extra: Source) {
+        *self.extra.lock().unwrap_or_else(|p| p.into_inner()) = Some(extra);
     }
 
     /// The bound address.
