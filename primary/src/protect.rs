@@ -577,7 +577,29 @@ impl Drop for Protector {
     }
 }
 
+/// One acknowledged checkpoint, as `/metrics` and the status count it.
+struct Acknowledged {
+    epoch: u64,
+    pause: Duration,
+    pages: usize,
+    ack: Duration,
+    raw_bytes: u64,
+    wire_bytes: u64,
+}
+
 impl Status {
+    /// Counts checkpoint `a` as acknowledged: the epoch, and its figures, once each.
+    fn acknowledged(&mut self, a: &Acknowledged) {
+        self.committed = Some(a.epoch);
+        self.epochs_committed += 1;
+        self.last_ack = a.ack;
+        self.figures.pause.observe(a.pause.as_nanos() as u64);
+        self.figures.pages.observe(a.pages as u64);
+        self.figures.ack.observe(a.ack.as_nanos() as u64);
+        self.figures.raw_bytes += a.raw_bytes;
+        self.figures.wire_bytes += a.wire_bytes;
+    }
+
     /// The pause that ended the sync in progress.
     fn sync_pause(&mut self, pause: Duration) {
         if let Some(s) = &mut self.sync {
@@ -900,15 +922,15 @@ async fn session(
             "acknowledged: output released"
         );
         let mut st = shared.status();
-        st.committed = Some(acked);
-        st.epochs_committed += 1;
-        st.last_ack = ack;
+        st.acknowledged(&Acknowledged {
+            epoch: acked,
+            pause: job.pause,
+            pages: job.pages,
+            ack,
+            raw_bytes,
+            wire_bytes,
+        });
         st.last_wire_bytes = stats.wire_bytes;
-        st.figures.pause.observe(job.pause.as_nanos() as u64);
-        st.figures.pages.observe(job.pages as u64);
-        st.figures.ack.observe(ack.as_nanos() as u64);
-        st.figures.raw_bytes += raw_bytes;
-        st.figures.wire_bytes += wire_bytes;
         if job.kind == FrameKind::Full {
             st.state = "protected";
             let pause = st
@@ -981,18 +1003,21 @@ mod tests {
         {
             let mut st = s.status();
             st.state = "protected";
-            st.epochs_committed = 2;
-            for (pause_ns, pages) in [(300_000, 10), (2_000_000, 0)] {
-                st.figures.pause.observe(pause_ns);
-                st.figures.pages.observe(pages);
-                st.figures.ack.observe(1_000_000);
+            for (epoch, pause_us, pages) in [(0, 300, 10), (1, 2_000, 0)] {
+                st.acknowledged(&Acknowledged {
+                    epoch,
+                    pause: Duration::from_micros(pause_us),
+                    pages,
+                    ack: Duration::from_millis(1),
+                    raw_bytes: 20480,
+                    wire_bytes: 50,
+                });
             }
-            st.figures.raw_bytes = 40960;
-            st.figures.wire_bytes = 100;
         }
         let r = s.metrics().replication;
         assert!(r.protected);
         let c = r.checkpoints.unwrap();
+        assert_eq!(r.epochs, 2);
         assert_eq!(
             [c.pause.count, c.dirty_pages.count, c.ack.count],
             [r.epochs; 3]
