@@ -84,6 +84,15 @@ impl DiskStore {
             _ => slot.bytes = Some(h.bytes),
         }
         if !h.sync {
+            // An epoch writes each block at most once: more staged than the disk has blocks is
+            // a peer filling this replica's memory.
+            let staged: usize = slot.staged.iter().map(|(_, p)| p.gfns.len()).sum();
+            let blocks = h.bytes.div_ceil(BLOCK);
+            if (staged + pages.gfns.len()) as u64 > blocks {
+                return Err(format!(
+                    "disk {n}: more blocks staged before a commit than its {blocks}"
+                ));
+            }
             slot.staged.push((h.epoch, pages));
             return Ok(h);
         }
@@ -240,6 +249,22 @@ mod tests {
                 .is_err()
         );
         assert!(store.take(&frame(1, false, 9, bytes, &[(0, 1)])).is_err());
+    }
+
+    /// Staged blocks up to the disk's block count are taken, one more is refused.
+    #[test]
+    fn staged_blocks_are_bounded_by_the_disk_s_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = 3 * 4096;
+        let mut store = DiskStore::new(dir.path(), 1).unwrap();
+        store
+            .take(&frame(0, false, 1, bytes, &[(0, 1), (1, 1)]))
+            .unwrap();
+        store.take(&frame(0, false, 1, bytes, &[(2, 1)])).unwrap();
+        let e = store
+            .take(&frame(0, false, 1, bytes, &[(0, 2)]))
+            .unwrap_err();
+        assert!(e.contains("more blocks staged"), "{e}");
     }
 
     /// A commit refused for one disk (writes staged for another epoch) changes no disk: the
