@@ -277,7 +277,19 @@ impl Recorder {
             .name("history".into())
             .spawn(move || {
                 while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(period) {
-                    me.tick(now_ms());
+                    let ticked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        me.tick(now_ms())
+                    }));
+                    if let Err(panic) = ticked {
+                        // Said now, with its cause (retries and packing stop with it), and
+                        // again by the join.
+                        tracing::error!(
+                            vm = %me.vm,
+                            "the history thread panicked: {}",
+                            panic_text(panic.as_ref())
+                        );
+                        std::panic::resume_unwind(panic);
+                    }
                 }
             })?;
         Ok(Timer {
@@ -315,15 +327,20 @@ impl Timer {
         match self.thread.take().map(JoinHandle::join) {
             Some(Err(panic)) => Err(format!(
                 "the history thread panicked: {}",
-                panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "(no message)".into())
+                panic_text(panic.as_ref())
             )),
             _ => Ok(()),
         }
     }
+}
+
+/// A panic's message.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
 }
 
 impl Drop for Timer {
