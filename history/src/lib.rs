@@ -303,6 +303,14 @@ fn marker_text(resolution_ms: u64) -> String {
     format!("ftvm-history {FORMAT}\nresolution_ms {resolution_ms}\n")
 }
 
+/// The store's current manifest and its length: it changes with every flush and compaction.
+fn manifest_mark(dir: &Path) -> Option<(String, u64)> {
+    let current = std::fs::read_to_string(dir.join("CURRENT")).ok()?;
+    let name = current.trim().to_string();
+    let len = std::fs::metadata(dir.join(&name)).ok()?.len();
+    Some((name, len))
+}
+
 /// Reads the marker; the resolution it records.
 fn read_marker(dir: &Path) -> Result<u64> {
     let meta = std::fs::metadata(dir).map_err(|e| {
@@ -466,15 +474,23 @@ impl History {
         quiet.set_db_log_dir("/dev/null");
         // A store being written (a replica's) may delete a compacted file between the
         // manifest naming it and this open: that is not damage, so look again, a few times.
-        let mut checked = DB::open_for_read_only(&quiet, dir, false);
-        for _ in 0..3 {
+        // Likewise a flush between reading the manifest and replaying the logs (the log gone,
+        // its data in a file the manifest read does not name yet) gives a view missing data:
+        // the open is consistent when the manifest did not change while it ran.
+        let open = || {
+            let before = manifest_mark(dir);
+            let db = DB::open_for_read_only(&quiet, dir, false);
+            (db, before.is_some() && before == manifest_mark(dir))
+        };
+        let (mut checked, mut steady) = open();
+        for _ in 0..10 {
             match &checked {
-                Err(e) if e.to_string().contains("No such file") => {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                    checked = DB::open_for_read_only(&quiet, dir, false);
-                }
+                Err(e) if e.to_string().contains("No such file") => {}
+                Ok(_) if !steady => {}
                 _ => break,
             }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            (checked, steady) = open();
         }
         let db = if read_only || checked.is_err() {
             checked
